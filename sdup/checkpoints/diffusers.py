@@ -1,0 +1,114 @@
+"""diffusers folder layout (``unet/``, ``vae/``, ``text_encoder/``) <-> sdup names, and folder configs."""
+from __future__ import annotations
+
+import re
+
+from ..models.unet import UNetConfig
+from ..models.vae import VAEConfig
+from .keymap import CONV1X1, KeyMap
+from .ldm import FEED_FORWARD, nest
+
+RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+            "skip": "conv_shortcut", "feature_mod": "spade"}
+ATTENTION = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
+VAE_ATTENTION = {"norm": "group_norm", **ATTENTION}
+
+
+def transformer_rules(sdup: str, ext: str, depth: int) -> list[tuple[str, str]]:
+    rules = [(sdup, ext)]
+    for k in range(depth):
+        blk_s, blk_e = f"{sdup}.blocks.{k}", f"{ext}.transformer_blocks.{k}"
+        rules.append((blk_s, blk_e))
+        for a in ("attn1", "attn2"):
+            rules += nest(f"{blk_s}.{a}", f"{blk_e}.{a}", ATTENTION)
+        rules += nest(blk_s, blk_e, FEED_FORWARD)
+    return rules
+
+
+def unet_rules(cfg: UNetConfig) -> list[tuple[str, str]]:
+    L, levels = cfg.num_res_blocks, len(cfg.channel_mult)
+    rules = [("time_embed.fc1", "time_embedding.linear_1"), ("time_embed.fc2", "time_embedding.linear_2"),
+             ("class_embed", "class_embedding"), ("conv_in", "conv_in"), ("norm_out", "conv_norm_out"),
+             ("conv_out", "conv_out")]
+    for side, ext_side, n_res, resampler, ext_resampler in (("down", "down_blocks", L, "downsample", "downsamplers"),
+                                                            ("up", "up_blocks", L + 1, "upsample", "upsamplers")):
+        for b in range(levels):
+            for l in range(n_res):
+                rules += [(f"{side}.{b}.res.{l}", f"{ext_side}.{b}.resnets.{l}")]
+                rules += nest(f"{side}.{b}.res.{l}", f"{ext_side}.{b}.resnets.{l}", RESBLOCK)
+                rules += transformer_rules(f"{side}.{b}.attn.{l}", f"{ext_side}.{b}.attentions.{l}", cfg.transformer_depth)
+            rules.append((f"{side}.{b}.{resampler}.conv", f"{ext_side}.{b}.{ext_resampler}.0.conv"))
+    for s, e in (("mid.res1", "mid_block.resnets.0"), ("mid.res2", "mid_block.resnets.1")):
+        rules += [(s, e)] + nest(s, e, RESBLOCK)
+    rules += transformer_rules("mid.attn", "mid_block.attentions.0", cfg.transformer_depth)
+    return rules
+
+
+def unet_keymap(cfg: UNetConfig, sdup_keys) -> KeyMap:
+    ops = {} if cfg.use_linear_in_transformer else {
+        k: CONV1X1 for k in sdup_keys if re.search(r"attn(\.\d+)?\.proj_(in|out)\.weight$", k)}
+    return KeyMap.from_rules(sdup_keys, unet_rules(cfg), ops)
+
+
+def vae_rules(cfg: VAEConfig) -> list[tuple[str, str]]:
+    rules = [("", ""), ("encoder.norm_out", "encoder.conv_norm_out"), ("decoder.norm_out", "decoder.conv_norm_out")]
+    for part in ("encoder", "decoder"):
+        for s, e in (("mid.res1", "mid_block.resnets.0"), ("mid.res2", "mid_block.resnets.1")):
+            rules += [(f"{part}.{s}", f"{part}.{e}"), (f"{part}.{s}.skip", f"{part}.{e}.conv_shortcut")]
+        rules += nest(f"{part}.mid.attn", f"{part}.mid_block.attentions.0", VAE_ATTENTION)
+    for i in range(len(cfg.ch_mult)):
+        for s, e in ((f"encoder.down.{i}", f"encoder.down_blocks.{i}"), (f"decoder.up.{i}", f"decoder.up_blocks.{i}")):
+            rules.append((f"{s}.res", f"{e}.resnets"))
+            for j in range(cfg.num_res_blocks + 1):
+                rules.append((f"{s}.res.{j}.skip", f"{e}.resnets.{j}.conv_shortcut"))
+        rules.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))
+        rules.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv"))
+    return rules
+
+
+def vae_keymap(cfg: VAEConfig, sdup_keys) -> KeyMap:
+    return KeyMap.from_rules(sdup_keys, vae_rules(cfg))
+
+
+def unet_config(cfg: dict) -> UNetConfig:
+    """diffusers ``unet/config.json`` (SD-type blocks) -> UNetConfig."""
+    boc = list(cfg["block_out_channels"])
+    C = boc[0]
+    if any(c % C for c in boc):
+        raise ValueError(f"block_out_channels {boc} are not multiples of the first level")
+    downs = list(cfg["down_block_types"])
+    if any(t.startswith("K") for t in downs):
+        raise ValueError("this is a K-UNet (sd-x2-latent-upscaler), not an LDM UNet")
+    levels = len(boc)
+    heads = cfg.get("attention_head_dim", 8)  # legacy name: the number of heads for SD-type blocks
+    if cfg.get("num_attention_heads") is not None:
+        heads = cfg["num_attention_heads"]
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
+    dims = {boc[b] // heads[b] for b in range(levels)}
+    head_kw = {"num_heads": heads[0]} if len(set(heads)) == 1 else {"num_head_channels": dims.pop()}
+    if len(set(heads)) != 1 and dims:
+        raise ValueError(f"per-level heads {heads} with varying head dims are not supported")
+    only_cross = cfg.get("only_cross_attention", False)
+    only_cross = list(only_cross) if isinstance(only_cross, (list, tuple)) else [only_cross] * levels
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):
+        if len(set(depth)) != 1:
+            raise ValueError(f"per-level transformer depth {depth} is not supported")
+        depth = depth[0]
+    cross = cfg.get("cross_attention_dim", 768)
+    return UNetConfig(
+        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4), model_channels=C,
+        channel_mult=tuple(c // C for c in boc), num_res_blocks=cfg.get("layers_per_block", 2),
+        attention_resolutions=tuple(2 ** b for b, t in enumerate(downs) if "CrossAttn" in t),
+        context_dim=cross[0] if isinstance(cross, (list, tuple)) else cross, transformer_depth=depth,
+        use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
+        disable_self_attentions=tuple(only_cross) if any(only_cross) else None,
+        disable_middle_self_attn=bool(cfg.get("mid_block_only_cross_attention") or False),
+        num_classes=cfg.get("num_class_embeds"), **head_kw)
+
+
+def vae_config(cfg: dict) -> VAEConfig:
+    boc = list(cfg["block_out_channels"])
+    return VAEConfig(ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc), num_res_blocks=cfg.get("layers_per_block", 2),
+                     z_channels=cfg.get("latent_channels", 4), embed_dim=cfg.get("latent_channels", 4),
+                     in_channels=cfg.get("in_channels", 3), out_ch=cfg.get("out_channels", 3))

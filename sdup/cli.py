@@ -1,0 +1,101 @@
+"""``python -m sdup`` — command-line entry points (inspect, convert).
+
+User mistakes (missing files, unsupported or corrupt checkpoints, bad options) end in one clear
+line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .checkpoints.detect import FAMILY_NAMES
+from .checkpoints.io import CheckpointError
+from .checkpoints.keymap import KeyMismatch
+
+
+def fail(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoints.loader import inspect
+    path = Path(args.path)
+    if not path.exists():
+        fail(f"{path}: no such file or folder")
+    det, model, error = inspect(path, config=args.config)
+    print(f"file:      {path}")
+    print(f"detected:  {det}")
+    print(f"family:    {FAMILY_NAMES.get(det.family, det.family)}")
+    if error:
+        print(f"problem:   {error}")
+        return 1
+    print(f"prediction: {model.prediction}   latent scale: {model.scale_factor}")
+    rep = model.report
+    for comp, module in model.components().items():
+        n_params = sum(p.numel() for p in module.parameters())
+        print(f"  {comp:15s} {rep.get(comp, 0):5d} tensors from the file -> {len(module.state_dict()):5d} sdup tensors, "
+              f"{n_params / 1e6:8.2f}M parameters")
+    for reason, n in rep.get("dropped", {}).items():
+        print(f"  dropped on purpose: {n:4d}  {reason}")
+    bad = rep.get("mismatch", {})
+    for what, mm in bad.items():
+        for label in ("missing", "unexpected"):
+            for k in mm[label][:args.max_keys]:
+                print(f"  {label:10s} [{what}] {k}")
+            if len(mm[label]) > args.max_keys:
+                print(f"  ... {len(mm[label]) - args.max_keys} more {label} in {what}")
+    total = sum(len(m["missing"]) + len(m["unexpected"]) for m in bad.values())
+    print("keys:      all consumed, none missing" if not total else f"keys:      {total} missing/unexpected (see above)")
+    return 1 if total else 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+    from .checkpoints import load, save_sdup
+    from .checkpoints.export import save_diffusers, save_ldm
+    out = Path(args.output)
+    fmt = args.to or ("diffusers" if out.suffix == "" else "sdup" if out.name.endswith(".sdup.safetensors") else "ldm")
+    model = load(args.input, config=args.config, ema=args.ema, variant=args.variant,
+                 dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    if fmt == "sdup":
+        save_sdup(model, out)
+    elif fmt == "ldm":
+        save_ldm(model, out)
+    else:
+        save_diffusers(model, out)
+    print(f"wrote {out} ({fmt} layout, {model.family})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdup", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="detected family, per-component key counts, missing/unexpected keys")
+    i.add_argument("path", help="checkpoint file, diffusers folder, or key manifest JSON")
+    i.add_argument("--config", help="upstream-style YAML (for non-standard sizes)")
+    i.add_argument("--max-keys", type=int, default=20, help="list at most this many missing/unexpected keys per part")
+    i.set_defaults(fn=cmd_inspect)
+    c = sub.add_parser("convert", help="original single file <-> diffusers folder <-> sdup safetensors")
+    c.add_argument("input")
+    c.add_argument("output", help="a folder (diffusers), NAME.sdup.safetensors (sdup) or NAME.safetensors/.ckpt (original)")
+    c.add_argument("--to", choices=["ldm", "diffusers", "sdup"], help="output layout (default: from the output name)")
+    c.add_argument("--config", help="upstream-style YAML for the input")
+    c.add_argument("--ema", action="store_true", help="use the model_ema.* UNet weights of a -full-ema file")
+    c.add_argument("--variant", help="diffusers weight variant to read, e.g. fp16")
+    c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    c.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2

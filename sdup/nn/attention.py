@@ -1,0 +1,88 @@
+"""One attention entry point with interchangeable backends.
+
+    out = attention(q, k, v)          # q: (B, H, Nq, D), k/v: (B, H, Nk, D) -> (B, H, Nq, D)
+
+Backends (pick with ``set_attention_backend`` or the ``use_attention_backend`` context manager):
+
+* ``"sdpa"``    (default) ``torch.nn.functional.scaled_dot_product_attention``.
+* ``"math"``    the readable reference: softmax(q kᵀ / √D) v, logits and softmax in fp32.
+* ``"chunked"`` the math path over blocks of queries; peak memory is chunk × Nk, never Nq × Nk.
+  Needed for the VAE mid-block at large resolutions (a 512² map is 262144 tokens).
+
+No model here uses an attention mask, so there is none in the signature.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "math", "chunked")
+_state = {"backend": "sdpa", "chunk_size": 4096}
+
+
+def set_attention_backend(name: str, chunk_size: int | None = None) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _state["backend"] = name
+    if chunk_size is not None:
+        _state["chunk_size"] = int(chunk_size)
+
+
+def get_attention_backend() -> str:
+    return _state["backend"]
+
+
+@contextlib.contextmanager
+def use_attention_backend(name: str, chunk_size: int | None = None):
+    saved = dict(_state)
+    set_attention_backend(name, chunk_size)
+    try:
+        yield
+    finally:
+        _state.update(saved)
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference path. Logits and softmax are computed in fp32 (what SD2-family models need in fp16)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    weights = logits.softmax(dim=-1)
+    return (weights @ v.float()).to(q.dtype)
+
+
+def attention_chunked(q, k, v, chunk_size: int | None = None) -> torch.Tensor:
+    """The math path over query blocks: memory O(chunk_size × Nk) instead of O(Nq × Nk)."""
+    chunk_size = chunk_size or _state["chunk_size"]
+    if q.shape[-2] <= chunk_size:
+        return attention_math(q, k, v)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    for start in range(0, q.shape[-2], chunk_size):
+        stop = start + chunk_size
+        out[..., start:stop, :] = attention_math(q[..., start:stop, :], k, v)
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    backend = backend or _state["backend"]
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "math":
+        return attention_math(q, k, v)
+    if backend == "chunked":
+        return attention_chunked(q, k, v)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*D) -> (B, H, N, D)"""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> (B, N, H*D)"""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)

@@ -1,0 +1,182 @@
+"""Building blocks shared by the LDM UNet, the VAE and StableSR."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention, merge_heads, split_heads
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True,
+                       downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim).
+
+    LDM UNets (``openaimodel.timestep_embedding``): cos first, f_i = exp(-ln(1e4) i / half)
+    -> ``flip_sin_to_cos=True, downscale_freq_shift=0`` (the defaults).
+    The LDM VAE / diffusers default: sin first, f_i = exp(-ln(1e4) i / (half - 1))
+    -> ``flip_sin_to_cos=False, downscale_freq_shift=1``.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - downscale_freq_shift))
+    args = t[:, None].float() * freqs[None]
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 and cast back (what the LDM code does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def group_norm(channels: int, eps: float, groups: int = 32, affine: bool = True) -> GroupNorm32:
+    return GroupNorm32(groups, channels, eps=eps, affine=affine)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. UNet: symmetric padding 1. VAE: pad (0,1,0,1) with zeros then padding 0."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x):
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 conv."""
+
+    def __init__(self, channels: int, out_channels: int | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x):
+        if x.dtype == torch.bfloat16:  # nearest upsampling has no bf16 kernel on some builds
+            return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, (+ time embedding), GN-SiLU-conv, (+ feature modulation), + skip.
+
+    Used by the UNet (``emb_dim`` set, eps 1e-5) and the VAE (``emb_dim=None``, eps 1e-6).
+    ``feature_mod`` is the per-resolution conditioning hook: a module called as
+    ``feature_mod(h, cond_map)`` on the block's residual branch before the skip is added
+    (StableSR plugs its SFT/SPADE layer in here). It is ``None`` for the plain models.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None = None, eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
+        self.norm2 = group_norm(out_channels, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.feature_mod: nn.Module | None = None
+
+    def forward(self, x, emb=None, cond_map=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_proj is not None:
+            h = h + self.time_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))  # (dropout is 0 in every released config)
+        if self.feature_mod is not None:
+            h = self.feature_mod(h, cond_map)
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention on token sequences (B, N, C); ``context`` switches it to cross-attention.
+
+    LDM ``CrossAttention``: q/k/v without bias, output projection with bias.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None, qkv_bias: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, inner, bias=qkv_bias)
+        self.k_proj = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
+        self.v_proj = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q = split_heads(self.q_proj(x), self.heads)        # (B, H, N, D)
+        k = split_heads(self.k_proj(context), self.heads)  # (B, H, M, D)
+        v = split_heads(self.v_proj(context), self.heads)
+        return self.out_proj(merge_heads(attention(q, k, v)))
+
+
+class GEGLU(nn.Module):
+    """proj to 2*inner, split into (value, gate), value * gelu(gate); then back to dim."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.proj_in = nn.Linear(dim, inner * 2)
+        self.proj_out = nn.Linear(inner, dim)
+
+    def forward(self, x):
+        value, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(value * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """x += attn1(LN x) [self, or cross when self-attention is disabled]; x += attn2(LN x, ctx); x += FF(LN x)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, self_attn_reads_context: bool = False):
+        super().__init__()
+        self.self_attn_reads_context = self_attn_reads_context
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head, context_dim if self_attn_reads_context else None)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x), context if self.self_attn_reads_context else None)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GN(eps 1e-6) -> proj_in -> transformer blocks on (B, H*W, C) tokens -> proj_out, + input.
+
+    ``linear_proj``: SD2/x4/StableSR use Linear projections on tokens; SD1 uses 1x1 convs.
+    Both are stored as Linear weights (C, C) here; the SD1 loader reshapes the 1x1 convs.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int = 1,
+                 self_attn_reads_context: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, dim_head, context_dim, self_attn_reads_context) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        tokens = self.proj_in(tokens)
+        for block in self.blocks:
+            tokens = block(tokens, context)
+        tokens = self.proj_out(tokens)
+        return x + tokens.transpose(1, 2).reshape(b, c, h, w)

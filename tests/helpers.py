@@ -1,0 +1,38 @@
+"""Shared test utilities: data paths, the parity criterion, and weight randomisation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+FIXTURES = DATA / "fixtures"
+MANIFESTS = DATA / "manifests"
+
+FORWARD_TOL = 1e-5   # one forward: max|Δ| <= 1e-5 * max(1, max|ref|)
+SAMPLER_TOL = 1e-4   # a whole sampler run
+
+
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def assert_parity(out: torch.Tensor, ref: torch.Tensor, tol: float = FORWARD_TOL, what: str = "") -> float:
+    """The project's parity criterion; returns the measured error for reporting."""
+    err = max_err(out, ref)
+    scale = max(1.0, ref.abs().max().item())
+    assert err <= tol * scale, f"{what}: max|Δ| = {err:.3e} > {tol:g} * {scale:.3g}"
+    return err
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Fill every parameter with seeded noise so no branch is trivially zero (zero-init convs,
+    unit norms); norm weights are centred on 1."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=g) * std
+        is_norm = "norm" in name and name.endswith("weight") and p.ndim == 1
+        p.copy_(1.0 + noise if is_norm else noise)
+    return module
