@@ -115,3 +115,25 @@ def test_inspect_lists_missing_and_unexpected():
     model = load_state_dict(meta_tensors(shapes), name="x", device="meta", dtype=None, strict=False)
     mm = model.report["mismatch"]["unet (model.diffusion_model.*)"]
     assert mm == {"missing": ["out.2.bias"], "unexpected": ["extra.weight"]}
+
+
+CONFIGS = {"sd-v1-4.json": "sd1-inference.yaml", "v2-1_512-ema-pruned.json": "sd2-inference.yaml",
+           "x4-upscaler-ema.json": "x4-upscaling.yaml"}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_shipped_yaml_configs_agree_with_shape_inference(name):
+    from pathlib import Path
+    cfg_path = Path(__file__).parents[1] / "configs" / CONFIGS[name]
+    shapes, _ = read_shapes(MANIFESTS / name)
+    inferred = load_state_dict(meta_tensors(shapes), name=name, device="meta", dtype=None)
+    from_yaml = load_state_dict(meta_tensors(shapes), name=name, device="meta", dtype=None, config=cfg_path)
+    for comp, m in inferred.components().items():
+        a, b = m.state_dict(), getattr(from_yaml, comp).state_dict()
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    ua, ub = inferred.configs["unet"], from_yaml.configs["unet"]
+    widths = {ua.model_channels * m for m in ua.channel_mult}
+    assert all(ua.heads_for(c) == ub.heads_for(c) for c in widths)
+    assert inferred.configs["text_encoder"] == from_yaml.configs["text_encoder"]
+    assert (inferred.prediction, inferred.scale_factor, inferred.schedule) == \
+           (from_yaml.prediction, from_yaml.scale_factor, from_yaml.schedule)
