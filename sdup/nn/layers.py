@@ -65,8 +65,6 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x):
-        if x.dtype == torch.bfloat16:  # nearest upsampling has no bf16 kernel on some builds
-            return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
