@@ -194,3 +194,29 @@ def test_inspect_safetensors_reads_only_the_header(tmp_path, monkeypatch):
     from sdup.checkpoints.loader import inspect
     det, model, err = inspect(tmp_path / "x4.safetensors", config=YAML["x4"])
     assert err is None and det.family == "x4" and "mismatch" not in model.report
+
+
+def test_load_stablesr_checkpoint_and_cfw_vae(tmp_path):
+    fx = FIXTURES / "stablesr"
+    m = sdup.load(fx / "model.ckpt", config=fx / "config.yaml")
+    assert m.family == "stablesr" and m.struct_encoder is not None and "mismatch" not in m.report
+    d = load_file(fx / "time_aware_encoder.safetensors")
+    feats = m.struct_encoder(d["in.lr_latent"], d["in.timesteps"])
+    for width, ref in ((24, d["out.feat.24"]), (12, d["out.feat.12"])):
+        assert_parity(feats[width], ref, what=f"time-aware encoder width {width}")
+    u = load_file(fx / "unet_forward.safetensors")
+    out = m.unet(u["in.x"], u["in.timesteps"], u["in.context"], features={24: u["in.struct_cond.24"], 12: u["in.struct_cond.12"]})
+    assert_parity(out, u["out.model_output"], what="UNet with SFT")
+    sdup.save_sdup(m, tmp_path / "s.sdup.safetensors")
+    same_modules(m, sdup.load(tmp_path / "s.sdup.safetensors"))
+    save_ldm(m, tmp_path / "s.ckpt")
+    same_modules(m, sdup.load(tmp_path / "s.ckpt", config=fx / "config.yaml"))
+
+    cfw = sdup.load(fx / "cfw_vae.ckpt")
+    assert cfw.family == "stablesr_cfw_vae"
+    c = load_file(fx / "cfw_vae.safetensors")
+    post, enc = cfw.vae.encode(c["in.image"])
+    assert_parity(post.mean, c["out.posterior_mean"])
+    assert_parity(cfw.vae.decode(c["in.z"], enc, w=0.5), c["out.decode_w0.5"], what="CFW decode w=0.5")
+    with pytest.raises(ValueError, match="no diffusers layout"):
+        save_diffusers(cfw, tmp_path / "nope")
