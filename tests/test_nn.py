@@ -1,0 +1,63 @@
+"""Building blocks: timestep embeddings (both conventions), the attention backends, GroupNorm32."""
+import pytest
+import torch
+
+from helpers import assert_parity
+from sdup.nn import (GroupNorm32, attention, attention_chunked, attention_math, set_attention_backend,
+                     get_attention_backend, timestep_embedding, use_attention_backend)
+
+
+@pytest.mark.parametrize("flip,shift", [(True, 0), (False, 1), (True, 1)])
+def test_timestep_embedding_matches_diffusers(flip, shift):
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.tensor([0, 1, 37, 500.5, 981])
+    ref = get_timestep_embedding(t, 320, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+    assert_parity(timestep_embedding(t, 320, flip_sin_to_cos=flip, downscale_freq_shift=shift), ref)
+
+
+@pytest.mark.parametrize("nq,nk,chunk", [(100, 77, 7), (64, 64, 64), (33, 200, 32)])
+def test_attention_backends_agree(nq, nk, chunk):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (nq, nk, nk))
+    ref = attention_math(q, k, v)
+    explicit = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+    assert_parity(ref, explicit)
+    assert_parity(attention(q, k, v, backend="sdpa"), ref)
+    assert_parity(attention_chunked(q, k, v, chunk_size=chunk), ref)
+
+
+def test_chunked_attention_never_builds_the_full_matrix(monkeypatch):
+    import importlib
+    A = importlib.import_module("sdup.nn.attention")
+    seen = []
+    real = A.attention_math
+    monkeypatch.setattr(A, "attention_math", lambda q, k, v: seen.append(q.shape[-2]) or real(q, k, v))
+    q = torch.randn(1, 1, 1000, 8)
+    A.attention_chunked(q, q, q, chunk_size=128)
+    assert max(seen) == 128 and sum(seen) == 1000
+
+
+def test_backend_switching_and_errors():
+    assert get_attention_backend() == "sdpa"
+    with use_attention_backend("math"):
+        assert get_attention_backend() == "math"
+    assert get_attention_backend() == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        set_attention_backend("flash9000")
+
+
+def test_half_precision_math_attention_softmax_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 50, 64, generator=g).half() * 100 for _ in range(3))
+    assert not torch.isfinite(q @ k.transpose(-1, -2)).all()  # fp16 logits would overflow
+    out = attention_math(q, k, v)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert_parity(out.float(), attention_math(q.float(), k.float(), v.float()), tol=1e-3)
+
+
+def test_groupnorm32_computes_in_fp32():
+    gn = GroupNorm32(2, 4, eps=1e-5)
+    x = torch.randn(2, 4, 3, 3) * 100
+    out = gn(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert_parity(out.float(), gn(x), tol=2e-2)
