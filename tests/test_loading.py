@@ -220,3 +220,24 @@ def test_load_stablesr_checkpoint_and_cfw_vae(tmp_path):
     assert_parity(cfw.vae.decode(c["in.z"], enc, w=0.5), c["out.decode_w0.5"], what="CFW decode w=0.5")
     with pytest.raises(ValueError, match="no diffusers layout"):
         save_diffusers(cfw, tmp_path / "nope")
+
+
+def test_diffusers_bin_files_and_fp16_variant(tmp_path):
+    import shutil
+    src = FIXTURES / "sd1" / "diffusers"
+    bin_dir, fp16_dir = tmp_path / "bin", tmp_path / "fp16"
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        sd = load_file(src / comp / f"{stem}.safetensors")
+        for d in (bin_dir, fp16_dir):
+            (d / comp).mkdir(parents=True)
+            shutil.copy(src / comp / "config.json", d / comp / "config.json")
+        torch.save(sd, bin_dir / comp / ("pytorch_model.bin" if comp == "text_encoder" else f"{stem}.bin"))
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()},
+                  str(fp16_dir / comp / f"{stem}.fp16.safetensors"))
+    ref = sdup.load(src)
+    same_modules(ref, sdup.load(bin_dir))
+    half = sdup.load(fp16_dir, variant="fp16")
+    w = half.unet.state_dict()["conv_in.weight"]
+    assert torch.equal(w, ref.unet.state_dict()["conv_in.weight"].half().float())
+    with pytest.raises(CheckpointError, match="variant 'bf16'"):
+        sdup.load(fp16_dir, variant="bf16")
