@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import FIXTURES, MANIFESTS, assert_parity, randomize_
-from sdup.checkpoints.diffusers_kunet import kunet_diffusers_keymap
+from sdup.checkpoints.diffusers import kunet_diffusers_keymap
 from sdup.checkpoints.kdiffusion import (KDIFFUSION_IGNORABLE, NOISE_AUG_KEY, kdiffusion_kernels,
                                          kunet_config_from_shapes, kunet_kdiffusion_keymap)
 from sdup.checkpoints.keymap import KeyMismatch

@@ -11,7 +11,7 @@ from helpers import FIXTURES, MANIFESTS, assert_parity
 from sdup.checkpoints import ldm
 from sdup.checkpoints.io import read_state_dict
 from sdup.checkpoints.keymap import KeyMismatch
-from sdup.checkpoints.ldm_stablesr import (CFW_IGNORABLE, STRUCT_PREFIX, cfw_config_from_shapes, cfw_fusion_from_keys,
+from sdup.checkpoints.ldm import (CFW_IGNORABLE, STRUCT_PREFIX, cfw_config_from_shapes, cfw_fusion_from_keys,
                                            cfw_vae_keymap, sft_feature_channels_from_shapes,
                                            struct_encoder_config_from_shapes, struct_encoder_keymap)
 from sdup.models.stablesr import (SFT, CFWAutoencoder, CFWConfig, TimeAwareEncoder, TimeAwareEncoderConfig,

@@ -33,7 +33,7 @@ def ldm_state_dict(model: LoadedModel) -> dict:
         cfg = model.configs["vae"]
         if model.family == "vae":
             return _cpu(ldm.vae_keymap(cfg, model.vae.state_dict()).to_ext(model.vae.state_dict()))
-        from .ldm_stablesr import cfw_vae_keymap
+        from .ldm import cfw_vae_keymap
         return _cpu(cfw_vae_keymap(cfg, model.vae.state_dict()).to_ext(model.vae.state_dict()))
     if model.family == "x2":
         from .kdiffusion import kunet_kdiffusion_keymap
@@ -51,7 +51,7 @@ def ldm_state_dict(model: LoadedModel) -> dict:
         else:
             out.update(openclip_keymap(cfg).with_prefix("", "cond_stage_model.model.").to_ext(sd))
     if model.struct_encoder is not None:
-        from .ldm_stablesr import struct_encoder_keymap
+        from .ldm import struct_encoder_keymap
         sd = model.struct_encoder.state_dict()
         out.update(struct_encoder_keymap(model.configs["struct_encoder"], sd).with_prefix("", "structcond_stage_model.").to_ext(sd))
     return _cpu(out)
@@ -127,7 +127,7 @@ def save_diffusers(model: LoadedModel, folder: str | Path) -> None:
     if model.unet is not None:
         sd = model.unet.state_dict()
         if model.family == "x2":
-            from .diffusers_kunet import kunet_diffusers_keymap
+            from .diffusers import kunet_diffusers_keymap
             from ..models.latent_upscaler import kunet_diffusers_config
             parts["unet"] = (kunet_diffusers_keymap(model.configs["unet"]).to_ext(sd),
                              kunet_diffusers_config(model.configs["unet"]), "diffusion_pytorch_model")

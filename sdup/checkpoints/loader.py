@@ -241,7 +241,7 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
     # StableSR time-aware encoder
     if "struct_encoder" in parts:
         from ..models.stablesr import TimeAwareEncoder, TimeAwareEncoderConfig
-        from .ldm_stablesr import struct_encoder_config_from_shapes, struct_encoder_keymap
+        from .ldm import struct_encoder_config_from_shapes, struct_encoder_keymap
         scfg = (TimeAwareEncoderConfig.from_ldm(params["structcond_stage_config"]["params"]) if yaml
                 else struct_encoder_config_from_shapes(shapes["struct_encoder"]))
         km = struct_encoder_keymap(scfg, _meta_keys(lambda: TimeAwareEncoder(scfg)))
@@ -276,7 +276,7 @@ def _load_vae_only(out: LoadedModel, sd: dict, params: dict, b: _Build) -> Loade
     out.scale_factor = FAMILY_DEFAULTS[out.family]["scale_factor"]
     if out.family == "stablesr_cfw_vae":
         from ..models.stablesr import CFWAutoencoder, CFWConfig
-        from .ldm_stablesr import CFW_IGNORABLE, cfw_config_from_shapes, cfw_vae_keymap
+        from .ldm import CFW_IGNORABLE, cfw_config_from_shapes, cfw_vae_keymap
         cfg = CFWConfig.from_ldm(params) if params else cfw_config_from_shapes(shapes)
         factory, ignore = (lambda: CFWAutoencoder(cfg)), CFW_IGNORABLE
         km = cfw_vae_keymap(cfg, _meta_keys(factory))
@@ -331,7 +331,7 @@ def _diffusers_component(out: LoadedModel, comp: str, sd: dict, cfg_json: dict |
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     if comp == "unet" and family == "x2":
         from ..models.latent_upscaler import KUNet, KUNetConfig
-        from .diffusers_kunet import kunet_diffusers_keymap
+        from .diffusers import kunet_diffusers_keymap
         from .kdiffusion import kunet_config_from_shapes
         cfg = KUNetConfig.from_diffusers(cfg_json) if cfg_json else kunet_config_from_shapes(shapes, "diffusers")
         out.unet = b.module(lambda: KUNet(cfg), b.map(kunet_diffusers_keymap(cfg), sd, what))

@@ -4,7 +4,7 @@ It is a denoiser *body* F in Karras preconditioning (the pipeline forms D = c_sk
 every norm is an adaptive GroupNorm driven by one conditioning vector ("cond") made from the noise
 level and the mapping condition, and the text enters through cross-attention.
 
-Layout (sdup's own names; ``checkpoints/kdiffusion.py`` and ``checkpoints/diffusers_kunet.py`` map the
+Layout (sdup's own names; ``checkpoints/kdiffusion.py`` and ``checkpoints/diffusers.py`` (K-UNet section) map the
 two published layouts onto them):
 
     time_features.weight          (F/2,)  Fourier frequencies applied to c_noise = ln(sigma) / 4

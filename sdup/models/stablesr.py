@@ -10,7 +10,7 @@ VAE-encoder features of the low-resolution image (weight ``w``):
     post, enc = CFWAutoencoder.encode(lr_image)       posterior + encoder features of the LR image
     image = CFWAutoencoder.decode(z, enc, w)          w = 0 is exactly the SD decoder
 
-sdup parameter names (the upstream names are mapped by ``sdup.checkpoints.ldm_stablesr``):
+sdup parameter names (the upstream names are mapped by ``sdup.checkpoints.ldm`` (StableSR section)):
 
     UNet ResBlock hook     <res>.feature_mod.{norm, shared.0, to_gamma, to_beta}
     TimeAwareEncoder       time_embed.fc1/fc2, conv_in, levels.{b}.res.{l}, levels.{b}.attn.{l},
