@@ -91,16 +91,19 @@ class _Build:
             return km.to_sdup(ext, what, ignore=ignore, strict=False)
 
     def module(self, factory: Callable[[], nn.Module], sd: dict, keep_fp32: bool = False) -> nn.Module:
-        """Build on the meta device and adopt the loaded tensors (no random init of 1B parameters);
-        modules with non-persistent buffers (causal masks, fixed kernels) are built normally instead."""
+        """Build on the meta device and adopt the loaded tensors (no random init of 1B parameters).
+        Non-persistent buffers (causal masks, fixed kernels) are recomputed by the modules' ``init_buffers``;
+        a module without one is built normally instead."""
         with torch.device("meta"):
             module = factory()
-        persistent = set(module.state_dict())
-        if self.device.type != "meta" and any(n not in persistent for n, _ in module.named_buffers()):
-            module = factory()
-            module.load_state_dict(sd, strict=self.strict)
-        else:
-            module.load_state_dict(sd, strict=self.strict, assign=True)
+        module.load_state_dict(sd, strict=self.strict, assign=True)
+        if self.device.type != "meta":
+            for m in module.modules():
+                if hasattr(m, "init_buffers"):
+                    m.init_buffers()
+            if any(t.is_meta for t in module.buffers()):
+                module = factory()
+                module.load_state_dict(sd, strict=self.strict)
         dtype = None if keep_fp32 and self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         module = module.to(device=self.device, dtype=dtype) if dtype is not None else module.to(self.device)
         return module.eval().requires_grad_(False)

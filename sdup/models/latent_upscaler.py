@@ -359,7 +359,11 @@ class Downsample2d(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("kernel", resampling_kernel(), persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device=None):
+        """The fixed (non-persistent) blur kernel; recomputed after a meta-device build."""
+        self.register_buffer("kernel", resampling_kernel().to(device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
@@ -372,7 +376,11 @@ class Upsample2d(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("kernel", 4 * resampling_kernel(), persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device=None):
+        """The fixed (non-persistent) blur kernel; recomputed after a meta-device build."""
+        self.register_buffer("kernel", 4 * resampling_kernel().to(device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]

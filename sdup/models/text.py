@@ -94,10 +94,15 @@ class TextEncoder(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, mlp_ratio=mlp_ratio, act_layer=act,
                                        norm_layer=LayerNorm, batch_first=True)
         self.ln_final = LayerNorm(cfg.width)  # eps 1e-5
-        mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu(1)  # causal, additive
-        self.register_buffer("causal_mask", mask, persistent=False)
+        self.init_buffers()
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def init_buffers(self, device=None):
+        """(Re)compute the non-persistent causal mask (also after a meta-device build, see the loader)."""
+        L = self.cfg.context_length
+        mask = torch.full((L, L), float("-inf"), device=device).triu(1)  # causal, additive
+        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> TextOutput:
         B, L = input_ids.shape                                        # (B, 77) int64
