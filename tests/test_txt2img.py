@@ -67,24 +67,48 @@ def test_text_encoder_matches_transformers(model, folder):
 
 
 CASES = [("ddim", "DDIMScheduler", {}), ("plms", "PNDMScheduler", {}), ("euler", "EulerDiscreteScheduler", {}),
-         ("dpmpp_2m", "DPMSolverMultistepScheduler", {}), ("euler_a", "EulerAncestralDiscreteScheduler", {}),
-         ("ddim", "DDIMScheduler", dict(eta=0.5))]
+         ("dpmpp_2m", "DPMSolverMultistepScheduler", {}), ("lms", "LMSDiscreteScheduler", {}),
+         ("euler_a", "EulerAncestralDiscreteScheduler", {}), ("ddim", "DDIMScheduler", dict(eta=0.5)),
+         ("ddpm", "DDPMScheduler", {})]
+
+
+@pytest.fixture
+def scipy_free_lms(monkeypatch):
+    """diffusers' LMS integrates its coefficients with scipy (not installed): an independent composite Simpson
+    rule stands in (exact for the cubic integrands)."""
+    import diffusers
+    import diffusers.schedulers.scheduling_lms_discrete as lms
+
+    class Integrate:
+        @staticmethod
+        def quad(fn, a, b, epsrel=None):
+            n, h = 64, (float(b) - float(a)) / 64
+            vals = [float(fn(float(a) + k * h)) for k in range(n + 1)]
+            return h / 3 * (vals[0] + vals[-1] + 4 * sum(vals[1:-1:2]) + 2 * sum(vals[2:-1:2])), 0.0
+
+    monkeypatch.setattr(lms, "integrate", Integrate, raising=False)
+    monkeypatch.setattr(diffusers, "LMSDiscreteScheduler", lms.LMSDiscreteScheduler)  # the top-level one is a dummy
 
 
 @pytest.mark.parametrize("sampler,scheduler,opts", CASES, ids=[f"{c[0]}{c[2] or ''}" for c in CASES])
-def test_pipeline_matches_diffusers(model, folder, sampler, scheduler, opts):
+def test_pipeline_matches_diffusers(model, folder, sampler, scheduler, opts, scipy_free_lms):
     """Batch 2, 48x64, guidance 7.5, 10 steps. Deterministic samplers get the same fixed latents; the stochastic
-    runs (Euler a, DDIM eta 0.5) get one generator per sample in both, which then also drives the step noise."""
+    runs (Euler a, DDIM eta 0.5, DDPM) get one generator per sample in both, which then also drives the step noise."""
     cond, uncond = embeddings(model, PROMPT_IDS), embeddings(model, ["", ""])
-    stochastic = sampler == "euler_a" or opts.get("eta")
+    stochastic = sampler in ("euler_a", "ddpm") or opts.get("eta")
     latents = None if stochastic else torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
     gens = lambda: [torch.Generator().manual_seed(s) for s in (100, 101)]  # noqa: E731
     pipe = diffusers_pipe(folder, scheduler)
+    final = {}
+    keep = lambda p, i, t, kw: final.update(kw) or kw  # noqa: E731  (the latents after the last step)
     ref = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, height=H, width=W, num_inference_steps=10,
-               guidance_scale=7.5, latents=latents, generator=gens(), output_type="pt", **opts).images
+               guidance_scale=7.5, latents=latents, generator=gens(), output_type="pt", callback_on_step_end=keep,
+               **opts).images
     out = txt2img(model, prompt_embeds=cond, negative_embeds=uncond, height=H, width=W, steps=10, sampler=sampler,
                   guidance=7.5, x_T=latents, seed=[100, 101], progress=False, **opts)
     assert out.images.shape == (2, 3, H, W) and out.latents.shape == (2, 4, H // 8, W // 8)
+    assert 0.05 < ((ref > 0) & (ref < 1)).float().mean()  # not all clamped: the comparison means something
+    assert_parity(out.latents, final["latents"], SAMPLER_TOL, f"{sampler} latents vs {scheduler}")
     results[f"{sampler} {opts or ''}"] = assert_parity(out.images, ref, SAMPLER_TOL, f"{sampler} vs {scheduler}")
     # the same run from token ids (the pipeline encodes the prompt and "" itself)
     again = txt2img(model, PROMPT_IDS, height=H, width=W, steps=10, sampler=sampler, x_T=latents,
@@ -177,6 +201,29 @@ def test_invalid_inputs_raise_value_errors(model, kw, msg):
         txt2img(model, **args)
 
 
+def test_sd2_style_text_encoder_and_v(model):
+    """SD 2.x path: OpenCLIP-style encoder (penultimate block + ln_final, zero padding) and v prediction
+    (the tiny x4 text tower on the tiny sd1 UNet/VAE: same widths)."""
+    x4 = sdup.load(FIXTURES / "x4" / "model.ckpt", config=FIXTURES / "x4" / "config.yaml")
+    sd2 = sdup.LoadedModel(family="sd2", source="tiny sd2", unet=model.unet, vae=model.vae, text_encoder=x4.text_encoder,
+                           prediction="v", scale_factor=model.scale_factor, schedule=model.schedule)
+    ids = common.token_ids(sd2, [""])
+    assert ids[0, :3].tolist() == [254, 255, 0]  # open_clip pads with 0
+    out = txt2img(sd2, [254, 9, 255], height=H, width=W, steps=3, sampler="euler", progress=False)
+    assert out.images.shape == (1, 3, H, W) and torch.isfinite(out.images).all()
+    assert out.parameters["prediction"] == "v" and out.parameters["family"] == "sd2"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_unet_keeps_vae_fp32(dtype):
+    m = sdup.load(CKPT, config=YAML, dtype=dtype)
+    assert next(m.vae.parameters()).dtype == torch.float32
+    out = txt2img(m, [254, 5, 255], height=H, width=W, steps=3, progress=False)
+    ref = txt2img(sdup.load(CKPT, config=YAML), [254, 5, 255], height=H, width=W, steps=3, progress=False)
+    assert out.latents.dtype == torch.float32 and out.parameters["dtype"] == str(dtype).split(".")[1]
+    assert (out.images - ref.images).abs().max() < 0.05
+
+
 def test_rejects_non_text_to_image_models():
     x4 = sdup.load(FIXTURES / "x4" / "model.ckpt", config=FIXTURES / "x4" / "config.yaml")
     with pytest.raises(ValueError, match="Stable Diffusion 1.x / 2.x"):
@@ -256,14 +303,15 @@ def run_script(*args):
 def test_script_writes_pngs_and_latents(tmp_path):
     out, lat = tmp_path / "img.png", tmp_path / "lat.safetensors"
     r = run_script("--weights", CKPT, "--config", YAML, "--prompt-ids", "254,10,20,255", "--height", H, "--width", W,
-                   "--steps", 3, "--sampler", "dpmpp_2m", "--batch", 2, "--seed", 5, "--out", out, "--latents-out", lat,
+                   "--steps", 3, "--batch", 2, "--seed", 5, "--out", out, "--latents-out", lat,
                    "--quiet")
     assert r.returncode == 0, r.stderr
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == ["img-0.png", "img-1.png"]
     p = common.read_png_parameters(files[1])
-    assert (p["seed"], p["steps"], p["sampler"], p["guidance"]) == (6, 3, "dpmpp_2m", 7.5)
+    assert (p["seed"], p["steps"], p["sampler"], p["guidance"]) == (6, 3, "ddim", 7.5)
     assert p["prompt"] == {"token_ids": [254, 10, 20, 255]} and p["batch_index"] == 1
+    assert p["timesteps"] == [667, 334, 1]  # 3 DDIM steps: diffusers' "leading" grid (CompVis cannot run 3)
     with safe_open(lat, "pt") as f:
         assert f.get_tensor("latents").shape == (2, 4, H // 8, W // 8)
         meta = f.metadata()
@@ -271,7 +319,7 @@ def test_script_writes_pngs_and_latents(tmp_path):
     assert json.loads(meta["prompt"]) == {"token_ids": [254, 10, 20, 255]}
     # the image is the one the library makes
     m = sdup.load(CKPT, config=YAML)
-    ref = txt2img(m, [254, 10, 20, 255], height=H, width=W, steps=3, sampler="dpmpp_2m", seed=[6], progress=False)
+    ref = txt2img(m, [254, 10, 20, 255], height=H, width=W, steps=3, seed=[6], progress=False)
     assert (common.load_image(files[1]) - ref.images[0]).abs().max() <= 0.5 / 255 + 1e-5
     assert not list(tmp_path.glob(".*partial"))
 
@@ -282,6 +330,8 @@ def test_script_writes_pngs_and_latents(tmp_path):
     (["--prompt", "a cat"], "no BPE tokenizer"),
     (["--sampler", "heun"], "invalid choice"),
     (["--latents-out", "lat.pt"], ".safetensors"),
+    (["--sampler", "plms", "--eta", "0.5"], "eta applies"),
+    (["--width", "40"], "multiples of 16"),
 ])
 def test_script_errors(tmp_path, args, msg):
     base = {"--weights": str(CKPT), "--config": str(YAML), "--prompt-ids": "254,10,255", "--height": str(H),

@@ -197,7 +197,8 @@ class TimeAwareEncoder(nn.Module):
         0..999 timestep of the current step -> {width: (B, out_channels, h, w)} for widths W, W/2, ..."""
         B = lr_latent.shape[0]
         t = torch.as_tensor(timesteps, device=lr_latent.device).reshape(-1).expand(B)
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels)).to(lr_latent.dtype)  # (B, 4C)
+        t_freq = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed.fc1.weight.dtype)
+        emb = self.time_embed(t_freq).to(lr_latent.dtype)  # (B, 4C)
 
         h = self.conv_in(lr_latent)
         collected = []

@@ -156,7 +156,8 @@ class UNet(nn.Module):
     def forward(self, x, timesteps, context=None, y=None, features: dict | None = None):
         """x: (B, in, H, W) with H, W multiples of 2**(levels-1); timesteps: (B,) ints or floats;
         context: (B, 77, context_dim); y: (B,) class labels (x4 noise level); features: {width: (B, c, h, w)}."""
-        emb = self.time_embed(timestep_embedding(timesteps.reshape(-1).expand(x.shape[0]), self.cfg.model_channels))
+        t_freq = timestep_embedding(timesteps.reshape(-1).expand(x.shape[0]), self.cfg.model_channels)  # (B, C) fp32
+        emb = self.time_embed(t_freq.to(self.time_embed.fc1.weight.dtype))
         if self.class_embed is not None:
             if y is None:
                 raise ValueError("this UNet has a class embedding (x4 noise level): pass y=")

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Stable Diffusion text-to-image (SD 1.x / 2.x checkpoints, eps or v).
+
+    python scripts/txt2img.py --weights weights/sd-v1-4.ckpt --prompt "a photograph of an astronaut riding a horse"
+    python scripts/txt2img.py --weights sd-v1-4-diffusers/ --prompt "..." --sampler dpmpp_2m --steps 20 --batch 3 \\
+        --out outputs/ --latents-out outputs/latents.safetensors      # latents for the x2 latent upscaler
+
+Defaults follow the reference (CompVis scripts/txt2img.py): DDIM, 50 steps, guidance 7.5, eta 0, seed 42,
+512x512. dpmpp_2m gives comparable images in ~20 steps. Sample i uses seed + i, so it is the same image whatever
+the batch size. Each PNG carries its parameters (JSON, PNG text chunk "parameters"). Outputs are written to a
+temporary name and renamed: an interrupted or failed run leaves no partial file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdup.pipelines.common import SAMPLER_NAMES  # noqa: E402  (light: no torch model code yet)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse would also print the usage)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--weights", required=True,
+                   help="checkpoint file (.ckpt / .safetensors) or diffusers folder; see weights/README.md")
+    p.add_argument("--config", help="upstream YAML for non-standard checkpoints (e.g. configs/sd2-inference-v.yaml)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the detected parameterisation (SD 2.x 768-v: v)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the text prompt")
+    text.add_argument("--prompt-ids", metavar="IDS",
+                      help="the prompt as comma-separated token ids, start/end tokens included (models without a "
+                           "BPE tokenizer, e.g. the tiny test fixtures: 254,10,20,255)")
+    neg = p.add_mutually_exclusive_group()
+    neg.add_argument("--negative-prompt", default="", help='unconditional text for guidance (default "")')
+    neg.add_argument("--negative-prompt-ids", metavar="IDS", help="the negative prompt as token ids")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--sampler", default="ddim", type=str.lower, choices=SAMPLER_NAMES,
+                   help="ddim (default, the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (fast: ~20 steps)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0) / Euler-a noise scale (default 1)")
+    p.add_argument("--seed", type=int, default=42, help="seed of sample 0; sample i uses seed + i (default 42)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="images to generate")
+    p.add_argument("--out", default="outputs/txt2img",
+                   help="PNG file (NAME.png; NAME-i.png for a batch) or folder (default outputs/txt2img)")
+    p.add_argument("--bits", type=int, choices=[8, 16], default=8, help="PNG bit depth")
+    p.add_argument("--latents-out", metavar="PATH.safetensors",
+                   help="also save the scaled latents (B, 4, H/8, W/8) with the prompt and seeds (x2 upscaler input)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="UNet / text-encoder precision (the VAE always runs in fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_ids(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        ids = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        fail(f"{what}: expected comma-separated integers, got {text!r}")
+    if not ids:
+        fail(f"{what}: no token ids given")
+    return ids
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before loading gigabytes of weights."""
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v < 8 or v % 8:
+            fail(f"--{name} must be a positive multiple of 8, got {v}")
+    if args.steps < 1:
+        fail(f"--steps must be >= 1, got {args.steps}")
+    if args.batch < 1:
+        fail(f"--batch must be >= 1, got {args.batch}")
+    if args.latents_out and not args.latents_out.endswith(".safetensors"):
+        fail(f"--latents-out must name a .safetensors file, got {args.latents_out}")
+    if not Path(args.weights).exists():
+        fail(f"{args.weights}: no such file or folder (download the weights as described in weights/README.md)")
+    if args.config and not Path(args.config).is_file():
+        fail(f"{args.config}: no such config file")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    prompt_ids, negative_ids = parse_ids(args.prompt_ids, "--prompt-ids"), parse_ids(args.negative_prompt_ids,
+                                                                                      "--negative-prompt-ids")
+    import torch
+    import sdup
+    from sdup.checkpoints import CheckpointError, KeyMismatch
+    from sdup.pipelines import common
+    from sdup.pipelines.txt2img import txt2img
+
+    try:
+        common.resolve_eta(common.parse_sampler(args.sampler), args.eta)  # before loading gigabytes
+        common.sample_seeds(args.seed, args.batch)
+        paths = common.output_paths(args.out, args.batch, names=[f"txt2img-{args.seed + i}" for i in range(args.batch)])
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
+        result = txt2img(model, prompt_ids if prompt_ids is not None else args.prompt,
+                         negative_ids if negative_ids is not None else args.negative_prompt,
+                         height=args.height, width=args.width, steps=args.steps, sampler=args.sampler,
+                         guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch,
+                         progress=not args.quiet)
+        for path in {p.parent for p in paths} | ({Path(args.latents_out).parent} if args.latents_out else set()):
+            path.mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(paths):
+            common.save_png(result.images[i], path, result.sample_parameters(i), bits=args.bits)
+            print(f"wrote {path}")
+        if args.latents_out:
+            from safetensors.torch import save_file
+            p = result.parameters
+            meta = {"parameters": json.dumps(p), "scale_factor": str(model.scale_factor),
+                    "seeds": json.dumps(p.get("seeds")), "prompt": json.dumps(p.get("prompt", p.get("prompts"))),
+                    "negative_prompt": json.dumps(p.get("negative_prompt", p.get("negative_prompts")))}
+            common.atomic_write(args.latents_out, lambda tmp: save_file({"latents": result.latents.contiguous()},
+                                                                        str(tmp), metadata=meta))
+            print(f"wrote {args.latents_out}")
+    except KeyMismatch as e:
+        fail(" ".join(str(e).split()))
+    except (CheckpointError, ValueError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted (no output written)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

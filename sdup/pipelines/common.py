@@ -1,0 +1,490 @@
+"""Helpers shared by the pipelines: images, files, prompts, seeds and samplers.
+
+Images
+    tensor_to_pil / pil_to_tensor     (C, H, W) float in [0, 1] <-> PIL (8-bit; 16-bit for one channel, "I;16")
+    load_image(path)                  any image Pillow reads -> (3, H, W) in [0, 1]; 16-bit PNGs keep 16 bits
+    save_png(image, path, parameters, bits=8|16)
+                                      PNG with the generation parameters as an iTXt chunk "parameters" (JSON),
+                                      written to a temporary name and renamed (never a half-written file);
+                                      16-bit RGB PNGs are encoded here (Pillow has no 16-bit RGB mode)
+    read_png_parameters(path)         the JSON back, or None
+Prompts
+    token_ids(model, prompts)         strings (CLIP BPE) or token ids -> (B, 77) int64, padded as the model's tokenizer
+    encode_prompts(model, prompts)    -> text-encoder ``.context`` (B, 77, D): what SD 1.x / 2.x UNets attend to
+Seeds
+    sample_seeds(seed, n)             [seed, seed + 1, ...] (a random base seed when None)
+    make_generators(seeds)            one CPU ``torch.Generator`` per sample: sample i does not depend on the batch
+Samplers
+    parse_sampler(name)               "ddim" | "plms" | "ddpm" | "euler" | "euler_a" | "lms" | "dpmpp_2m" (+ aliases)
+    run_sampler(spec, raw, ...)       drive an sdup sampler on a raw eps / v network with the reference grids
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+PARAMETERS_KEY = "parameters"  # PNG text keyword holding the JSON parameters
+
+# ------------------------------------------------------------------------------------------------
+# files
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary name in the destination folder, then rename it to ``path``
+    (``os.replace`` is atomic on one file system). On any error the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def output_paths(out: str | Path, n: int, stem: str = "sample", suffix: str = ".png",
+                 names: Sequence[str] | None = None) -> list[Path]:
+    """Where ``n`` images go. ``out`` ending in ``suffix`` is a file: used as is for one image,
+    ``name-0.png, name-1.png, ...`` for more. Anything else is a folder (created when written): files
+    ``{names[i]}.png`` or ``{stem}-{i}.png``, numbered ``-1``, ``-2``, ... instead of overwriting existing files."""
+    out = Path(out)
+    if out.suffix.lower() == suffix:
+        if out.is_dir():
+            raise ValueError(f"{out}: is a folder, but the name looks like a {suffix} file")
+        return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder (give a folder or a {suffix} file name)")
+    paths: list[Path] = []
+    for i in range(n):
+        base = names[i] if names is not None else f"{stem}-{i}"
+        p, k = out / f"{base}{suffix}", 0
+        while p.exists() or p in paths:
+            k += 1
+            p = out / f"{base}-{k}{suffix}"
+        paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# tensors <-> PIL
+
+
+def _check_image(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[0] not in (1, 3, 4):
+        raise ValueError(f"expected an image tensor (C, H, W) with C in 1, 3, 4, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    return x.detach().float().cpu().clamp(0, 1)
+
+
+def to_uint(x: Tensor, bits: int = 8) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W, C) uint8 / uint16, rounded to nearest (diffusers ``numpy_to_pil``; CompVis'
+    script truncates instead, at most 1/255 darker)."""
+    x = _check_image(x)
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    top = (1 << bits) - 1
+    return (x.permute(1, 2, 0).double() * top).round().numpy().astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def tensor_to_pil(x: Tensor, bits: int = 8):
+    """(C, H, W) in [0, 1] -> PIL image: RGB / RGBA / L for 8 bits, "I;16" for one channel at 16 bits
+    (Pillow has no 16-bit colour mode: write those with ``save_png(..., bits=16)``)."""
+    from PIL import Image
+    a = to_uint(x, bits)
+    if bits == 16:
+        if a.shape[2] != 1:
+            raise ValueError("Pillow has no 16-bit RGB mode: use save_png(image, path, bits=16)")
+        return Image.fromarray(a[:, :, 0])  # uint16 2-D -> "I;16"
+    return Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)  # uint8 -> L / RGB / RGBA
+
+
+def pil_to_tensor(img, alpha: bool = False) -> Tensor:
+    """PIL image (any common mode) -> (3, H, W) float32 in [0, 1] (``alpha=True``: (4, H, W) when the image has
+    transparency). Grey images are repeated to 3 channels; 16-bit greys ("I;16", "I") are divided by 65535,
+    float images ("F") are taken as [0, 1]. Without ``alpha`` the transparency is dropped (colour kept as stored)."""
+    mode = img.mode
+    has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img, dtype=np.float64) / 65535.0
+    elif mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+    else:
+        target = "RGBA" if has_alpha else "RGB"
+        a = np.asarray(img.convert(target), dtype=np.float64) / 255.0
+    t = torch.from_numpy(np.ascontiguousarray(a)).float().clamp(0, 1)
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    if t.shape[0] == 4 and not alpha:
+        t = t[:3]
+    return t.contiguous()
+
+
+def load_image(path: str | Path, alpha: bool = False) -> Tensor:
+    """Read an image file -> (3, H, W) float32 in [0, 1] (``alpha=True``: (4, H, W) when it has transparency).
+    16-bit PNGs are decoded here at full precision (Pillow would truncate 16-bit colour to 8 bits); JPEG EXIF
+    orientation is applied. Unreadable files raise ``ValueError`` with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such image file")
+    try:
+        with open(path, "rb") as fh:
+            is_png = fh.read(8) == _PNG_SIG
+        png = _read_png(path) if is_png else None
+    except (ValueError, zlib.error, struct.error) as e:
+        raise ValueError(f"{path}: not a readable PNG ({e})") from None
+    if png is not None and png.dtype == np.uint16:
+        t = torch.from_numpy(png.astype(np.float32) / 65535.0).permute(2, 0, 1)
+        if t.shape[0] in (1, 2):  # grey (+ alpha)
+            t = torch.cat([t[:1].expand(3, -1, -1), t[1:]])
+        return (t if alpha else t[:3]).contiguous()
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({str(e).splitlines()[0]})") from None
+    return pil_to_tensor(img, alpha=alpha)
+
+
+# ------------------------------------------------------------------------------------------------
+# PNG files with parameters
+
+
+def _json(parameters: dict) -> str:
+    return json.dumps(parameters, ensure_ascii=False, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def save_png(image, path: str | Path, parameters: dict | None = None, bits: int = 8) -> Path:
+    """Write ``image`` ((C, H, W) tensor in [0, 1] or a PIL image) as PNG with ``parameters`` as JSON in an
+    iTXt chunk named "parameters". ``bits=16`` writes 16 bits per channel. Atomic (temporary file + rename)."""
+    path = Path(path)
+    text = None if parameters is None else _json(parameters)
+    if bits == 16:
+        if not isinstance(image, Tensor):
+            image = pil_to_tensor(image, alpha=True)
+        arr = to_uint(image, 16)
+        return atomic_write(path, lambda tmp: tmp.write_bytes(encode_png(arr, {PARAMETERS_KEY: text} if text else {})))
+    from PIL.PngImagePlugin import PngInfo
+    img = tensor_to_pil(image, 8) if isinstance(image, Tensor) else image
+    info = PngInfo()
+    if text is not None:
+        info.add_itxt(PARAMETERS_KEY, text)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_parameters(path: str | Path) -> dict | None:
+    """The JSON written by ``save_png`` (None when the file has no "parameters" text)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}).get(PARAMETERS_KEY) or img.info.get(PARAMETERS_KEY)
+    return None if text is None else json.loads(text)
+
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> channels (grey, RGB, grey+alpha, RGBA)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(arr: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """(H, W, C) uint8 / uint16 array, C in 1-4 -> PNG bytes (filter 0, zlib level 6, UTF-8 iTXt chunks)."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    h, w, c = arr.shape
+    ctype = {1: 0, 3: 2, 2: 4, 4: 6}[c]
+    depth = 16 if arr.dtype == np.uint16 else 8
+    rows = arr.astype(">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
+    out = [_PNG_SIG, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, ctype, 0, 0, 0))]
+    for key, value in (text or {}).items():  # keyword, 0, compression flag 0, method 0, language "", translated ""
+        out.append(_chunk(b"iTXt", key.encode("latin-1") + b"\x00\x00\x00\x00\x00" + value.encode("utf-8")))
+    out += [_chunk(b"IDAT", zlib.compress(raw, 6)), _chunk(b"IEND", b"")]
+    return b"".join(out)
+
+
+def _read_png(path: Path) -> np.ndarray | None:
+    """Decode a non-interlaced 8/16-bit grey/RGB(A) PNG -> (H, W, C) uint8/uint16; None for what Pillow should
+    handle (palette, < 8 bits, interlaced)."""
+    data = path.read_bytes()
+    pos, idat, hdr = 8, [], None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if len(body) != n:
+            raise ValueError("truncated chunk")
+        if kind == b"IHDR":
+            hdr = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + n
+    if hdr is None:
+        raise ValueError("no IHDR chunk")
+    w, h, depth, ctype, _, _, interlace = hdr
+    if depth not in (8, 16) or ctype not in _CHANNELS or interlace:
+        return None
+    bpp = _CHANNELS[ctype] * depth // 8
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
+    if raw.size < h * (1 + w * bpp):
+        raise ValueError("truncated image data")
+    px = unfilter_png(raw[: h * (1 + w * bpp)].reshape(h, 1 + w * bpp), w, bpp)
+    if depth == 16:
+        return px.reshape(h, w, -1).view(">u2").astype(np.uint16)
+    return px.reshape(h, w, -1)
+
+
+def unfilter_png(rows: np.ndarray, width: int, bpp: int) -> np.ndarray:
+    """Undo the PNG per-row filters (None, Sub, Up, Average, Paeth) -> (H, W, bpp) uint8.
+
+    Each byte depends on its left (a), upper (b) and upper-left (c) neighbours, so pixels on one anti-diagonal
+    row + column = d are independent: the loop runs over H + W - 1 diagonals, each vectorised."""
+    h = rows.shape[0]
+    ftype = rows[:, 0].astype(np.int32)
+    if ftype.size and ftype.max() > 4:
+        raise ValueError(f"unknown PNG filter type {int(ftype.max())}")
+    f = rows[:, 1:].reshape(h, width, bpp).astype(np.int32)
+    out = np.zeros((h + 1, width + 1, bpp), np.int32)  # zero row/column in front: the out-of-image neighbours
+    all_rows = np.arange(h)
+    for d in range(h + width - 1):
+        r = all_rows[max(0, d - width + 1): min(h, d + 1)]
+        p = d - r
+        a, b, c = out[r + 1, p], out[r, p + 1], out[r, p]
+        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        ft = ftype[r][:, None]
+        pred = np.select([ft == 0, ft == 1, ft == 2, ft == 3], [0, a, b, (a + b) >> 1], paeth)
+        out[r + 1, p + 1] = (f[r, p] + pred) & 255
+    return out[1:, 1:].astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# prompts
+
+
+def _text_config(model):
+    if model.text_encoder is None:
+        raise ValueError(f"{model.family} model has no text encoder: pass prompt embeddings instead")
+    return model.text_encoder.cfg
+
+
+def _rows(prompts) -> list:
+    """Prompts as a list of rows, each a string or a list of token ids."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Tensor):
+        if prompts.is_floating_point():
+            raise ValueError("got a float tensor where token ids were expected (embeddings go to prompt_embeds=)")
+        t = prompts.reshape(1, -1) if prompts.ndim == 1 else prompts
+        if t.ndim != 2:
+            raise ValueError(f"token ids must be (L,) or (B, L), got {tuple(prompts.shape)}")
+        return t.tolist()
+    if isinstance(prompts, Sequence) and len(prompts) > 0:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in prompts):
+            return [list(prompts)]
+        rows = []
+        for v in prompts:
+            if isinstance(v, str):
+                rows.append(v)
+            elif isinstance(v, Tensor) and not v.is_floating_point() and v.ndim == 1:
+                rows.append(v.tolist())
+            elif isinstance(v, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                rows.append([int(i) for i in v])
+            else:
+                break
+        else:
+            return rows
+    raise ValueError("prompts must be a string, token ids, or a list of strings / token-id lists")
+
+
+def token_ids(model, prompts) -> Tensor:
+    """Prompts -> (B, context_length) int64 token ids, padded with the model's pad token.
+
+    ``prompts``: a string, token ids (a (L,) / (B, L) int tensor or a list of ints), or a list whose rows are
+    strings or token-id lists. Strings go through the CLIP BPE ``model.tokenizer``; token ids are taken verbatim
+    INCLUDING the start / end tokens and padded with ``pad_token_id`` to the context length. Text needs a BPE
+    tokenizer, which the tiny test encoders (vocabulary 256) do not have -- except the empty prompt, which is
+    ``[bos, eos, pad, ...]`` for any vocabulary (exactly what the CLIP tokenizer makes of "")."""
+    cfg = _text_config(model)
+    rows = _rows(prompts)
+    ids = torch.full((len(rows), cfg.context_length), cfg.pad_token_id, dtype=torch.long)
+    texts = [i for i, r in enumerate(rows) if isinstance(r, str) and (r or model.tokenizer is not None)]
+    if texts:
+        if model.tokenizer is None:
+            raise ValueError(f"this text encoder (vocabulary {cfg.vocab_size}) has no BPE tokenizer: "
+                             "give the prompt as token ids")
+        ids[texts] = model.tokenizer([rows[i] for i in texts])
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            if row or model.tokenizer is not None:
+                continue
+            row = [cfg.bos_token_id, cfg.eos_token_id]
+        if not 0 < len(row) <= cfg.context_length:
+            raise ValueError(f"a token-id prompt needs 1 to {cfg.context_length} ids, got {len(row)}")
+        if min(row) < 0 or max(row) >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {min(row)}..{max(row)}")
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids
+
+
+@torch.no_grad()
+def encode_prompts(model, prompts) -> Tensor:
+    """Prompts (see ``token_ids``) -> the text encoder's ``.context`` (B, 77, D): last layer after the final
+    LayerNorm for SD 1.x, penultimate layer + ln_final for SD 2.x (the encoder's config decides). Identical
+    prompts are encoded once, so a row does not depend on the other rows of the batch."""
+    ids = token_ids(model, prompts)
+    uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    device = next(model.text_encoder.parameters()).device
+    ctx = model.text_encoder(uniq.to(device)).context
+    return ctx[inverse.to(device)]
+
+
+# ------------------------------------------------------------------------------------------------
+# seeds
+
+
+def sample_seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
+    """Per-sample seeds: ``seed, seed + 1, ..., seed + n - 1`` for an int (a random base seed when None), or the
+    given list (length n). Seeds must be in [0, 2**63)."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2 ** 32)
+    if isinstance(seed, bool) or not isinstance(seed, (int, Sequence)):
+        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+    seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {n}")
+    if any(not 0 <= s < 2 ** 63 for s in seeds):
+        raise ValueError("seeds must be in [0, 2**63)")
+    return seeds
+
+
+def make_generators(seeds: Sequence[int], device="cpu") -> list[torch.Generator]:
+    """One generator per sample (CPU by default: the same numbers on every machine, as diffusers' CPU
+    generators); draws from ``generators[i]`` make sample i independent of the batch it is in."""
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+
+# ------------------------------------------------------------------------------------------------
+# samplers
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str          # canonical name
+    fn: Callable       # the sdup.diffusion.samplers function
+    discrete: bool     # True: DiscreteDenoiser + integer timesteps; False: CompVisDenoiser + sigma grid
+    uses_eta: bool     # accepts eta (ddim: 0 = deterministic; euler_a: ancestral noise scale, default 1)
+    default_eta: float = 0.0
+    label: str = ""    # what the reference calls it
+
+
+_SAMPLER_ALIASES = {"ddim": "ddim", "plms": "plms", "pndm": "plms", "ddpm": "ddpm", "euler": "euler",
+                    "k_euler": "euler", "euler_a": "euler_a", "euler_ancestral": "euler_a", "k_euler_a": "euler_a",
+                    "lms": "lms", "k_lms": "lms", "dpmpp_2m": "dpmpp_2m", "dpm++_2m": "dpmpp_2m", "dpm++2m": "dpmpp_2m",
+                    "dpmsolver++": "dpmpp_2m"}
+SAMPLER_NAMES = ("ddim", "plms", "ddpm", "euler", "euler_a", "lms", "dpmpp_2m")
+
+
+def parse_sampler(name: str) -> SamplerSpec:
+    """Sampler name (case-insensitive; aliases pndm, euler_ancestral, k_lms, dpm++_2m, ...) -> ``SamplerSpec``."""
+    from ..diffusion import samplers as S
+    key = _SAMPLER_ALIASES.get(str(name).strip().lower().replace("-", "_").replace(" ", "_"))
+    if key is None:
+        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLER_NAMES)})")
+    return {
+        "ddim": SamplerSpec("ddim", S.sample_ddim, True, True, 0.0, "DDIM (CompVis DDIMSampler / diffusers DDIMScheduler)"),
+        "plms": SamplerSpec("plms", S.sample_plms, True, False, 0.0, "PLMS (CompVis PLMSSampler / diffusers PNDMScheduler)"),
+        "ddpm": SamplerSpec("ddpm", S.sample_ddpm, True, False, 0.0, "ancestral DDPM on the respaced chain"),
+        "euler": SamplerSpec("euler", S.sample_euler, False, False, 0.0, "Euler (k-diffusion / EulerDiscreteScheduler)"),
+        "euler_a": SamplerSpec("euler_a", S.sample_euler_ancestral, False, True, 1.0,
+                               "Euler ancestral (k-diffusion / EulerAncestralDiscreteScheduler)"),
+        "lms": SamplerSpec("lms", S.sample_lms, False, False, 0.0, "K-LMS (k-diffusion / LMSDiscreteScheduler)"),
+        "dpmpp_2m": SamplerSpec("dpmpp_2m", S.sample_dpmpp_2m, False, False, 0.0,
+                                "DPM-Solver++(2M) (k-diffusion / DPMSolverMultistepScheduler)"),
+    }[key]
+
+
+def resolve_eta(spec: SamplerSpec, eta: float | None) -> float:
+    """eta for ``spec`` (None -> its default); a nonzero eta for a sampler without one is a ValueError."""
+    if eta is None:
+        return spec.default_eta
+    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    if eta and not spec.uses_eta:
+        raise ValueError(f"eta applies to ddim and euler_a only; {spec.name} is "
+                         + ("deterministic" if spec.name != "ddpm" else "always fully stochastic"))
+    return float(eta)
+
+
+def discrete_timesteps(steps: int, T: int = 1000, offset: int = 1) -> Tensor:
+    """The DDIM / PLMS / DDPM grid, descending: ``t_i = i * (T // steps) + offset`` for i < steps.
+
+    This is the first ``steps`` entries of the LDM uniform grid (``ddim_timesteps``) = diffusers' "leading"
+    spacing with ``steps_offset=1``: identical to CompVis whenever its grid has exactly ``steps`` entries
+    (10, 20, 25, 50, 100, 200, 250, 500, 1000, ...). For other counts CompVis runs a few extra steps (75 -> 77) or
+    fails (3, 9, ...: it would index t = 1000); sdup, like diffusers, runs exactly ``steps``."""
+    from ..diffusion.schedules import spaced_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    return spaced_timesteps(steps, "leading", T, offset).long()
+
+
+def sigma_grid(spec: SamplerSpec, alphas_cumprod: Tensor, steps: int) -> Tensor:
+    """diffusers' default grid for the sigma samplers ("linspace" spacing, interpolated linearly in sigma over the
+    training sigmas, final sigma 0; DPM-Solver's own n+1-point variant for dpmpp_2m)."""
+    from ..diffusion.schedules import discrete_sigmas
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return discrete_sigmas(alphas_cumprod, steps, "linspace", dpm_solver=spec.name == "dpmpp_2m")[0]
+
+
+@torch.no_grad()
+def run_sampler(spec: SamplerSpec, raw: Callable, schedule: dict, prediction: str, x_T: Tensor, steps: int, *,
+                eta: float = 0.0, extra_args: dict | None = None, generators=None, callback=None,
+                progress: bool = True) -> tuple[Tensor, dict]:
+    """Sample with a raw network output (eps or v) and the reference grids; returns (x_0, grid info).
+
+    ``raw(x, t, **kw)``: the network (usually ``CFG(...)``), called at integer timesteps (discrete samplers) or
+    fractional ones (sigma samplers). ``x_T``: unit-variance start noise (the LDM / diffusers ``latents``);
+    the sigma samplers start from ``x_T * sigma_max`` (Euler / Euler a / LMS: diffusers ``init_noise_sigma``) or
+    ``x_T * sqrt(sigma_max^2 + 1)`` (DPM++: diffusers' DPM-Solver starts in the variance-preserving scale).
+    ``generators``: one per sample for the per-step noise (DDIM eta > 0, DDPM, Euler a)."""
+    from ..diffusion.denoisers import CompVisDenoiser, DiscreteDenoiser
+    from ..diffusion.schedules import schedule_betas
+    betas = schedule_betas(schedule)
+    kw = dict(extra_args=extra_args or {}, generator=generators, callback=callback, disable=not progress)
+    den = DiscreteDenoiser(raw, betas, prediction)
+    T = den.num_timesteps
+    if spec.discrete:
+        ts = discrete_timesteps(steps, T)
+        info = {"timesteps": ts.tolist()}
+        if spec.name == "ddpm":
+            return spec.fn(den.respaced(ts.tolist()), x_T, None, **kw), info
+        if spec.name == "ddim":
+            kw["eta"] = eta
+        return spec.fn(den, x_T, ts, **kw), info
+    # the sigma grid is diffusers' (linear in sigma), so t(sigma) uses the same interpolation to give back its
+    # timesteps exactly
+    kd = CompVisDenoiser(raw, den.alphas_cumprod, prediction, interpolation="linear")
+    sigmas = sigma_grid(spec, den.alphas_cumprod, steps)
+    s0 = float(sigmas[0])
+    start = x_T * (math.sqrt(s0 ** 2 + 1) if spec.name == "dpmpp_2m" else s0)
+    if spec.name == "euler_a":
+        kw["eta"] = eta
+    return spec.fn(kd, start, sigmas.to(x_T.device), **kw), {"sigmas": [round(float(s), 6) for s in sigmas]}

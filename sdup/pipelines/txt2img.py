@@ -1,0 +1,227 @@
+"""Stable Diffusion text-to-image (SD 1.x and 2.x, eps and v models; SPEC §2.5).
+
+    model = sdup.load("sd-v1-4.ckpt")
+    out = txt2img(model, "a photograph of an astronaut riding a horse", steps=50, sampler="ddim", seed=42)
+    out.images      # (B, 3, H, W) in [0, 1]
+    out.latents     # (B, 4, H/8, W/8), the UNet's latent space (= scale_factor * VAE latent): x2 upscaler input
+    out.parameters  # everything needed to reproduce the run (also written into the PNGs by scripts/txt2img.py)
+
+What it computes (CompVis ``scripts/txt2img.py`` / diffusers ``StableDiffusionPipeline``):
+
+1. c = text_encoder(prompt).context; with guidance != 1, u = text_encoder(negative_prompt or "").context.
+2. x_T ~ N(0, I) of shape (B, 4, H/8, W/8), sample i drawn from its own generator seeded ``seed + i``; the same
+   generator then supplies that sample's per-step noise (DDIM eta > 0, DDPM, Euler a).
+3. Network output with classifier-free guidance, ONE UNet call on the batch [u, c]: out_u + g (out_c - out_u),
+   on eps or v as the model predicts; then the sampler (``common.run_sampler``: DDIM / PLMS / DDPM on the
+   LDM timesteps, Euler / Euler a / LMS / DPM++ 2M on diffusers' sigma grids).
+4. image = clamp((vae.decode(x_0 / scale_factor) + 1) / 2, 0, 1); the VAE runs in fp32, one sample at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .. import __version__
+from ..diffusion.denoisers import CFG
+from .common import encode_prompts, make_generators, parse_sampler, resolve_eta, run_sampler, sample_seeds
+
+Tensor = torch.Tensor
+TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
+
+
+@dataclass
+class Result:
+    images: Tensor                 # (B, 3, H, W) float32 in [0, 1], on the CPU
+    latents: Tensor                # (B, C, H/f, W/f) float32: sampler output, scaled by scale_factor
+    parameters: dict = field(default_factory=dict)
+
+    def sample_parameters(self, i: int) -> dict:
+        """The parameters of sample i alone (its seed and prompt), for per-image metadata."""
+        p = dict(self.parameters)
+        for key in ("prompt", "negative_prompt", "seed"):
+            if isinstance(p.get(key + "s"), list):
+                p[key] = p.pop(key + "s")[i]
+        p["batch_index"] = i
+        return p
+
+
+def _int(name: str, value, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def latent_geometry(model, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, h, w) of the latent for an H x W image; ValueError when the size does not fit the model."""
+    height, width = _int("height", height), _int("width", width)
+    vcfg = getattr(model.vae, "cfg", None)
+    f = 2 ** (len(vcfg.ch_mult) - 1) if vcfg is not None else 8
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
+    ucfg = getattr(model.unet, "cfg", None)
+    m = 2 ** (len(ucfg.channel_mult) - 1) if ucfg is not None else 1
+    if (height // f) % m or (width // f) % m:
+        n = int(math.log2(m))
+        raise ValueError(f"height and width must be multiples of {f * m} for this model (its UNet halves the "
+                         f"{height // f}x{width // f} latent {n} time{'s' if n > 1 else ''}), got {height}x{width}")
+    channels = vcfg.embed_dim if vcfg is not None else 4
+    return channels, height // f, width // f
+
+
+def _check_model(model) -> None:
+    if model.family not in TEXT_TO_IMAGE_FAMILIES or model.unet is None or model.vae is None:
+        raise ValueError(f"txt2img needs a Stable Diffusion 1.x / 2.x checkpoint (UNet + VAE + text encoder), "
+                         f"{model.source} is a {model.family} model")
+    if model.prediction not in ("eps", "v"):
+        raise ValueError(f"unsupported prediction type {model.prediction!r} (eps or v)")
+
+
+def _conditioning(model, text, embeds, batch: int, what: str) -> Tensor:
+    """(batch, 77, D) context from text / token ids or precomputed embeddings."""
+    if embeds is not None:
+        if not isinstance(embeds, Tensor) or not embeds.is_floating_point() or embeds.ndim not in (2, 3):
+            raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
+        e = embeds[None] if embeds.ndim == 2 else embeds
+    else:
+        rows = [text] if isinstance(text, str) else text
+        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
+            rows = list(rows) * batch
+        e = encode_prompts(model, rows)
+    if e.shape[0] == 1 and batch > 1:
+        e = e.expand(batch, -1, -1)
+    if e.shape[0] != batch:
+        raise ValueError(f"{what}: got {e.shape[0]} rows for a batch of {batch}")
+    dim = getattr(getattr(model.unet, "cfg", None), "context_dim", None)
+    if dim is not None and e.shape[-1] != dim:
+        raise ValueError(f"{what}: embeddings of width {e.shape[-1]}, the UNet expects {dim}")
+    return e
+
+
+def _batch_of(prompt, prompt_embeds) -> int:
+    if prompt_embeds is not None:
+        return prompt_embeds.shape[0] if prompt_embeds.ndim == 3 else 1
+    if isinstance(prompt, Tensor):
+        return prompt.shape[0] if prompt.ndim == 2 else 1
+    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def _describe(prompt):
+    """JSON-friendly record of a prompt given as text, token ids or embeddings."""
+    if isinstance(prompt, Tensor):
+        return {"token_ids": prompt.tolist()}
+    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], str):
+        return {"token_ids": [list(r) if not isinstance(r, int) else r for r in prompt]}
+    return prompt
+
+
+def _unet_net(unet) -> Callable:
+    """The raw network for the samplers: state kept in fp32, the UNet run in its own dtype."""
+    p = next(unet.parameters())
+
+    def net(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return unet(x.to(p.dtype), t.to(p.device), context.to(p.device, p.dtype)).float()
+    return net
+
+
+@torch.no_grad()
+def decode_latents(model, latents: Tensor) -> Tensor:
+    """Scaled latents -> images in [0, 1] (VAE in fp32, one sample at a time), on the CPU."""
+    vae_p = next(model.vae.parameters())
+    out = []
+    for z in latents.float().split(1):
+        x = model.vae.decode((z / model.scale_factor).to(vae_p.device, vae_p.dtype)).float()
+        out.append(((x + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_prompt: str | Sequence[str] | Tensor = "",
+            *, prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
+            height: int = 512, width: int = 512, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
+            eta: float | None = None, seed: int | Sequence[int] | None = 42,
+            generator: torch.Generator | Sequence[torch.Generator] | None = None, batch_size: int | None = None,
+            x_T: Tensor | None = None, callback: Callable[[dict], None] | None = None,
+            progress: bool = True) -> Result:
+    """Generate images from text with an SD 1.x / 2.x ``LoadedModel``.
+
+    prompt / negative_prompt: a string (shared by the batch), a list of strings (one per sample), or token ids
+        ((L,) / (B, L) int tensor or lists, start/end tokens included; for encoders without a BPE tokenizer).
+        The negative prompt is the unconditional input of classifier-free guidance ("" = the reference).
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
+    height, width: image size (multiples of 8; of 64 for SD's 3-times-downsampling UNet).
+    steps: sampler steps (UNet evaluations, x2 with guidance; PLMS does one extra on its first step).
+    sampler: ddim (the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (good images in ~20 steps).
+    guidance: classifier-free guidance scale; 1 disables it (one UNet call per step, no negative prompt).
+    eta: DDIM stochasticity (default 0) / Euler-ancestral noise scale (default 1); not accepted by the others.
+    seed: base seed (sample i uses seed + i) or one seed per sample; None draws a random one (recorded).
+    generator: one torch.Generator per sample instead of seeds (a single one is shared by the batch).
+    batch_size: images to generate (default: the number of prompts, else 1).
+    x_T: start noise (B, C, H/8, W/8) with unit variance instead of drawing it (the generators still drive
+        the per-step noise).
+    callback: called after every step with dict(i, t, sigma, x, x0_pred) (see ``sdup.diffusion.samplers``).
+    """
+    _check_model(model)
+    spec = parse_sampler(sampler)
+    eta = resolve_eta(spec, eta)
+    steps = _int("steps", steps)
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("give a prompt (text or token ids) or prompt_embeds")
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("give either prompt or prompt_embeds, not both")
+    batch = _int("batch_size", batch_size) if batch_size is not None else _batch_of(prompt, prompt_embeds)
+    channels, h, w = latent_geometry(model, height, width)
+    shape = (batch, channels, h, w)
+
+    if generator is None:
+        seeds = sample_seeds(seed, batch)
+        generators = make_generators(seeds)
+    else:
+        seeds = None
+        generators = list(generator) if isinstance(generator, (list, tuple)) else generator
+        if isinstance(generators, list) and len(generators) != batch:
+            raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    device = next(model.unet.parameters()).device
+    if x_T is None:
+        from ..diffusion.samplers import randn
+        x_T = randn(shape, generators)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    x_T = x_T.float().to(device)
+
+    cond = _conditioning(model, prompt, prompt_embeds, batch, "prompt")
+    uncond = None
+    if guidance != 1:
+        uncond = _conditioning(model, negative_prompt, negative_embeds, batch, "negative_prompt")
+    extra = dict(cond=dict(context=cond), uncond=None if uncond is None else dict(context=uncond))
+    latents, grid = run_sampler(spec, CFG(_unet_net(model.unet), float(guidance)), model.schedule, model.prediction,
+                                x_T, steps, eta=eta, extra_args=extra, generators=generators, callback=callback,
+                                progress=progress)
+    images = decode_latents(model, latents)
+
+    params = {
+        "pipeline": "txt2img", "sdup_version": __version__, "model": str(model.source), "family": model.family,
+        "prediction": model.prediction, "sampler": spec.name, "steps": steps, "guidance": float(guidance),
+        "eta": eta, "height": height, "width": width, "batch_size": batch, "scale_factor": model.scale_factor,
+        "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
+    }
+    for key, value, embeds in (("prompt", prompt, prompt_embeds), ("negative_prompt", negative_prompt, negative_embeds)):
+        if embeds is not None:
+            params[key] = "<embeddings>"
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value) and len(value) == batch:
+            params[key + "s"] = list(value)
+        else:
+            params[key] = _describe(value)
+    if guidance == 1:
+        params.pop("negative_prompt", None)
+        params.pop("negative_prompts", None)
+    if seeds is not None:
+        params["seeds"] = seeds
+    params.update(grid)
+    return Result(images=images, latents=latents.float().cpu(), parameters=params)
