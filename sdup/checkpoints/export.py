@@ -17,8 +17,7 @@ import torch
 
 from . import diffusers as dfs
 from . import ldm
-from .loader import LoadedModel, _meta_keys
-from ..models.unet import UNet
+from .loader import LoadedModel
 
 
 def _cpu(sd: dict) -> dict:

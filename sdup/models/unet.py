@@ -18,7 +18,7 @@ feature-map width ``h``. Without ``features`` (or without feature_mods) this is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch

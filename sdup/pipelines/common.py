@@ -26,7 +26,7 @@ import os
 import random
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -488,3 +488,80 @@ def run_sampler(spec: SamplerSpec, raw: Callable, schedule: dict, prediction: st
     if spec.name == "euler_a":
         kw["eta"] = eta
     return spec.fn(kd, start, sigmas.to(x_T.device), **kw), {"sigmas": [round(float(s), 6) for s in sigmas]}
+
+
+# ------------------------------------------------------------------------------------------------
+# what every pipeline returns and records
+
+
+@dataclass
+class Result:
+    images: Tensor                 # (B, 3, H, W) float32 in [0, 1], on the CPU
+    latents: Tensor                # (B, C, h, w) float32 sampler output (scaled latents)
+    parameters: dict = field(default_factory=dict)
+
+    def sample_parameters(self, i: int) -> dict:
+        """The parameters of sample i alone (its seed, prompt, noise level), for per-image metadata."""
+        p = dict(self.parameters)
+        for key in ("prompt", "negative_prompt", "seed", "noise_level"):
+            if isinstance(p.get(key + "s"), list):
+                p[key] = p.pop(key + "s")[i]
+        p["batch_index"] = i
+        return p
+
+
+def check_int(name: str, value, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def prompt_context(model, text, embeds, batch: int, what: str) -> Tensor:
+    """(batch, 77, D) fp32 context from text / token ids, or from precomputed embeddings."""
+    if embeds is not None:
+        if not isinstance(embeds, Tensor) or not embeds.is_floating_point() or embeds.ndim not in (2, 3):
+            raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
+        e = embeds[None] if embeds.ndim == 2 else embeds
+    else:
+        rows = [text] if isinstance(text, str) else text
+        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
+            rows = list(rows) * batch
+        if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
+                and batch > 1:
+            rows = rows.reshape(1, -1).expand(batch, -1)
+        e = encode_prompts(model, rows)
+    if e.shape[0] == 1 and batch > 1:
+        e = e.expand(batch, -1, -1)
+    if e.shape[0] != batch:
+        raise ValueError(f"{what}: got {e.shape[0]} rows for a batch of {batch}")
+    dim = getattr(getattr(model.unet, "cfg", None), "context_dim", None)
+    if dim is not None and e.shape[-1] != dim:
+        raise ValueError(f"{what}: embeddings of width {e.shape[-1]}, the UNet expects {dim}")
+    return e.float()
+
+
+def describe_prompt(prompt):
+    """JSON-friendly record of a prompt given as text, token ids or embeddings."""
+    if isinstance(prompt, Tensor):
+        return {"token_ids": prompt.tolist()}
+    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], str):
+        return {"token_ids": [list(r) if not isinstance(r, int) else r for r in prompt]}
+    return prompt
+
+
+def record_prompts(params: dict, batch: int, guidance: float, seeds, **prompts) -> dict:
+    """Add prompt / negative_prompt (text, ids or "<embeddings>") and seeds to a parameters dict.
+    ``prompts``: prompt=(value, embeds), negative_prompt=(value, embeds)."""
+    for key, (value, embeds) in prompts.items():
+        if embeds is not None:
+            params[key] = "<embeddings>"
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value) and len(value) == batch:
+            params[key + "s"] = list(value)
+        else:
+            params[key] = describe_prompt(value)
+    if guidance == 1:  # the negative prompt was never used
+        params.pop("negative_prompt", None)
+        params.pop("negative_prompts", None)
+    if seeds is not None:
+        params["seeds"] = seeds
+    return params

@@ -19,44 +19,22 @@ What it computes (CompVis ``scripts/txt2img.py`` / diffusers ``StableDiffusionPi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from .. import __version__
 from ..diffusion.denoisers import CFG
-from .common import encode_prompts, make_generators, parse_sampler, resolve_eta, run_sampler, sample_seeds
+from .common import (Result, check_int, make_generators, parse_sampler, prompt_context, record_prompts, resolve_eta,
+                     run_sampler, sample_seeds)
 
 Tensor = torch.Tensor
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
 
 
-@dataclass
-class Result:
-    images: Tensor                 # (B, 3, H, W) float32 in [0, 1], on the CPU
-    latents: Tensor                # (B, C, H/f, W/f) float32: sampler output, scaled by scale_factor
-    parameters: dict = field(default_factory=dict)
-
-    def sample_parameters(self, i: int) -> dict:
-        """The parameters of sample i alone (its seed and prompt), for per-image metadata."""
-        p = dict(self.parameters)
-        for key in ("prompt", "negative_prompt", "seed"):
-            if isinstance(p.get(key + "s"), list):
-                p[key] = p.pop(key + "s")[i]
-        p["batch_index"] = i
-        return p
-
-
-def _int(name: str, value, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return value
-
-
 def latent_geometry(model, height: int, width: int) -> tuple[int, int, int]:
     """(channels, h, w) of the latent for an H x W image; ValueError when the size does not fit the model."""
-    height, width = _int("height", height), _int("width", width)
+    height, width = check_int("height", height), check_int("width", width)
     vcfg = getattr(model.vae, "cfg", None)
     f = 2 ** (len(vcfg.ch_mult) - 1) if vcfg is not None else 8
     if height % f or width % f:
@@ -79,27 +57,6 @@ def _check_model(model) -> None:
         raise ValueError(f"unsupported prediction type {model.prediction!r} (eps or v)")
 
 
-def _conditioning(model, text, embeds, batch: int, what: str) -> Tensor:
-    """(batch, 77, D) context from text / token ids or precomputed embeddings."""
-    if embeds is not None:
-        if not isinstance(embeds, Tensor) or not embeds.is_floating_point() or embeds.ndim not in (2, 3):
-            raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
-        e = embeds[None] if embeds.ndim == 2 else embeds
-    else:
-        rows = [text] if isinstance(text, str) else text
-        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
-            rows = list(rows) * batch
-        e = encode_prompts(model, rows)
-    if e.shape[0] == 1 and batch > 1:
-        e = e.expand(batch, -1, -1)
-    if e.shape[0] != batch:
-        raise ValueError(f"{what}: got {e.shape[0]} rows for a batch of {batch}")
-    dim = getattr(getattr(model.unet, "cfg", None), "context_dim", None)
-    if dim is not None and e.shape[-1] != dim:
-        raise ValueError(f"{what}: embeddings of width {e.shape[-1]}, the UNet expects {dim}")
-    return e
-
-
 def _batch_of(prompt, prompt_embeds) -> int:
     if prompt_embeds is not None:
         return prompt_embeds.shape[0] if prompt_embeds.ndim == 3 else 1
@@ -108,15 +65,6 @@ def _batch_of(prompt, prompt_embeds) -> int:
     if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int):
         return len(prompt)
     return 1
-
-
-def _describe(prompt):
-    """JSON-friendly record of a prompt given as text, token ids or embeddings."""
-    if isinstance(prompt, Tensor):
-        return {"token_ids": prompt.tolist()}
-    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], str):
-        return {"token_ids": [list(r) if not isinstance(r, int) else r for r in prompt]}
-    return prompt
 
 
 def _unet_net(unet) -> Callable:
@@ -168,14 +116,14 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
     _check_model(model)
     spec = parse_sampler(sampler)
     eta = resolve_eta(spec, eta)
-    steps = _int("steps", steps)
+    steps = check_int("steps", steps)
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if prompt is None and prompt_embeds is None:
         raise ValueError("give a prompt (text or token ids) or prompt_embeds")
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("give either prompt or prompt_embeds, not both")
-    batch = _int("batch_size", batch_size) if batch_size is not None else _batch_of(prompt, prompt_embeds)
+    batch = check_int("batch_size", batch_size) if batch_size is not None else _batch_of(prompt, prompt_embeds)
     channels, h, w = latent_geometry(model, height, width)
     shape = (batch, channels, h, w)
 
@@ -195,10 +143,10 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
         raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
     x_T = x_T.float().to(device)
 
-    cond = _conditioning(model, prompt, prompt_embeds, batch, "prompt")
+    cond = prompt_context(model, prompt, prompt_embeds, batch, "prompt")
     uncond = None
     if guidance != 1:
-        uncond = _conditioning(model, negative_prompt, negative_embeds, batch, "negative_prompt")
+        uncond = prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt")
     extra = dict(cond=dict(context=cond), uncond=None if uncond is None else dict(context=uncond))
     latents, grid = run_sampler(spec, CFG(_unet_net(model.unet), float(guidance)), model.schedule, model.prediction,
                                 x_T, steps, eta=eta, extra_args=extra, generators=generators, callback=callback,
@@ -211,17 +159,7 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
         "eta": eta, "height": height, "width": width, "batch_size": batch, "scale_factor": model.scale_factor,
         "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
     }
-    for key, value, embeds in (("prompt", prompt, prompt_embeds), ("negative_prompt", negative_prompt, negative_embeds)):
-        if embeds is not None:
-            params[key] = "<embeddings>"
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value) and len(value) == batch:
-            params[key + "s"] = list(value)
-        else:
-            params[key] = _describe(value)
-    if guidance == 1:
-        params.pop("negative_prompt", None)
-        params.pop("negative_prompts", None)
-    if seeds is not None:
-        params["seeds"] = seeds
+    record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
+                   negative_prompt=(negative_prompt, negative_embeds))
     params.update(grid)
     return Result(images=images, latents=latents.float().cpu(), parameters=params)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -54,7 +53,8 @@ from ..diffusion.denoisers import CFG
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import encode_prompts, make_generators, parse_sampler, resolve_eta, run_sampler, sample_seeds
+from .common import (Result, check_int, make_generators, parse_sampler, prompt_context, record_prompts, resolve_eta,
+                     run_sampler, sample_seeds)
 
 Tensor = torch.Tensor
 PAD_MODES = ("replicate", "reflect")
@@ -64,22 +64,6 @@ REFERENCE_DEFAULTS = {
     "gradio": dict(steps=75, guidance=10.0, noise_level=20, eta=0.0),
     "streamlit": dict(steps=50, guidance=9.0, noise_level=20, eta=0.0),
 }
-
-
-@dataclass
-class Result:
-    images: Tensor                 # (B, 3, 4h, 4w) float32 in [0, 1], on the CPU
-    latents: Tensor                # (B, 4, h', w') float32 sampler output (scaled latents; h', w' = padded size)
-    parameters: dict = field(default_factory=dict)
-
-    def sample_parameters(self, i: int) -> dict:
-        """The parameters of sample i alone (its seed, prompt and noise level), for per-image metadata."""
-        p = dict(self.parameters)
-        for key in ("prompt", "negative_prompt", "seed", "noise_level"):
-            if isinstance(p.get(key + "s"), list):
-                p[key] = p.pop(key + "s")[i]
-        p["batch_index"] = i
-        return p
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,12 +147,6 @@ def _decode_with(vae, state: dict, z: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------
 # input checking
-
-
-def _int(name: str, value, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return value
 
 
 def _images(image, image_range) -> Tensor:
@@ -258,38 +236,6 @@ def _pad(x: Tensor, m: int, pad_mode: str | None) -> tuple[Tensor, tuple[int, in
     return F.pad(x, (0, pw, 0, ph), mode=pad_mode), (ph, pw)
 
 
-def _conditioning(model, text, embeds, batch: int, what: str) -> Tensor:
-    """(batch, 77, D) context from text / token ids or precomputed embeddings."""
-    if embeds is not None:
-        if not isinstance(embeds, Tensor) or not embeds.is_floating_point() or embeds.ndim not in (2, 3):
-            raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
-        e = embeds[None] if embeds.ndim == 2 else embeds
-    else:
-        rows = [text] if isinstance(text, str) else text
-        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
-            rows = list(rows) * batch
-        if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
-                and batch > 1:
-            rows = rows.reshape(1, -1).expand(batch, -1)
-        e = encode_prompts(model, rows)
-    if e.shape[0] == 1 and batch > 1:
-        e = e.expand(batch, -1, -1)
-    if e.shape[0] != batch:
-        raise ValueError(f"{what}: got {e.shape[0]} rows for a batch of {batch} images")
-    dim = getattr(getattr(model.unet, "cfg", None), "context_dim", None)
-    if dim is not None and e.shape[-1] != dim:
-        raise ValueError(f"{what}: embeddings of width {e.shape[-1]}, the UNet expects {dim}")
-    return e.float()
-
-
-def _describe(prompt):
-    if isinstance(prompt, Tensor):
-        return {"token_ids": prompt.tolist()}
-    if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], str):
-        return {"token_ids": [list(r) if not isinstance(r, int) else r for r in prompt]}
-    return prompt
-
-
 def _check_model(model) -> None:
     if model.family != "x4" or model.unet is None or model.vae is None:
         raise ValueError(f"upscale_x4 needs a stable-diffusion-x4-upscaler checkpoint (UNet + VAE), "
@@ -338,7 +284,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     _check_model(model)
     spec = parse_sampler(sampler)
     eta = resolve_eta(spec, eta)
-    steps = _int("steps", steps)
+    steps = check_int("steps", steps)
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if color_fix_mode not in COLOR_FIX_MODES:
@@ -380,11 +326,11 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
 
     device = next(model.unet.parameters()).device
     x_aug = noise_augment(padded, levels, aug_noise.float().cpu(), model.schedule).to(device)
-    cond = dict(context=_conditioning(model, prompt, prompt_embeds, batch, "prompt").to(device),
+    cond = dict(context=prompt_context(model, prompt, prompt_embeds, batch, "prompt").to(device),
                 concat=x_aug, y=levels.to(device))
     uncond = None
     if guidance != 1:
-        neg = _conditioning(model, negative_prompt, negative_embeds, batch, "negative_prompt")
+        neg = prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt")
         uncond = dict(context=neg.to(device))
     latents, grid = run_sampler(spec, CFG(x4_network(model.unet), float(guidance)), model.schedule, model.prediction,
                                 x_T.float().to(device), steps, eta=eta, extra_args=dict(cond=cond, uncond=uncond),
@@ -408,17 +354,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
         params["noise_levels"] = lv
     if ph or pw:
         params["padding"] = {"mode": pad_mode, "bottom": ph, "right": pw}
-    for key, value, embeds in (("prompt", prompt, prompt_embeds), ("negative_prompt", negative_prompt, negative_embeds)):
-        if embeds is not None:
-            params[key] = "<embeddings>"
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value) and len(value) == batch:
-            params[key + "s"] = list(value)
-        else:
-            params[key] = _describe(value)
-    if guidance == 1:
-        params.pop("negative_prompt", None)
-        params.pop("negative_prompts", None)
-    if seeds is not None:
-        params["seeds"] = seeds
+    record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
+                   negative_prompt=(negative_prompt, negative_embeds))
     params.update(grid)
     return Result(images=images, latents=latents.float().cpu(), parameters=params)
