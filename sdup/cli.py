@@ -31,7 +31,8 @@ def cmd_inspect(args) -> int:
     if error:
         print(f"problem:   {error}")
         return 1
-    print(f"prediction: {model.prediction}   latent scale: {model.scale_factor}")
+    if model.prediction:
+        print(f"prediction: {model.prediction}   latent scale: {model.scale_factor}")
     rep = model.report
     for comp, module in model.components().items():
         n_params = sum(p.numel() for p in module.parameters())
