@@ -1,0 +1,453 @@
+"""sd-x2-latent-upscaler: text-guided 2x upscaling of Stable Diffusion latents (SPEC §4.5, §7.9, §7.11, §7.12).
+
+    model = sdup.load("sd-x2-latent-upscaler/")          # diffusers folder (unet/, text_encoder/, vae/)
+    sd = sdup.load("sd-v1-4.ckpt")
+    low = txt2img(sd, "a castle on a hill", seed=1).latents            # (B, 4, 64, 64), already * 0.18215
+    out = upscale_latents_x2(model, low, "a castle on a hill", steps=20, seed=1)
+    out.images      # (B, 3, 1024, 1024) in [0, 1]  (None with decode=False)
+    out.latents     # (B, 4, 128, 128) scaled latents (SD's latent space, 0.18215)
+    out.parameters  # everything needed to reproduce the run
+
+    out = upscale_latents_x2(model, image=img, prompt="...", vae=sd)   # from an image (B, 3, H, W) in [0, 1]
+
+The latent contract
+    The model only understands SD 1.x / 2.x latents: 4 channels from the f=8 SD VAE, multiplied by 0.18215
+    (what ``txt2img(...).latents`` and ``scripts/txt2img.py --latents-out`` give).  Anything with another channel
+    count raises a ValueError (a 3-channel tensor is an image: pass it as ``image=``).  SDXL latents also have 4
+    channels but a different latent space (scale 0.13025, another VAE): they pass the shape check and give blurry
+    results (huggingface/diffusers#5410) -- decode them with the SDXL VAE and pass the image instead.
+    The UNet halves the 2h x 2w output latent ``levels - 1`` times, so h and w must be multiples of
+    2**(levels - 2) (4 for the real model: images of multiples of 32 pixels).
+
+What it computes (diffusers ``StableDiffusionLatentUpscalePipeline``; the original k-diffusion notebook where noted):
+
+1. Text: CLIP ViT-L/14 ``hidden_states[-1]`` = the last layer BEFORE the final LayerNorm (TextOutput.hidden_pre_ln)
+   as the cross-attention tokens, and the pooled (final-LN'd EOS) vector; negative prompt "" by default.
+   diffusers passes no padding mask (the default here); ``mask_padding=True`` reproduces the original, which adds
+   -10000 to the logits of the padding tokens after the first EOS.
+2. Image path: L = VAE.encode(2 image - 1).sample() * 0.18215 (``sample_posterior=False``: the mean).
+3. Low-res conditioning (original wrapper ``NoiseLevelAndTextConditionedUpscaler``): noise level s (default 0,
+   diffusers hard-codes 0): ``noise_aug="gaussian"``: L <- L + s N(0, I); ``"fake"``: L <- L sqrt(s^2 + 1);
+   unet_cond = nearest_up2(L) / sqrt(s^2 + 1); mapping_cond = [FourierFeatures(log1p(s)) (128), pooled (768)].
+   For s = 0 the features are [1]*64 ++ [0]*64 whatever the weights; s > 0 needs ``low_res_noise_embed``, which only
+   the original k-diffusion checkpoint ships (a diffusers folder raises a ValueError).
+4. Karras preconditioning (sigma_data = 1): D(x, sigma) = x / (sigma^2 + 1) + sigma / sqrt(sigma^2 + 1) *
+   F(x / sqrt(sigma^2 + 1), ln(sigma) / 4, unet_cond, mapping_cond, text)[:, :4]  (channel 5 = log-variance, dropped);
+   classifier-free guidance on D with ONE batched call on [uncond, cond] (only the text / pooled differ).
+5. Sampler over a sigma grid, starting from x_T * sigmas[0]:
+   ``schedule="diffusers"`` (default): EulerDiscreteScheduler's grid (timesteps linspace(999, 0, steps), sigmas
+   interpolated linearly over the float32 training sigmas of the scaled_linear 0.00085..0.012 schedule, final 0);
+   ``"original"``: the notebook's exp(linspace(ln 14.614642, ln 0.0291675, steps + 1)) (no final 0: the result is
+   the state at sigma_min); ``"karras"``: Karras rho=7 over the same range plus 0; or an explicit ``sigmas`` tensor.
+   Samplers: euler (diffusers), euler_a, lms, dpmpp_2m (the k-diffusion functions; all run on the same D).
+6. images = clamp((VAE.decode(latents / 0.18215) + 1) / 2, 0, 1), the VAE in fp32, one sample at a time.
+
+Random numbers: one generator per sample (``seed + i``), each drawing, in this order, the VAE posterior noise
+(image path), x_T (B, 4, 2h, 2w), the gaussian augmentation noise (s > 0) and the per-step noise (euler_a) --
+the order of diffusers, so ``seed=s`` equals diffusers with ``generator=[Generator().manual_seed(s + i) ...]``.
+
+Defaults: diffusers (sdup's defaults) steps 75, guidance 9.0, Euler, noise level 0, no padding mask.  The original
+Colab notebook: steps 50, guidance 1 (no CFG), sampler dpm_adaptive (k-diffusion; not in sdup, euler_a / euler
+offered there too), the exponential sigma grid above, noise level 0, padding mask on (``ORIGINAL_DEFAULTS``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .. import __version__
+from ..diffusion.denoisers import CFG, KarrasDenoiser
+from ..diffusion.samplers import randn
+from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
+from .common import (Result, check_int, make_generators, parse_sampler, record_prompts, resolve_eta, sample_seeds,
+                     token_ids)
+
+Tensor = torch.Tensor
+SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
+SCHEDULES = ("diffusers", "original", "karras")
+NOISE_AUG = ("gaussian", "fake")
+SIGMA_SAMPLERS = ("euler", "euler_a", "lms", "dpmpp_2m")
+DEFAULTS = dict(steps=75, guidance=9.0, sampler="euler", schedule="diffusers", noise_level=0.0, mask_padding=False)
+ORIGINAL_DEFAULTS = dict(steps=50, guidance=1.0, sampler="dpm_adaptive (not in sdup: use euler / euler_a)",
+                         schedule="original", noise_level=0.0, mask_padding=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def check_x2_model(model) -> None:
+    unet, family = getattr(model, "unet", None), getattr(model, "family", None)
+    if family != "x2" or unet is None or not hasattr(unet, "low_res_conditioning"):
+        hint = " (the x4 upscaler has its own pipeline: upscale_x4)" if family == "x4" else ""
+        raise ValueError(f"upscale_latents_x2 needs an sd-x2-latent-upscaler model (K-UNet), got a "
+                         f"{family or type(model).__name__} model{hint}")
+
+
+def latent_multiple(unet) -> int:
+    """Low-res latent sizes must be multiples of this: the 2x output is halved ``levels - 1`` times."""
+    return max(1, 2 ** (len(unet.cfg.channels) - 1) // 2)
+
+
+def check_latents(unet, latents) -> Tensor:
+    """The latent contract (see the module docstring): (B, 4, h, w) float SD latents, h and w multiples of
+    ``latent_multiple``. Returns the latents as a float32 tensor."""
+    c = unet.cfg.unet_cond_channels
+    if not isinstance(latents, Tensor) or not latents.is_floating_point():
+        raise ValueError(f"latents must be a float tensor (B, {c}, h, w), got "
+                         f"{type(latents).__name__ if not isinstance(latents, Tensor) else latents.dtype}")
+    x = latents[None] if latents.ndim == 3 else latents
+    if x.ndim != 4:
+        raise ValueError(f"latents must be (B, {c}, h, w), got shape {tuple(latents.shape)}")
+    if x.shape[1] != c:
+        hint = (" -- a 3-channel tensor is an image: pass it as image= (with an SD VAE) instead of latents"
+                if x.shape[1] == 3 else "")
+        raise ValueError(f"the x2 latent upscaler works on SD 1.x / 2.x latents: {c} channels from the f=8 SD VAE, "
+                         f"scaled by 0.18215 (e.g. txt2img(...).latents); got {x.shape[1]} channels "
+                         f"(shape {tuple(latents.shape)}){hint}")
+    m = latent_multiple(unet)
+    if x.shape[-2] % m or x.shape[-1] % m:
+        raise ValueError(f"low-res latent size must be a multiple of {m} (the K-UNet halves the 2x latent "
+                         f"{len(unet.cfg.channels) - 1} times), got {x.shape[-2]}x{x.shape[-1]}")
+    if not torch.isfinite(x).all():
+        raise ValueError("latents contain NaN or inf")
+    return x.float()
+
+
+def _vae_module(vae):
+    """A LoadedModel (its .vae) or an sdup AutoencoderKL -> the module (None stays None)."""
+    if vae is None:
+        return None
+    module = getattr(vae, "vae", vae) if not hasattr(vae, "decoder") else vae
+    if module is None or not hasattr(module, "encode") or not hasattr(module, "decode"):
+        raise ValueError("vae must be an sdup AutoencoderKL or a LoadedModel with a VAE (e.g. sdup.load of an SD "
+                         "1.x / 2.x checkpoint or VAE)")
+    cfg = getattr(module, "cfg", None)
+    if cfg is not None and getattr(cfg, "embed_dim", 4) != 4:
+        raise ValueError(f"the x2 upscaler needs the 4-channel SD VAE, this VAE has {cfg.embed_dim} latent channels")
+    return module
+
+
+@torch.no_grad()
+def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=None, sample: bool = True) -> Tensor:
+    """Image (B, 3, H, W) in [0, 1] -> scaled SD latents (B, 4, H/f, W/f): posterior sample (noise drawn from
+    ``generators``, one per sample, as diffusers' ``latent_dist.sample(generator)``) or its mean."""
+    vae = _vae_module(vae)
+    p = next(vae.parameters())
+    f = vae.cfg.downscale if getattr(vae, "cfg", None) is not None else 8
+    if image.shape[-2] % f or image.shape[-1] % f:
+        raise ValueError(f"image size must be a multiple of {f} (the VAE's downsampling), got "
+                         f"{image.shape[-2]}x{image.shape[-1]}")
+    out = []
+    for i, x in enumerate(image.float().split(1)):
+        post = vae.encode((2 * x - 1).to(p.device, p.dtype))
+        if sample:
+            g = generators[i] if isinstance(generators, (list, tuple)) else generators
+            z = post.mean.float() + post.std.float() * randn(post.mean.shape, g, device=post.mean.device)
+        else:
+            z = post.mean.float()
+        out.append(z * scale_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: Tensor, scale_factor: float = 0.18215) -> Tensor:
+    """Scaled latents -> images in [0, 1] (VAE in fp32, one sample at a time), on the CPU."""
+    vae = _vae_module(vae)
+    p = next(vae.parameters())
+    out = []
+    for z in latents.float().split(1):
+        x = vae.decode((z / scale_factor).to(p.device, p.dtype)).float()
+        out.append(((x + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def padding_mask(model, ids: Tensor) -> Tensor:
+    """(B, L) 1.0 for real tokens (start, text and the first end-of-text token), 0.0 for the padding after it --
+    the tokenizer's ``attention_mask`` that the original model receives."""
+    eos = model.text_encoder.cfg.eos_token_id
+    is_eos = ids == eos
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+    return (torch.arange(ids.shape[1])[None, :] <= first[:, None]).float()
+
+
+@torch.no_grad()
+def encode_x2_prompts(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompts (text or token ids, see ``common.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
+    pooled (B, D), padding mask (B, 77)). Identical prompts are encoded once."""
+    if model.text_encoder is None:
+        raise ValueError("this x2 model has no text encoder: pass prompt_embeds and pooled_prompt_embeds")
+    ids = token_ids(model, prompts)
+    uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    device = next(model.text_encoder.parameters()).device
+    out = model.text_encoder(uniq.to(device))
+    return (out.hidden_pre_ln[inverse.to(device)].float(), out.pooled[inverse.to(device)].float(),
+            padding_mask(model, ids).to(device))
+
+
+def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_padding: bool):
+    """(context (B, 77, D), pooled (B, D), mask (B, 77) or None) from text / ids or from embeddings."""
+    if embeds is not None:
+        if pooled is None:
+            raise ValueError(f"{what}_embeds needs the matching pooled vector ({what.replace('prompt', 'pooled')}"
+                             f"{'' if what == 'negative_prompt' else '_prompt'}_embeds): the x2 UNet is "
+                             "conditioned on both")
+        if not isinstance(embeds, Tensor) or embeds.ndim not in (2, 3) or not embeds.is_floating_point():
+            raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
+        ctx = embeds[None] if embeds.ndim == 2 else embeds
+        pooled = pooled[None] if pooled.ndim == 1 else pooled
+        if mask_padding and mask is None:
+            raise ValueError(f"mask_padding=True with {what}_embeds needs the padding mask too ({what}_mask (B, 77), "
+                             "1 = real token): it cannot be recovered from embeddings")
+        if mask is not None:
+            mask = (mask[None] if mask.ndim == 1 else mask).float()
+    else:
+        rows = [prompt] if isinstance(prompt, str) else prompt
+        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
+            rows = list(rows) * batch
+        if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
+                and batch > 1:
+            rows = rows.reshape(1, -1).expand(batch, -1)
+        ctx, pooled, mask = encode_x2_prompts(model, rows)
+    out = []
+    for name, t in (("embeddings", ctx), ("pooled", pooled), ("mask", mask)):
+        if t is not None:
+            if t.shape[0] == 1 and batch > 1:
+                t = t.expand(batch, *t.shape[1:])
+            if t.shape[0] != batch:
+                raise ValueError(f"{what}: {name} have {t.shape[0]} rows for a batch of {batch}")
+        out.append(t)
+    ctx, pooled, mask = out
+    cfg = model.unet.cfg
+    if ctx.shape[-1] != cfg.cross_cond_dim or pooled.shape[-1] != cfg.mapping_cond_dim - cfg.noise_aug_dim:
+        raise ValueError(f"{what}: text width {ctx.shape[-1]} / pooled {pooled.shape[-1]}, the K-UNet expects "
+                         f"{cfg.cross_cond_dim} / {cfg.mapping_cond_dim - cfg.noise_aug_dim}")
+    return ctx.float(), pooled.float(), (mask if mask_padding else None)
+
+
+def x2_network(unet) -> Callable:
+    """The network body F for ``KarrasDenoiser``: ``net(x_in, c_noise, unet_cond, mapping_cond, context,
+    context_mask=None)`` -> the first ``input_channels`` output channels (log-variance dropped). The sampler state
+    stays fp32; the UNet runs in its own dtype / device."""
+    p = next(unet.parameters())
+    n = unet.cfg.input_channels
+
+    def net(x: Tensor, c_noise: Tensor, unet_cond: Tensor, mapping_cond: Tensor, context: Tensor,
+            context_mask: Tensor | None = None) -> Tensor:
+        h = torch.cat([x, unet_cond.to(x.dtype)], dim=1).to(p.device, p.dtype)
+        out = unet(h, c_noise.to(p.device, torch.float32), mapping_cond.to(p.device, p.dtype),
+                   context.to(p.device, p.dtype), None if context_mask is None else context_mask.to(p.device))
+        return out[:, :n].float()
+    return net
+
+
+def x2_denoiser(unet, guidance: float = 1.0) -> CFG:
+    """``CFG(KarrasDenoiser(x2_network(unet)), guidance)``: D(x, sigma, cond=..., uncond=...)."""
+    return CFG(KarrasDenoiser(x2_network(unet), sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN,
+                              sigma_max=SIGMA_MAX), float(guidance))
+
+
+def x2_sigmas(steps: int, schedule: str = "diffusers", model=None) -> Tensor:
+    """The sigma grid (visiting order, float32): see the module docstring, step 5."""
+    steps = check_int("steps", steps)
+    if schedule == "diffusers":
+        s = getattr(model, "schedule", None) or {}
+        ac = diffusers_alphas_cumprod(float(s.get("linear_start", 0.00085)), float(s.get("linear_end", 0.012)),
+                                      int(s.get("timesteps", 1000)), "scaled_linear")
+        return discrete_sigmas(ac, steps, "linspace", 0)[0]
+    if schedule in ("original", "kdiffusion", "exponential"):
+        return exponential_sigmas(steps + 1, SIGMA_MIN, SIGMA_MAX)[:-1]
+    if schedule == "karras":
+        return karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX)
+    raise ValueError(f"unknown sigma schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+
+
+def _batch_of(latents, image) -> int:
+    t = latents if latents is not None else image
+    return 1 if t.ndim == 3 else t.shape[0]
+
+
+def read_latents(path) -> tuple[Tensor, dict]:
+    """A latents file of ``scripts/txt2img.py --latents-out`` (safetensors, tensor ``latents`` (B, 4, h, w), string
+    metadata incl. ``scale_factor`` and the JSON ``parameters``) -> (latents float32, metadata with ``parameters``
+    decoded). A file whose ``scale_factor`` is not SD's 0.18215 (e.g. SDXL's 0.13025) is refused: the x2 model
+    only knows the SD 1.x / 2.x latent space."""
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if "latents" not in f.keys():
+            raise ValueError(f"{path}: no 'latents' tensor (expected a file from scripts/txt2img.py --latents-out)")
+        latents = f.get_tensor("latents").float()
+    if "scale_factor" in meta and abs(float(meta["scale_factor"]) - 0.18215) > 1e-6:
+        raise ValueError(f"{path}: latents scaled by {meta['scale_factor']}, the x2 latent upscaler needs SD 1.x / 2.x "
+                         "latents scaled by 0.18215 (SDXL latents: decode them and pass the image instead)")
+    if "parameters" in meta:
+        try:
+            meta["parameters"] = json.loads(meta["parameters"])
+        except ValueError:
+            pass
+    return latents, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@torch.no_grad()
+def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str] | Tensor | None = "",
+                       negative_prompt: str | Sequence[str] | Tensor = "", *, image: Tensor | None = None, vae=None,
+                       prompt_embeds: Tensor | None = None, pooled_prompt_embeds: Tensor | None = None,
+                       negative_embeds: Tensor | None = None, negative_pooled_embeds: Tensor | None = None,
+                       prompt_mask: Tensor | None = None, negative_mask: Tensor | None = None,
+                       steps: int = 75, sampler: str = "euler", schedule: str = "diffusers",
+                       sigmas: Tensor | None = None, guidance: float = 9.0, eta: float | None = None,
+                       seed: int | Sequence[int] | None = 42,
+                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                       x_T: Tensor | None = None, noise_level: float = 0.0, noise_aug: str = "gaussian",
+                       mask_padding: bool = False, sample_posterior: bool = True,
+                       callback: Callable[[dict], None] | None = None, progress: bool = True,
+                       decode: bool = True) -> Result:
+    """Upscale SD latents (or an image through the SD VAE) 2x with an sd-x2-latent-upscaler ``LoadedModel``.
+
+    latents: (B, 4, h, w) scaled SD 1.x / 2.x latents (the latent contract, module docstring); or
+    image: (B, 3, H, W) in [0, 1], encoded with ``vae`` (or the model's own vae/). Exactly one of the two.
+    vae: an SD VAE (LoadedModel or sdup AutoencoderKL) for encoding / decoding; default the model's vae/.
+    prompt / negative_prompt: text or token ids (as txt2img); the prompt should describe the image ("" works).
+    prompt_embeds + pooled_prompt_embeds (+ negative_embeds + negative_pooled_embeds): precomputed text features
+        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text. ``prompt_mask`` /
+        ``negative_mask`` (B, 77) go with them when ``mask_padding``.
+    steps, sampler (euler | euler_a | lms | dpmpp_2m), schedule (diffusers | original | karras) or sigmas (an
+        explicit grid, visiting order, final 0 or not): see the module docstring.
+    guidance: CFG scale on D; 1 or less (like diffusers) runs the conditional half only; 0 also replaces a text
+        prompt by "" (diffusers).
+    eta: Euler-ancestral noise scale (default 1).
+    seed / generator: one generator per sample (seed + i); x_T: (B, 4, 2h, 2w) unit-variance start noise.
+    noise_level: the original's low-res noise augmentation s (needs the k-diffusion checkpoint for s > 0);
+        noise_aug: "gaussian" (L + s N) or "fake" (L sqrt(s^2 + 1)).
+    mask_padding: mask the text padding tokens as the original model did (diffusers does not).
+    sample_posterior: image path: VAE posterior sample (diffusers / original) or its mean.
+    callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
+    """
+    check_x2_model(model)
+    unet = model.unet
+    spec = parse_sampler(sampler)
+    if spec.discrete:
+        raise ValueError(f"the x2 latent upscaler is a Karras-preconditioned denoiser: use a sigma sampler "
+                         f"({', '.join(SIGMA_SAMPLERS)}), not {spec.name}")
+    eta = resolve_eta(spec, eta)
+    steps = check_int("steps", steps)
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    if not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool) or not noise_level >= 0 \
+            or not math.isfinite(noise_level):
+        raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
+    if noise_aug not in NOISE_AUG:
+        raise ValueError(f"noise_aug must be one of {NOISE_AUG}, got {noise_aug!r}")
+    if noise_level > 0 and unet.noise_aug_features is None:
+        raise ValueError("noise_level > 0 (the original's low-res noise augmentation) needs the low_res_noise_embed "
+                         "weights, which only the original k-diffusion checkpoint (model_ema) contains; the diffusers "
+                         "folder hard-codes noise level 0")
+    if (latents is None) == (image is None):
+        raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
+    if prompt_embeds is not None:
+        prompt = None
+    elif guidance == 0:  # diffusers: guidance_scale == 0 replaces the prompt by ""
+        prompt = ""
+    elif prompt is None:
+        raise ValueError("give a prompt (text or token ids; \"\" is fine) or prompt_embeds + pooled_prompt_embeds")
+    vae_module = _vae_module(vae) if vae is not None else getattr(model, "vae", None)
+    if (decode or image is not None) and vae_module is None:
+        raise ValueError("no VAE: this x2 model has no vae/ folder; pass vae= an SD 1.x / 2.x VAE (e.g. "
+                         "sdup.load('sd-v1-4.ckpt')) or use latents with decode=False")
+    if image is not None:
+        if not isinstance(image, Tensor) or not image.is_floating_point() or image.ndim not in (3, 4) \
+                or image.shape[-3] != 3:
+            raise ValueError(f"image must be a float tensor (B, 3, H, W) in [0, 1], got "
+                             f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}"
+                             + (" -- 4-channel tensors are latents: pass them as latents="
+                                if isinstance(image, Tensor) and image.ndim in (3, 4) and image.shape[-3] == 4 else ""))
+        image = image[None] if image.ndim == 3 else image
+    batch = _batch_of(latents, image)
+    scale_factor = float(getattr(model, "scale_factor", 0.18215))
+
+    if generator is None:
+        seeds = sample_seeds(seed, batch)
+        generators = make_generators(seeds)
+    else:
+        seeds = None
+        generators = list(generator) if isinstance(generator, (list, tuple)) else generator
+        if isinstance(generators, list) and len(generators) != batch:
+            raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    p = next(unet.parameters())
+
+    # text (before any random draw: errors come first)
+    cond_ctx, cond_pooled, cond_mask = _text(model, prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch,
+                                             "prompt", mask_padding)
+    use_cfg = guidance > 1.0  # diffusers: do_classifier_free_guidance = guidance_scale > 1
+    if use_cfg:
+        unc_ctx, unc_pooled, unc_mask = _text(model, None if negative_embeds is not None else negative_prompt,
+                                              negative_embeds, negative_pooled_embeds, negative_mask, batch,
+                                              "negative_prompt", mask_padding)
+
+    # low-res latent
+    if image is not None:
+        low = encode_image(vae_module, image, scale_factor, generators, sample_posterior)
+        low = check_latents(unet, low)
+    else:
+        low = check_latents(unet, latents)
+    low = low.to(p.device)
+    shape = (batch, unet.cfg.input_channels, 2 * low.shape[-2], 2 * low.shape[-1])
+    if x_T is None:
+        x_T = randn(shape, generators)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    x_T = x_T.float().to(p.device)
+
+    s = torch.full((batch,), float(noise_level), device=p.device)
+    if noise_level > 0:
+        low = low + noise_level * randn(low.shape, generators, device=p.device) if noise_aug == "gaussian" \
+            else low * math.sqrt(noise_level ** 2 + 1)
+    unet_cond, mapping_cond = unet.low_res_conditioning(low, s, cond_pooled.to(p.device))
+    cond = dict(unet_cond=unet_cond.float(), mapping_cond=mapping_cond.float(), context=cond_ctx)
+    if cond_mask is not None:
+        cond["context_mask"] = cond_mask
+    uncond = None
+    if use_cfg:
+        uncond = dict(mapping_cond=unet.low_res_conditioning(low, s, unc_pooled.to(p.device))[1].float(),
+                      context=unc_ctx)
+        if unc_mask is not None:
+            uncond["context_mask"] = unc_mask
+
+    if sigmas is None:
+        sigmas = x2_sigmas(steps, schedule, model)
+    else:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
+        if len(sigmas) < 2 or not bool((sigmas[:-1] > 0).all()) or not bool((sigmas[1:] <= sigmas[:-1]).all()):
+            raise ValueError("sigmas must be a descending grid of >= 2 values, all > 0 but the last")
+        schedule = "custom"
+    den = x2_denoiser(unet, guidance if use_cfg else 1.0)
+    kw = dict(extra_args=dict(cond=cond, uncond=uncond), generator=generators, callback=callback,
+              disable=not progress)
+    if spec.name == "euler_a":
+        kw["eta"] = eta
+    out = spec.fn(den, x_T * sigmas[0], sigmas.to(p.device), **kw).float()
+
+    images = decode_latents(vae_module, out, scale_factor) if decode else None
+    params = {
+        "pipeline": "x2_latent", "sdup_version": __version__, "model": str(model.source), "family": model.family,
+        "sampler": spec.name, "steps": len(sigmas) - 1, "schedule": schedule, "guidance": float(guidance),
+        "eta": eta, "noise_level": float(noise_level), "noise_aug": noise_aug if noise_level > 0 else None,
+        "mask_padding": bool(mask_padding), "input": "image" if image is not None else "latents",
+        "sample_posterior": bool(sample_posterior) if image is not None else None,
+        "low_res_size": list(low.shape[-2:]), "latent_size": list(shape[-2:]), "batch_size": batch,
+        "scale_factor": scale_factor, "dtype": str(p.dtype).replace("torch.", ""),
+        "sigmas": [round(float(v), 6) for v in sigmas],
+    }
+    if images is not None:
+        params.update(height=images.shape[-2], width=images.shape[-1])
+    record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
+                   negative_prompt=(negative_prompt, negative_embeds))
+    return Result(images=images, latents=out.cpu(), parameters=params)
