@@ -1,4 +1,4 @@
-"""``python -m sdup`` — command-line entry points (inspect, convert).
+"""``python -m sdup`` — command-line entry points (inspect, convert, upscale).
 
 User mistakes (missing files, unsupported or corrupt checkpoints, bad options) end in one clear
 line on stderr and exit code 2, never a traceback.
@@ -12,6 +12,7 @@ from pathlib import Path
 from .checkpoints.detect import FAMILY_NAMES
 from .checkpoints.io import CheckpointError
 from .checkpoints.keymap import KeyMismatch
+from .upscale_cli import UPSCALE_DOC, add_upscale_arguments, cmd_upscale, upscale_main  # noqa: E402
 
 
 def fail(msg: str, code: int = 2):
@@ -87,10 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", help="diffusers weight variant to read, e.g. fp16")
     c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     c.set_defaults(fn=cmd_convert)
+    u = sub.add_parser("upscale", help="upscale images, folders or globs (same as scripts/upscale.py)",
+                       description=UPSCALE_DOC.splitlines()[0], epilog="\n".join(UPSCALE_DOC.splitlines()[1:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_upscale_arguments(u)
+    u.set_defaults(fn=cmd_upscale)
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["upscale"]:  # the same one-line argument errors as scripts/upscale.py
+        return upscale_main(argv[1:], prog="python -m sdup upscale")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -1,0 +1,535 @@
+"""Upscale images with the Stable Diffusion upscalers (``scripts/upscale.py`` = ``python -m sdup upscale``).
+
+    python scripts/upscale.py photos/ -o upscaled/ --weights weights/x4-upscaler-ema.safetensors
+    python scripts/upscale.py "scans/*.png" -o out/ --weights weights/x4-upscaler-ema.safetensors \\
+        --prompt "a sharp photograph" --steps 50 --noise-level 20 --color-fix wavelet
+    python scripts/upscale.py big.png --model x4 --dry-run       # tile plan + memory estimate, no weights needed
+
+Inputs: image files, folders (png/jpg/jpeg/webp/tif/tiff/bmp, not recursive) and globs. Outputs: -o NAME.ext for
+one input, else a folder (default outputs/upscale) with <stem>_x<scale>.<ext>; --format png|jpg|webp|tiff
+(default: the input's format; PNG for BMP). 16-bit PNG/TIFF inputs give 16-bit outputs, alpha is upscaled
+separately (bicubic) and re-attached, EXIF orientation is applied. The parameters are stored in the output
+(PNG text chunk "parameters"; TIFF/JPEG/WebP ImageDescription). Every output is written to a temporary name and
+renamed: an interrupted run leaves no partial file. Existing outputs are replaced unless --skip-existing.
+One image at a time (host memory stays bounded). Mistakes end in one line "error: ..." and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+UPSCALE_DOC = __doc__
+MODELS = ("auto", "x4", "x2", "stablesr")
+SCALES = {"x4": 4, "x2": 2, "stablesr": 4}
+IMPLEMENTED = ("x4",)
+CONFIGS = {"x4": "x4-upscaling.yaml"}  # official YAMLs in configs/ for the weight-less --dry-run
+EXPECTED_FILES = {
+    "x4": "x4-upscaler-ema.safetensors or x4-upscaler-ema.ckpt (stabilityai/stable-diffusion-x4-upscaler), "
+          "or that repo's diffusers folder",
+    "x2": "the stabilityai/sd-x2-latent-upscaler diffusers folder, or "
+          "laion_text_cond_latent_upscaler_2_1_00470000_slim.pth",
+    "stablesr": "stablesr_000117.ckpt (or stablesr_768v_000139.ckpt) + vqgan_cfw_00011.ckpt (Iceclear/StableSR)",
+}
+DEFAULT_OUTPUT = "outputs/upscale"
+# tiling defaults (latent pixels; x4: latent = low-res image pixels). Above these sizes tiling switches on.
+DEFAULT_TILE, DEFAULT_TILE_OVERLAP, DEFAULT_VAE_TILE, DEFAULT_VAE_OVERLAP = 128, 32, 128, 8
+MIN_SIDE = 8
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse would also print the usage)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .pipelines.common import SAMPLER_NAMES
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs (quote globs)")
+    p.add_argument("-o", "--output", default=None,
+                   help=f"output file (one input: NAME.png/.jpg/.webp/.tif) or folder (default {DEFAULT_OUTPUT})")
+    p.add_argument("--format", choices=["png", "jpg", "webp", "tiff"], default=None,
+                   help="output format (default: same as the input; PNG for formats that cannot be written)")
+    p.add_argument("--model", choices=MODELS, default="auto", help="which upscaler (default: from the checkpoint)")
+    p.add_argument("--weights", help="checkpoint file or diffusers folder (see weights/README.md)")
+    p.add_argument("--config", help="upstream YAML for non-standard checkpoints (official ones: configs/)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", default="", help='text describing the image (default "")')
+    text.add_argument("--prompt-ids", metavar="IDS",
+                      help="the prompt as comma-separated token ids, start/end tokens included (encoders without a "
+                           "BPE tokenizer, e.g. the tiny test fixtures)")
+    neg = p.add_mutually_exclusive_group()
+    neg.add_argument("--negative-prompt", default="", help='unconditional text for guidance (default "")')
+    neg.add_argument("--negative-prompt-ids", metavar="IDS", help="the negative prompt as token ids")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (x4 default 75)")
+    p.add_argument("--sampler", default="ddim", type=str.lower, choices=SAMPLER_NAMES, help="default ddim (the reference)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (x4 default 9; 1 = off)")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="x4: low-res noise augmentation 0..350 (default 20; more = more invented detail)")
+    p.add_argument("--seed", type=int, default=42, help="seed (each image uses this seed; default 42)")
+    p.add_argument("--tile", type=int, default=None,
+                   help=f"latent tile size for tiled diffusion (default: on above {DEFAULT_TILE}; 0 = off)")
+    p.add_argument("--tile-overlap", type=int, default=None, help=f"latent tile overlap (default {DEFAULT_TILE_OVERLAP})")
+    p.add_argument("--vae-tile", type=int, default=None,
+                   help=f"latent tile size of the tiled VAE decode (default: on above {DEFAULT_VAE_TILE}; 0 = off)")
+    p.add_argument("--color-fix", choices=["none", "adain", "wavelet"], default="none",
+                   help="match the output's colours to the input (default none)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="UNet / text-encoder precision (the VAE always runs in fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="wrap the UNet in torch.compile")
+    p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output file already exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print output sizes, the tile plan and a peak-memory estimate; needs no weights, writes nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description=UPSCALE_DOC.splitlines()[0], epilog="\n".join(UPSCALE_DOC.splitlines()[1:]),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_upscale_arguments(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+
+
+def parse_ids(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        ids = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        fail(f"{what}: expected comma-separated integers, got {text!r}")
+    if not ids:
+        fail(f"{what}: no token ids given")
+    return ids
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before touching the weights."""
+    if args.steps is not None and args.steps < 1:
+        fail(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        fail(f"--guidance must be a finite number, got {args.guidance}")
+    for name in ("tile", "vae_tile"):
+        v = getattr(args, name)
+        if v is not None and v != 0 and v < MIN_SIDE:
+            fail(f"--{name.replace('_', '-')} must be 0 (off) or >= {MIN_SIDE}, got {v}")
+    if args.tile_overlap is not None:
+        tile = args.tile or DEFAULT_TILE
+        if args.tile_overlap < 0 or args.tile_overlap >= tile:
+            fail(f"--tile-overlap must be in 0..{tile - 1} (less than the tile), got {args.tile_overlap}")
+    if not 0 <= args.seed < 2 ** 63:
+        fail(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.config and not Path(args.config).is_file():
+        fail(f"{args.config}: no such config file")
+
+
+def missing_weights(model: str, given: str | None) -> str:
+    which = model if model != "auto" else "x4"
+    where = f"{given}: no such file or folder" if given else "no weights given (--weights)"
+    return (f"{where}; the {which} upscaler needs {EXPECTED_FILES[which]} -- download it as described in "
+            f"weights/README.md and pass --weights PATH")
+
+
+def detect_family(args) -> str:
+    """The checkpoint's family (header only), checked against --model."""
+    from .checkpoints.detect import FAMILY_NAMES
+    from .checkpoints.loader import inspect
+    det, _, error = inspect(Path(args.weights), config=args.config)
+    family = det.family
+    if family == "unknown":
+        fail(f"{args.weights}: not a supported checkpoint ({error or 'unknown layout'})")
+    if args.model != "auto" and args.model != family:
+        fail(f"--model {args.model} does not match the checkpoint: {args.weights} is a {family} checkpoint "
+             f"({FAMILY_NAMES.get(family, family)})")
+    if family not in SCALES:
+        fail(f"{args.weights} is a {family} checkpoint ({FAMILY_NAMES.get(family, family)}), not an upscaler "
+             f"(x4, x2 or stablesr)")
+    return family
+
+
+def not_implemented(family: str):
+    fail(f"the {family} upscaler pipeline is not implemented yet (only x4 is); use --model x4 with the "
+         f"stable-diffusion-x4-upscaler weights")
+
+
+def repo_configs() -> Path:
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def meta_model_from_config(family: str, config: str | None):
+    """A LoadedModel on the meta device from an upstream YAML (``--config`` or the official one in configs/)."""
+    import torch
+    from .checkpoints.loader import FAMILY_DEFAULTS, LoadedModel, _ldm_constants, _yaml_params
+    from .models.unet import UNet, UNetConfig
+    from .models.vae import AutoencoderKL, VAEConfig
+    path = Path(config) if config else repo_configs() / CONFIGS[family]
+    if not path.is_file():
+        fail(f"{path}: the official {family} config is missing (pass --config)")
+    yaml = _yaml_params(path)
+    params = yaml.get("params", {})
+    out = LoadedModel(family=family, source=str(path))
+    out.prediction = params.get("parameterization", FAMILY_DEFAULTS[family]["prediction"])
+    _ldm_constants(out, params)
+    with torch.device("meta"):
+        out.unet = UNet(UNetConfig.from_ldm(params["unet_config"]["params"]))
+        out.vae = AutoencoderKL(VAEConfig.from_ldm(params["first_stage_config"]["params"]))
+        cond = (params.get("cond_stage_config") or {}).get("params", {}) or {}
+        from .models import text as T
+        tcfg = T.KNOWN_TEXT_CONFIGS.get(cond.get("version") or cond.get("arch") or "")
+        if tcfg is not None:
+            out.text_encoder = T.TextEncoder(tcfg)
+    out.configs = {"unet": out.unet.cfg, "vae": out.vae.cfg}
+    return out
+
+
+def min_side(model) -> int:
+    """Smallest input side accepted: the UNet's downsampling factor 2**(levels-1) (8 for the real x4 model), and
+    never below 8. The x4 latent has the input's size; the UNet halves it levels-1 times, so a smaller input would
+    be mostly replicate padding with a sub-pixel bottleneck (x4.py pads up to the multiple)."""
+    from .pipelines.x4 import unet_multiple
+    return max(MIN_SIDE, unet_multiple(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# tile plan and memory estimate (rough)
+
+
+def tiles_1d(n: int, tile: int, overlap: int) -> int:
+    """Tiles along one axis, with the grid of ``tiling.tile_grid`` (StableSR's canvas)."""
+    if tile <= 0 or n <= tile:
+        return 1
+    from .pipelines.tiling import tile_grid
+    return len(tile_grid(n, tile, overlap))
+
+
+def tile_settings(args, latent_hw: tuple[int, int]) -> dict:
+    """Effective tile sizes for a latent of ``latent_hw`` (None = untiled)."""
+    h, w = latent_hw
+    tile = args.tile if args.tile is not None else (DEFAULT_TILE if max(h, w) > DEFAULT_TILE else 0)
+    tile -= tile % MIN_SIDE  # a multiple of the UNet's factor (8 for the real x4 model)
+    vae = args.vae_tile if args.vae_tile is not None else (DEFAULT_VAE_TILE if max(h, w) > DEFAULT_VAE_TILE else 0)
+    overlap = args.tile_overlap if args.tile_overlap is not None else min(DEFAULT_TILE_OVERLAP, max(tile // 4, 0))
+    vae_overlap = min(DEFAULT_VAE_OVERLAP, max(vae // 4, 0))
+    return dict(tile=tile or None, overlap=overlap if tile else 0, vae_tile=vae or None, vae_overlap=vae_overlap,
+                latent_tiles=tiles_1d(h, tile, overlap) * tiles_1d(w, tile, overlap),
+                vae_tiles=tiles_1d(h, vae, vae_overlap) * tiles_1d(w, vae, vae_overlap))
+
+
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def estimate_peak_bytes(model, latent_hw, plan: dict, dtype: str, guidance: float) -> int:
+    """Rough peak memory of one image (weights + the larger of one UNet call and one VAE-tile decode):
+    UNet: batch (2 with guidance) x sum over levels of channels x tile pixels x 8 live tensors, plus the
+    attention scores of the self-attention levels (heads x N^2, as if materialised); VAE: the decoder's top
+    level (ch x ch_mult[0] channels at the output resolution) x 4 live fp32 tensors plus its mid-block
+    attention (N^2 scores) untiled, ``tiling.estimate_vae_bytes`` when tiled. Not a measurement: expect +-50 %."""
+    ucfg, vcfg = model.unet.cfg, model.vae.cfg
+    b = _bytes(dtype)
+    weights = sum(p.numel() for p in model.unet.parameters()) * b + sum(p.numel() for p in model.vae.parameters()) * 4
+    if model.text_encoder is not None:
+        weights += sum(p.numel() for p in model.text_encoder.parameters()) * b
+    h, w = latent_hw
+    th, tw = (min(h, plan["tile"]), min(w, plan["tile"])) if plan["tile"] else (h, w)
+    batch = 1 if guidance == 1 else 2
+    unet = 0
+    dis = list(ucfg.disable_self_attentions or [False] * len(ucfg.channel_mult))
+    for lvl, mult in enumerate(ucfg.channel_mult):
+        ds = 2 ** lvl
+        n = math.ceil(th / ds) * math.ceil(tw / ds)
+        unet += batch * ucfg.model_channels * mult * n * b * 8
+        if ds in tuple(ucfg.attention_resolutions) and not dis[lvl]:
+            heads = ucfg.heads_for(ucfg.model_channels * mult)[0]
+            unet += batch * heads * n * n * b
+    ds = 2 ** (len(ucfg.channel_mult) - 1)
+    n_mid = math.ceil(th / ds) * math.ceil(tw / ds)
+    if not ucfg.disable_middle_self_attn:
+        unet += batch * ucfg.heads_for(ucfg.model_channels * ucfg.channel_mult[-1])[0] * n_mid * n_mid * b
+    f = vcfg.downscale
+    if plan["vae_tile"]:  # tiling.tiled_decode: mid block on the whole map (chunked attention) + tiles
+        from .pipelines.tiling import DEFAULT_STORE_BYTES, estimate_vae_bytes
+        vae = estimate_vae_bytes(vcfg, (1, vcfg.embed_dim, h, w), tile=plan["vae_tile"], halo=16,
+                                 store_bytes=DEFAULT_STORE_BYTES)
+    else:  # plain decode: the mid-block attention materialises (h w)^2 scores
+        vae = vcfg.ch * vcfg.ch_mult[0] * (f * h) * (f * w) * 4 * 4 + (h * w) ** 2 * 4
+    images = (3 * h * w + 3 * f * h * f * w) * 4 * 3  # input, output, colour-fix copies (float32)
+    return int(weights + max(unet, vae) + images)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+def _device(name: str | None) -> str:
+    import torch
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
+    return device
+
+
+def _settings(args, model) -> dict:
+    from .pipelines import x4 as X4
+    s = dict(steps=args.steps or X4.DEFAULTS["steps"],
+             guidance=args.guidance if args.guidance is not None else X4.DEFAULTS["guidance"],
+             noise_level=args.noise_level if args.noise_level is not None else X4.DEFAULTS["noise_level"])
+    top = X4.max_noise_level(model)
+    if not 0 <= s["noise_level"] <= top:
+        fail(f"--noise-level must be in 0..{top} for the x4 upscaler, got {s['noise_level']}")
+    return s
+
+
+def run_x4(model, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
+    """One image through the x4 pipeline: ``x4.upscale_x4`` when untiled, ``tiled_upscale_x4`` when the plan tiles
+    the latent (``tiling.TiledModel``) or the VAE decode (``tiling.tiled_decode``)."""
+    from .pipelines.x4 import upscale_x4
+    kw = dict(noise_level=settings["noise_level"], steps=settings["steps"], sampler=args.sampler,
+              guidance=settings["guidance"], seed=args.seed, color_fix_mode=args.color_fix, progress=progress)
+    if plan["tile"] or plan["vae_tile"]:
+        return tiled_upscale_x4(model, img.rgb[None], prompt, negative, tile=plan["tile"],
+                                tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
+                                vae_overlap=plan["vae_overlap"], **kw)
+    return upscale_x4(model, img.rgb[None], prompt, negative, **kw)
+
+
+@torch.no_grad()
+def tiled_upscale_x4(model, image, prompt="", negative_prompt="", *, noise_level=20, steps=75, sampler="ddim",
+                     guidance=9.0, seed=42, color_fix_mode="none", tile=None, tile_overlap=32, vae_tile=None,
+                     vae_overlap=8, progress=True):
+    """``x4.upscale_x4`` (same math, same random-number order, same parameters) with the UNet run on overlapping
+    latent tiles (``tiling.TiledModel`` around the raw v network, under CFG: guidance on the blended output) and
+    the VAE decoded by ``tiling.tiled_decode`` (exact: whole-image GroupNorm statistics, mid block on the whole
+    map). ``image``: (1, 3, h, w) in [0, 1]. A tile covering the latent gives the untiled result.
+    Built from x4.py's public pieces (noise_augment, x4_network, unet_multiple, decode, Result) and
+    common.encode_prompts; the CLI has checked the image (RGB in [0, 1]) and the noise level already."""
+    import torch.nn.functional as F
+    from . import __version__
+    from .diffusion.denoisers import CFG
+    from .diffusion.samplers import randn
+    from .pipelines import x4 as X
+    from .pipelines.colorfix import color_fix
+    from .pipelines.common import (encode_prompts, make_generators, parse_sampler, resolve_eta, run_sampler,
+                                   sample_seeds)
+    from .pipelines.tiling import TiledModel, tiled_decode
+    spec = parse_sampler(sampler)
+    eta = resolve_eta(spec, None)
+    low = image.detach().float().cpu() * 2 - 1                   # (B, 3, h, w) in [-1, 1]
+    batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
+    top = X.max_noise_level(model)
+    if not 0 <= int(noise_level) <= top:
+        raise ValueError(f"noise_level must be in 0..{top}, got {noise_level}")
+    levels = torch.full((batch,), int(noise_level), dtype=torch.long)
+    m = X.unet_multiple(model)
+    ph, pw = (-h) % m, (-w) % m
+    padded = F.pad(low, (0, pw, 0, ph), mode="replicate") if ph or pw else low  # as x4.py: bottom / right edge
+    H, W = padded.shape[-2:]
+    seeds = sample_seeds(seed, batch)
+    generators = make_generators(seeds)
+    aug_noise = randn(padded.shape, generators)          # diffusers' order: augmentation noise, then x_T
+    x_T = randn((batch, model.vae.cfg.embed_dim, H, W), generators)
+    device = next(model.unet.parameters()).device
+    x_aug = X.noise_augment(padded, levels, aug_noise, model.schedule).to(device)
+
+    def context(text):
+        rows = [text] if isinstance(text, str) or (text and isinstance(text[0], int)) else list(text)
+        return encode_prompts(model, rows * batch if len(rows) == 1 else rows).float().to(device)
+    cond = dict(context=context(prompt), concat=x_aug, y=levels.to(device))
+    uncond = dict(context=context(negative_prompt)) if guidance != 1 else None
+    net = X.x4_network(model.unet)
+    if tile:
+        t = max(m, tile - tile % m)  # tiles must be multiples of the UNet's factor
+        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m))
+    latents, grid = run_sampler(spec, CFG(net, float(guidance)), model.schedule, model.prediction,
+                                x_T.float().to(device), steps, eta=eta, extra_args=dict(cond=cond, uncond=uncond),
+                                generators=generators, progress=progress)
+    if vae_tile:
+        p = next(model.vae.parameters())
+        if p.dtype != torch.float32:
+            model.vae.float()  # the x4 VAE overflows in half precision
+        z = (latents.float() / model.scale_factor).to(p.device)
+        out = torch.cat([tiled_decode(model.vae, zi, tile=vae_tile, overlap=vae_overlap, progress=progress)
+                         .float().cpu() for zi in z.split(1)])
+    else:
+        out = X.decode(model, latents)
+    out = out[..., : 4 * h, : 4 * w]
+    if color_fix_mode != "none":
+        out = color_fix(out, low, color_fix_mode)
+    images = ((out + 1) / 2).clamp(0, 1)
+    params = {
+        "pipeline": "x4", "sdup_version": __version__, "model": str(model.source), "family": model.family,
+        "prediction": model.prediction, "sampler": spec.name, "steps": steps, "guidance": float(guidance), "eta": eta,
+        "input_size": [h, w], "output_size": [4 * h, 4 * w], "batch_size": batch, "scale_factor": model.scale_factor,
+        "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""), "color_fix": color_fix_mode,
+        "noise_level": int(noise_level), "prompt": _describe(prompt), "seeds": seeds,
+        "tiling": {"tile": (net.tile[0] if tile else None), "overlap": (net.overlap[0] if tile else None),
+                   "vae_tile": vae_tile, "vae_overlap": vae_overlap if vae_tile else None},
+    }
+    if guidance != 1:
+        params["negative_prompt"] = _describe(negative_prompt)
+    if ph or pw:
+        params["padding"] = {"mode": "replicate", "bottom": ph, "right": pw}
+    params.update(grid)
+    return X.Result(images=images, latents=latents.float().cpu(), parameters=params)
+
+
+def _describe(prompt):
+    return prompt if isinstance(prompt, str) else {"token_ids": list(prompt)}
+
+
+def cmd_upscale(args) -> int:
+    from .pipelines import upscale_io as io
+    check_args(args)
+    prompt_ids = parse_ids(args.prompt_ids, "--prompt-ids")
+    negative_ids = parse_ids(args.negative_prompt_ids, "--negative-prompt-ids")
+    prompt = prompt_ids if prompt_ids is not None else args.prompt
+    negative = negative_ids if negative_ids is not None else args.negative_prompt
+    try:
+        inputs = io.expand_inputs(args.inputs)
+    except io.UpscaleIOError as e:
+        fail(str(e))
+
+    # which model
+    if args.weights is None or not Path(args.weights).exists():
+        if not args.dry_run or args.weights is not None:
+            fail(missing_weights(args.model, args.weights))
+        family = "x4" if args.model == "auto" else args.model
+        if family not in IMPLEMENTED:
+            not_implemented(family)
+        meta = meta_model_from_config(family, args.config)
+    else:
+        family = detect_family(args)
+        if family not in IMPLEMENTED:
+            not_implemented(family)
+        meta = None
+        if args.dry_run:
+            from .checkpoints.loader import inspect
+            _, meta, error = inspect(Path(args.weights), config=args.config)
+            if meta is None or meta.unet is None or meta.vae is None:
+                why = error or "no UNet / VAE: an incomplete diffusers folder?"
+                fail(f"{args.weights}: cannot build the model from its header ({why})")
+    scale = SCALES[family]
+    if meta is not None:
+        _settings(args, meta)
+    elif family == "x4" and args.noise_level is not None and not args.config:  # before loading gigabytes
+        from .checkpoints.loader import FAMILY_DEFAULTS
+        top = FAMILY_DEFAULTS["x4"]["max_noise_level"]
+        if not 0 <= args.noise_level <= top:
+            fail(f"--noise-level must be in 0..{top} for the x4 upscaler, got {args.noise_level}")
+
+    try:
+        outputs = io.plan_outputs(inputs, args.output or DEFAULT_OUTPUT, scale, args.format)
+    except io.UpscaleIOError as e:
+        fail(str(e))
+
+    # header pass: every image readable and big enough before any work
+    sizes = []
+    for path in inputs:
+        try:
+            sizes.append(io.image_size(path))
+        except io.UpscaleIOError as e:
+            fail(str(e))
+
+    if args.dry_run:
+        settings = _settings(args, meta)
+        lo = min_side(meta)
+        rows = []
+        for path, out, (h, w) in zip(inputs, outputs, sizes):
+            if min(h, w) < lo:
+                fail(f"{path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
+            plan = tile_settings(args, (h, w))
+            row = dict(input=str(path), output=str(out), in_size=(h, w), out_size=(scale * h, scale * w), **plan,
+                       peak_bytes=estimate_peak_bytes(meta, (h, w), plan, args.dtype, settings["guidance"]))
+            if args.skip_existing and out.exists():
+                row["skip"] = "output exists"
+            rows.append(row)
+        print(io.dry_run_report(rows))
+        print(f"model: {family} from {meta.source} (meta device, nothing loaded); steps {settings['steps']}, "
+              f"guidance {settings['guidance']}, noise level {settings['noise_level']}, dtype {args.dtype}; "
+              "dry run: nothing written")
+        return 0
+
+    import torch
+    import sdup
+    from .checkpoints import CheckpointError, KeyMismatch
+    device = _device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    todo = [(p, o, s) for p, o, s in zip(inputs, outputs, sizes) if not (args.skip_existing and o.exists())]
+    for p, o, _ in zip(inputs, outputs, sizes):
+        if args.skip_existing and o.exists():
+            print(f"skip {p} ({o} exists)")
+    if not todo:
+        print("nothing to do: every output exists (--skip-existing)")
+        return 0
+    try:
+        model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype)
+    except KeyMismatch as e:
+        fail(" ".join(str(e).split()))
+    except (CheckpointError, ValueError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    lacking = [c for c in ("unet", "vae", "text_encoder") if getattr(model, c) is None]
+    if lacking:
+        fail(f"{args.weights}: the checkpoint has no {' / '.join(lacking)} (an incomplete diffusers folder?); the "
+             f"{family} upscaler needs UNet, VAE and text encoder")
+    settings = _settings(args, model)
+    lo = min_side(model)
+    for path, _, (h, w) in todo:
+        if min(h, w) < lo:
+            fail(f"{path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
+    if args.compile:
+        model.unet = torch.compile(model.unet)
+
+    from tqdm import tqdm
+    progress = not args.quiet
+    bar = tqdm(todo, desc="images", unit="img", disable=not progress or len(todo) < 2, file=sys.stderr)
+    try:
+        for path, out, (h, w) in bar:
+            img = io.read_image(path)
+            for n in img.notes:
+                io.note(n)
+            if min(img.size) < lo:
+                fail(f"{path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's minimum {lo}x{lo}")
+            plan = tile_settings(args, img.size)
+            t0 = time.time()
+            result = run_x4(model, img, prompt, negative, settings, args, plan, progress)
+            params = result.sample_parameters(0)
+            params.pop("batch_index", None)
+            params.update(input=path.name, seed=args.seed, scale=scale, input_bits=img.bits,
+                          alpha="upscaled separately (bicubic)" if img.alpha is not None else None,
+                          tiling=params.get("tiling", "off"), seconds=round(time.time() - t0, 2))
+            params = {k: v for k, v in params.items() if v is not None}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            io.write_image(out, result.images[0], img.alpha, bits=img.bits, parameters=params)
+            print(f"wrote {out}")
+    except io.UpscaleIOError as e:
+        fail(str(e))
+    except (ValueError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except RuntimeError as e:  # torch.OutOfMemoryError and friends; anything else is a bug: keep the traceback
+        if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
+            raise
+        fail(f"out of memory upscaling {path} ({str(e).splitlines()[0][:120]}); try a smaller --tile / --vae-tile "
+             "(see --dry-run for the estimate) or --dtype fp16")
+    except KeyboardInterrupt:
+        fail("interrupted (no partial output written)")
+    return 0
+
+
+def upscale_main(argv=None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    return cmd_upscale(args)

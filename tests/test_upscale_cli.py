@@ -1,0 +1,278 @@
+"""The upscaler CLI (scripts/upscale.py = python -m sdup upscale) and its file handling (sdup.pipelines.upscale_io),
+on the tiny random-weight x4 checkpoint in the official single-file layout (tests/data/fixtures/x4/model.ckpt +
+its YAML; the tiny text encoder has no BPE vocabulary, so prompts are empty or token ids)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from helpers import FIXTURES
+from sdup import cli
+from sdup.pipelines import upscale_io as io
+from sdup.pipelines.common import encode_png
+
+ROOT = Path(__file__).resolve().parents[1]
+X4 = FIXTURES / "x4"
+WEIGHTS = ["--weights", str(X4 / "model.ckpt"), "--config", str(X4 / "config.yaml")]
+FAST = ["--steps", "2", "--quiet", "--seed", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's ops are far too small for two threads; one avoids contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *args):
+    """python -m sdup upscale ARGS in-process -> (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(["upscale", *map(str, args)])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def rgb(h, w, seed=0):
+    return (np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8)
+
+
+def no_partials(folder: Path):
+    return not list(folder.rglob("*.partial")) if folder.exists() else True
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(rgb(16, 24, 0)).save(d / "a.png")
+    Image.fromarray(rgb(24, 16, 1)).save(d / "b.jpg", quality=95)
+    (d / "notes.txt").write_text("not an image: folders only contribute image extensions")
+    return d
+
+
+def test_folder_in_folder_out_script(images, tmp_path):
+    """The script end to end in a subprocess: two images, sizes x4, formats kept, parameters stored, no traceback."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "upscale.py"), str(images), "-o", str(out), *WEIGHTS,
+                        *FAST], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a_x4.png", "b_x4.jpg"]
+    with Image.open(out / "a_x4.png") as im:
+        assert im.size == (96, 64) and im.mode == "RGB"
+    with Image.open(out / "b_x4.jpg") as im:
+        assert im.size == (64, 96) and im.format == "JPEG"
+    p = io.read_parameters(out / "a_x4.png")
+    assert p["pipeline"] == "x4" and p["steps"] == 2 and p["noise_level"] == 20 and p["input"] == "a.png"
+    assert p["output_size"] == [64, 96] and p["seed"] == 1
+    assert io.read_parameters(out / "b_x4.jpg")["input"] == "b.jpg"  # EXIF ImageDescription
+    assert "Traceback" not in r.stderr
+
+
+def test_16_bit_and_rgba_round_trips(tmp_path, capsys):
+    d, out = tmp_path / "in", tmp_path / "out"
+    d.mkdir()
+    g = np.random.RandomState(2)
+    a16 = (g.rand(16, 16, 3) * 65535).astype(np.uint16)
+    (d / "deep.png").write_bytes(encode_png(a16))
+    rgba = np.concatenate([rgb(16, 24, 3), np.zeros((16, 24, 1), np.uint8)], axis=2)
+    rgba[:, 12:, 3] = 255
+    rgba[4:8, :6, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(d / "cut.png")
+    Image.fromarray(rgb(16, 16, 4)).save(d / "deep.tif")
+    code, stdout, err = run(capsys, d, "-o", out, *WEIGHTS, *FAST, "--prompt-ids", "254,7,9,255")
+    assert code == 0, err
+    # 16-bit PNG stays 16-bit
+    assert (out / "deep_x4.png").read_bytes()[24] == 16
+    back = io.read_image(out / "deep_x4.png")
+    assert back.bits == 16 and back.size == (64, 64) and back.alpha is None
+    assert io.read_parameters(out / "deep_x4.png")["prompt"] == {"token_ids": [254, 7, 9, 255]}
+    # RGBA: alpha upscaled separately (bicubic, clamped) and re-attached
+    with Image.open(out / "cut_x4.png") as im:
+        assert im.mode == "RGBA" and im.size == (96, 64)
+        alpha = np.asarray(im)[:, :, 3].astype(np.float64) / 255
+    ref = F.interpolate(torch.from_numpy(rgba[:, :, 3] / 255.0)[None, None].float(), size=(64, 96), mode="bicubic",
+                        align_corners=False).clamp(0, 1)[0, 0].numpy()
+    assert np.abs(alpha - ref).max() <= 1 / 255 + 1e-6
+    assert io.read_parameters(out / "cut_x4.png")["alpha"].startswith("upscaled separately")
+    # 8-bit TIFF in -> TIFF out with the parameters in ImageDescription
+    with Image.open(out / "deep_x4.tif") as im:
+        assert im.format == "TIFF" and im.size == (64, 64)
+    assert io.read_parameters(out / "deep_x4.tif")["pipeline"] == "x4"
+    assert no_partials(out)
+
+
+def test_16_bit_tiff_output(tmp_path, capsys):
+    src = tmp_path / "deep.png"
+    src.write_bytes(encode_png((np.random.RandomState(5).rand(16, 16, 3) * 65535).astype(np.uint16)))
+    code, _, err = run(capsys, src, "-o", tmp_path / "deep.tif", *WEIGHTS, *FAST, "--color-fix", "adain")
+    assert code == 0, err
+    back = io.read_image(tmp_path / "deep.tif")
+    assert back.bits == 16 and back.size == (64, 64)
+    p = io.read_parameters(tmp_path / "deep.tif")
+    assert p["input_bits"] == 16 and p["color_fix"] == "adain"
+
+
+def test_skip_existing(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, images / "a.png", "-o", out, *WEIGHTS, *FAST)
+    assert code == 0, err
+    target = out / "a_x4.png"
+    before = target.stat().st_mtime_ns
+    target.write_bytes(target.read_bytes())  # touch: a later rewrite would change the mtime again
+    stamp = target.stat().st_mtime_ns
+    code, stdout, err = run(capsys, images, "-o", out, *WEIGHTS, *FAST, "--skip-existing")
+    assert code == 0, err
+    assert "skip" in stdout and target.stat().st_mtime_ns == stamp and before <= stamp
+    assert (out / "b_x4.jpg").exists()
+    code, stdout, _ = run(capsys, images, "-o", out, *WEIGHTS, *FAST, "--skip-existing")
+    assert code == 0 and "nothing to do" in stdout
+
+
+def test_dry_run_without_weights_writes_nothing(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    Image.fromarray(rgb(600, 520, 6)).save(images / "big.png")
+    code, stdout, err = run(capsys, images, "-o", out, "--model", "x4", "--dry-run")
+    assert code == 0, err
+    assert "a.png (24x16) -> " in stdout and "(96x64)" in stdout and "latent tiles 1, VAE tiles 1" in stdout
+    big = next(line for line in stdout.splitlines() if "big.png" in line)
+    assert "(2080x2400)" in big and "latent tiles 36, VAE tiles 25" in big and "GiB" in big  # 128/32: 6 x 6; VAE 128/8: 5 x 5
+    assert "x4-upscaling.yaml" in stdout and "nothing written" in stdout
+    assert not out.exists()
+    # with the checkpoint: built from its header on the meta device
+    code, stdout, err = run(capsys, images / "a.png", "-o", out, *WEIGHTS, "--dry-run")
+    assert code == 0 and "model.ckpt" in stdout and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["no_weights", "missing_weights", "wrong_model", "wrong_family", "not_upscaler",
+                                  "unreadable", "noise_level", "too_small", "no_match", "x2", "file_for_many"])
+def test_errors(case, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    args, msg = {
+        "no_weights": ([images], ["no weights given", "weights/README.md", "x4-upscaler-ema"]),
+        "missing_weights": ([images, "--weights", tmp_path / "nope.safetensors"],
+                            ["nope.safetensors: no such file", "weights/README.md", "x4-upscaler-ema.safetensors"]),
+        "wrong_model": ([images, *WEIGHTS, "--model", "stablesr"], ["--model stablesr", "x4 checkpoint"]),
+        "wrong_family": ([images, "--weights", FIXTURES / "sd1" / "model.ckpt", "--model", "x4"],
+                         ["--model x4", "sd1 checkpoint"]),
+        "not_upscaler": ([images, "--weights", FIXTURES / "sd1" / "model.ckpt"], ["sd1 checkpoint", "not an upscaler"]),
+        "unreadable": ([images / "bad.png", *WEIGHTS, *FAST], ["bad.png: not a readable image"]),
+        "noise_level": ([images, *WEIGHTS, *FAST, "--noise-level", "400"], ["--noise-level must be in 0..350", "400"]),
+        "too_small": ([images / "tiny.png", *WEIGHTS, *FAST], ["tiny.png: 4x6", "minimum 8x8"]),
+        "no_match": ([str(images / "*.webp"), *WEIGHTS], ["*.webp: nothing matches"]),
+        "x2": ([images, "--model", "x2", "--dry-run"], ["x2 upscaler pipeline is not implemented yet"]),
+        "file_for_many": ([images, *WEIGHTS, "--dry-run"], ["names a file", "2 inputs"]),
+    }[case]
+    if case == "unreadable":
+        (images / "bad.png").write_bytes(b"this is not a PNG at all")
+    if case == "too_small":
+        Image.fromarray(rgb(6, 4)).save(images / "tiny.png")
+    target = ["-o", out / "one.png"] if case == "file_for_many" else ["-o", out]
+    code, stdout, err = run(capsys, *args, *target)
+    assert code == 2, (stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for m in msg:
+        assert m in lines[0], (m, lines[0])
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_corrupt_image_data_fails_before_any_output(images, tmp_path, capsys):
+    """A PNG whose header is fine but whose pixel data is garbage is found by the up-front pass over all inputs
+    (before the model is loaded): one line, exit 2, nothing written."""
+    import struct
+    import zlib
+    data = bytearray(encode_png(rgb(16, 16, 7)))
+    pos = data.index(b"IDAT")
+    n = struct.unpack(">I", data[pos - 4:pos])[0]
+    data[pos + 4:pos + 4 + n] = bytes(range(n % 256)) * (n // 256) + bytes(n % 256)  # not zlib
+    data[pos + 4 + n:pos + 8 + n] = struct.pack(">I", zlib.crc32(bytes(data[pos:pos + 4 + n])) & 0xFFFFFFFF)
+    (images / "z_bad.png").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, images, "-o", out, *WEIGHTS, *FAST)
+    assert code == 2 and err.startswith("error: ") and "z_bad.png" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A crash in the middle of writing an output (here: the encoder raises after writing some bytes) leaves
+    neither the output nor its temporary file."""
+    from PIL import Image as PILImage
+
+    def broken_save(self, fp, *a, **k):
+        Path(fp).write_bytes(b"half an image")
+        raise OSError("disk full")
+    monkeypatch.setattr(PILImage.Image, "save", broken_save)
+    for name in ("o.jpg", "o.webp", "o.tif"):
+        with pytest.raises(OSError, match="disk full"):
+            io.write_image(tmp_path / name, torch.rand(3, 8, 8), parameters={"a": 1})
+    assert not list(tmp_path.iterdir())
+
+
+def test_script_error_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sdup", "upscale", str(tmp_path / "*.png"), "--dry-run"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nothing matches" in r.stderr, r.stderr
+
+
+def test_io_helpers(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("b.PNG", "a.jpeg", "c.bmp", "x.txt"):
+        (d / name).write_bytes(b"")
+    assert [p.name for p in io.expand_inputs([d])] == ["a.jpeg", "b.PNG", "c.bmp"]
+    assert [p.name for p in io.expand_inputs([str(d / "*.jpeg"), d / "a.jpeg"])] == ["a.jpeg"]  # de-duplicated
+    with pytest.raises(io.UpscaleIOError, match="no such file"):
+        io.expand_inputs([tmp_path / "missing.png"])
+    paths = io.plan_outputs(io.expand_inputs([d]), tmp_path / "o", 4)
+    assert [p.name for p in paths] == ["a_x4.jpeg", "b_x4.png", "c_x4.png"]  # BMP -> PNG
+    assert [p.name for p in io.plan_outputs(io.expand_inputs([d]), tmp_path / "o", 2, "webp")] == \
+        ["a_x2.webp", "b_x2.webp", "c_x2.webp"]
+    assert io.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4) == [tmp_path / "x.tif"]
+    with pytest.raises(io.UpscaleIOError, match="--format"):
+        io.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4, "png")
+
+
+def test_exif_orientation_and_write_formats(tmp_path):
+    a = rgb(8, 12, 8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.fromarray(a).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=100)
+    img = io.read_image(tmp_path / "rot.jpg")
+    assert img.size == (12, 8) and io.image_size(tmp_path / "rot.jpg") == (12, 8)
+    x = torch.rand(3, 8, 8)
+    alpha = torch.rand(1, 4, 4)
+    for name in ("o.webp", "o.jpg", "o.png", "o.tif"):
+        io.write_image(tmp_path / name, x, alpha, parameters={"k": "v\u00e9"}, warn=lambda m: None)
+        assert io.read_parameters(tmp_path / name) == {"k": "v\u00e9"}
+        back = io.read_image(tmp_path / name)
+        assert back.size == (8, 8) and (back.alpha is None) == (name == "o.jpg")
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_tiled_run_and_whole_image_tile_equals_untiled(images, tmp_path, capsys):
+    """--tile / --vae-tile go through tiling.TiledModel + tiling.tiled_decode; a tile covering the image gives the
+    untiled result (up to the tiled decode's float rounding: at most one 8-bit step)."""
+    src = images / "a.png"
+    outs = {}
+    for name, extra in {"plain": [], "cover": ["--tile", "64", "--vae-tile", "64"],
+                        "tiled": ["--tile", "16", "--tile-overlap", "8", "--vae-tile", "16"]}.items():
+        outs[name] = tmp_path / f"{name}.png"
+        code, _, err = run(capsys, src, "-o", outs[name], *WEIGHTS, *FAST, *extra)
+        assert code == 0, err
+    px = {k: np.asarray(Image.open(v)).astype(int) for k, v in outs.items()}
+    assert np.abs(px["plain"] - px["cover"]).max() <= 1
+    assert px["tiled"].shape == (64, 96, 3)
+    assert io.read_parameters(outs["tiled"])["tiling"] == {"tile": 16, "overlap": 8, "vae_tile": 16, "vae_overlap": 4}
+    assert io.read_parameters(outs["plain"])["tiling"] == "off"
