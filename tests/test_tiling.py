@@ -4,10 +4,11 @@ and the seam-free tiled VAE (exact halos + whole-image GroupNorm statistics) inc
 Measured on the dev box (2 CPU cores, fp32), for the record:
 * tiled_decode vs vae.decode (tiny VAEs, 15-24 tiles, exact halos): max |diff| ~3e-6 with max |ref| ~3.5
   (float summation order only); one tile: ~3e-6.  tiled_encode: ~3e-7 with max |ref| ~0.45.
-* seams (flat and gradient latents, 9 tiles): excess jump over the untiled image <= ~4e-6; a naive per-tile
-  decode (per-tile GroupNorm, no halo) gives excess jumps of order 1.
-* memory (f=4 tiny VAE, 128x128 latent -> 512x512, math attention): untiled peak ~2.3 GB above baseline (the
-  16384^2 attention logits), tiled ~0.1 GB.
+* seams (flat and gradient latents, 9 tiles, max|ref| 3.5-4.9): excess jump over the untiled image 3.6e-6 /
+  5.7e-6; with a too-small halo (approximate mode, halo=1 / 0 latent px) 0.11-0.30; a naive per-tile decode
+  (per-tile GroupNorm, no halo, no blending) 2.3-2.6.
+* memory (f=4 tiny VAE, 128x128 latent -> 512x512, math attention): peak RSS above baseline untiled 2077 MiB (the
+  16384^2 attention logits and softmax), tiled 92 MiB (store_bytes 32 MiB).
 """
 import json
 import subprocess
@@ -29,6 +30,16 @@ from sdup.pipelines.tiling import (TiledModel, auto_tile, estimate_vae_bytes, ga
                                    tile_grid, tiled_decode, tiled_encode)
 
 torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny tiles are many small kernels: OpenMP fork/join dominates and degrades badly when the machine is
+    shared, so these tests run single-threaded (restored afterwards)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
 
 EXACT_TOL = 1e-5  # the project's forward criterion: max|diff| <= 1e-5 * max(1, max|ref|)
 
@@ -278,6 +289,7 @@ MEM_SCRIPT = textwrap.dedent("""
     from sdup.nn import set_attention_backend
     from sdup.pipelines.tiling import tiled_decode
     torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
     set_attention_backend("math")       # the reference attention: untiled needs the full N x N logits
     vae = randomize_(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1)).eval(), seed=1)
     z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))

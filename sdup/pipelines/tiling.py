@@ -19,13 +19,14 @@ Tiled VAE (exact by default)
 encoder (everything before the mid block) tile by tile, and everything at the mid resolution on the whole map:
 
 * **Convolutions** see their real neighbours: every tile is cropped with a halo equal to the exact receptive field
-  of the tiled ops (computed from the op list: +1 per 3x3 conv, halved through a nearest x2 upsample, 2h+2 through
+  of the tiled ops up to the next checkpoint (computed from the op list: +1 per 3x3 conv, halved through a nearest x2 upsample, 2h+2 through
   the stride-2 downsample), and each 3x3 conv is evaluated *valid* on interior sides (the tile shrinks by one pixel
   there) and zero-padded only on real image borders, exactly like the full-image conv.  Asymmetric VAE downsampling
   keeps its parity (tiles are aligned to the latent grid).
 * **GroupNorm** uses statistics of the WHOLE image: every GN layer is a barrier; a sweep over all tiles accumulates
-  per-sample, per-channel weighted sums of x and x^2 in float64 over each tile's own share of the image (the
-  normalised feather weights, a partition of unity), the group mean / biased variance are formed once, and every
+  per-sample, per-channel weighted sums of x and x^2 over each tile's own share of the image (the normalised
+  feather weights, a partition of unity; per tile shifted by the tile's channel mean, rows reduced in fp32, the
+  rest and the accumulation across tiles in float64), the group mean / biased variance are formed once, and every
   tile is then normalised with them (fp32 affine, as GroupNorm32).
 * **Mid block** (ResBlocks + the single-head attention over all positions) runs on the full mid-resolution map; the
   attention runs over query chunks with the selected ``sdup.nn`` backend (math backend: logits chunk x N, at most
@@ -40,9 +41,14 @@ only approximation), and the feathering hides the resulting seams.
 Memory vs compute: GN barriers are sequential, so a sweep must reach barrier k in every tile before barrier k can
 be applied.  Tile states (activation + pending skip) are kept between sweeps while they fit in ``store_bytes``;
 otherwise a tile is recomputed from the last checkpoint.  Full maps after every ResBlock and every up/down
-sample become checkpoints (segment boundaries, re-cut with a fresh halo) when they fit in ``store_bytes / 2``.  Peak memory is therefore about
-mid-block maps + output + ``store_bytes`` + one tile's working set, independent of the image size except for the
-mid-resolution and output maps; with ``store_bytes=0`` the cost is about (number of GN layers / 2) decodes.
+sample become checkpoints (segment boundaries, re-cut with a fresh halo) when they fit in ``store_bytes / 2`` (or
+are no larger than the start map, which is stored anyway).  ``store_device="cpu"`` keeps states and checkpoints in
+host memory (multidiffusion style) so that a GPU holds only the mid maps, the output and one tile.  Peak memory on
+the compute device is therefore about mid-block maps + output + one tile's working set (+ ``store_bytes`` unless
+offloaded), independent of the image size except for the mid-resolution and output maps.  Compute: with enough
+store, ~1x a plain decode plus halo/overlap overhead (measured 1.3-3x for tiny 12-px tiles); with ``store_bytes=0``
+every GN sweep recomputes from the last checkpoint, up to ~(number of GN layers / 2) decodes plus the overhead of
+the larger halo -- avoid it for large models (x4 decoder with 12-px tiles: 30x a plain decode).
 
 Not supported here: StableSR's CFW fusion (decode with w > 0) and the encoder's ``return_features`` (both need
 full-resolution feature maps); a CFW autoencoder is decoded with w = 0 (its plain SD decoder).
@@ -337,7 +343,8 @@ class _State:
         self.stack = stack or []
 
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() for a in [self.t] + [s[0] for s in self.stack])
+        uniq = {id(a): a for a in [self.t] + [s[0] for s in self.stack]}
+        return sum(a.numel() * a.element_size() for a in uniq.values())
 
 
 def _pads(st: _State, req, full) -> tuple[int, int, int, int]:
@@ -395,23 +402,20 @@ def _receptive_halo(ops: Sequence[_Op], r_start: int) -> int:
 
 
 class _Engine:
-    def __init__(self, ops, grid: _Grid, r0: int, store_bytes: int, halo: int | None, progress: bool, desc: str):
+    def __init__(self, ops, grid: _Grid, r0: int, store_bytes: int, halo: int | None, progress: bool, desc: str,
+                 store_device=None):
         self.ops, self.grid, self.r0 = ops, grid, r0
         self.store_bytes = max(0, int(store_bytes))
+        self.store_device = None if store_device is None else torch.device(store_device)
+        self.dev = None
         self.halo = halo
         self.stats: dict[int, tuple[Tensor, Tensor]] = {}
-        # resolution and channels after ops[:i]
-        self.r_at, self.c_at = [r0], [None]
-        r, c = r0, None
+        # resolution after ops[:i] (channels: set by run() from the input)
+        self.r_at = [r0]
         for op in ops:
-            if op.kind == "up":
-                r *= 2
-            elif op.kind == "down":
-                r //= 2
-            if op.kind in ("conv", "up", "down"):
-                c = op.mod.out_channels
-            self.r_at.append(r)
-            self.c_at.append(c)
+            self.r_at.append(self.r_at[-1] * 2 if op.kind == "up" else self.r_at[-1] // 2 if op.kind == "down"
+                             else self.r_at[-1])
+        self.c_at: list[int] = []
         self.progress = progress
         self.desc = desc
         self.max_halo_used = 0
@@ -424,7 +428,19 @@ class _Engine:
         hr = halo * r
         y0, y1 = max(0, ry0 - hr), min(g.H * r, ry1 + hr)
         x0, x1 = max(0, rx0 - hr), min(g.W * r, rx1 + hr)
-        return _State(src[..., y0:y1, x0:x1], y0, x0, r)
+        return _State(src[..., y0:y1, x0:x1].to(self.dev), y0, x0, r)
+
+    def _move(self, st: _State, device) -> _State:
+        """The state on ``device`` (tensors shared between the activation and the skip stack stay shared)."""
+        if device is None or st.t.device == device:
+            return st
+        moved = {}
+
+        def mv(a):
+            if id(a) not in moved:
+                moved[id(a)] = a.to(device, non_blocking=device.type == "cuda")  # host->GPU only
+            return moved[id(a)]
+        return _State(mv(st.t), st.y0, st.x0, st.r, [(mv(a), y, x) for a, y, x in st.stack])
 
     def _forward(self, st: _State, i: int, j: int, tile) -> _State:
         g = self.grid
@@ -514,11 +530,13 @@ class _Engine:
     # -- driver
     def run(self, src: Tensor) -> Tensor:
         ops = self.ops
+        self.dev = src.device
         c = src.shape[1]
         self.c_at = [c := (op.mod.out_channels if op.kind in ("conv", "up", "down") else c) for op in [_Op("")] + ops]
         bounds = [0]
         for i, op in enumerate(ops):
-            if op.kind == "ckpt" and self._map_bytes(i + 1, src) <= self.store_bytes // 2:
+            # a level map no larger than the (always stored) start map is free; others need half the store budget
+            if op.kind == "ckpt" and self._map_bytes(i + 1, src) <= max(self.store_bytes // 2, self._map_bytes(0, src)):
                 bounds.append(i + 1)
         bounds.append(len(ops))
         barriers_total = sum(op.kind == "gn" for op in ops)
@@ -527,7 +545,8 @@ class _Engine:
             from tqdm.auto import tqdm
             bar = tqdm(total=barriers_total + len(bounds) - 1, desc=self.desc)
         for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
-            inter = (self._map_bytes(a, src) if n > 0 else 0) + (self._map_bytes(b, src) if b < len(ops) else 0)
+            inter = sum(self._map_bytes(j, src) for j in (a, b) if 0 < j < len(ops)
+                        and self._map_bytes(j, src) > self._map_bytes(0, src))
             src = self._segment(a, b, src, max(0, self.store_bytes - inter), bar)
         if bar is not None:
             bar.close()
@@ -542,23 +561,24 @@ class _Engine:
         kept: dict = {}
         kept_bytes = 0
         B = src.shape[0]
-        adt = _acc_dtype(src.device)
+        adt = _acc_dtype(self.dev)
         for k in range(a, b):
             if self.ops[k].kind != "gn":
                 continue
             C = self.c_at[k]
-            acc = [torch.zeros(B, C, dtype=adt, device=src.device) for _ in range(2)]
+            acc = [torch.zeros(B, C, dtype=adt, device=self.dev) for _ in range(2)]
             for tile in g.tiles:
                 i, st = kept.pop(tile, (a, None))
                 if st is None:
                     st = self._crop(src, tile, halo, r_a)
                 else:
                     kept_bytes -= st.nbytes()
+                    st = self._move(st, self.dev)
                 st = self._forward(st, i, k, tile)
                 self._accumulate(acc, st, tile)
                 nb = st.nbytes()
                 if kept_bytes + nb <= keep_budget:
-                    kept[tile] = (k, st)
+                    kept[tile] = (k, self._move(st, self.store_device))
                     kept_bytes += nb
                 del st
             self._finalize(k, acc, self.r_at[k])
@@ -569,20 +589,20 @@ class _Engine:
         out = None
         for tile in g.tiles:
             i, st = kept.pop(tile, (a, None))
-            if st is None:
-                st = self._crop(src, tile, halo, r_a)
+            st = self._crop(src, tile, halo, r_a) if st is None else self._move(st, self.dev)
             st = self._forward(st, i, b, tile)
             x, wy, wx, (ry0, ry1, rx0, rx1) = self._own(st, tile)
             if out is None:
                 adt_out = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-                out = torch.zeros(B, x.shape[1], g.H * r_b, g.W * r_b, dtype=adt_out, device=x.device)
-            w2 = (wy[:, None] * wx[None, :]).to(out.dtype)
-            out[..., ry0:ry1, rx0:rx1] += x.to(out.dtype) * w2
+                out_dev = self.store_device if (b < len(self.ops) and self.store_device is not None) else x.device
+                out = torch.zeros(B, x.shape[1], g.H * r_b, g.W * r_b, dtype=adt_out, device=out_dev)
+            w2 = (wy[:, None] * wx[None, :]).to(adt_out)
+            out[..., ry0:ry1, rx0:rx1] += (x.to(adt_out) * w2).to(out.device)
             del st, x
         self.sweeps += 1
         if bar is not None:
             bar.update(1)
-        return out.to(src.dtype)
+        return out.to(self.dev if b == len(self.ops) else out.device, src.dtype)
 
 
 # ================================================================================================
@@ -633,13 +653,15 @@ DEFAULT_STORE_BYTES = 1 << 30
 
 @torch.no_grad()
 def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, halo: int | None = None,
-                 store_bytes: int = DEFAULT_STORE_BYTES, attn_chunk: int | None = None) -> Tensor:
+                 store_bytes: int = DEFAULT_STORE_BYTES, store_device=None,
+                 attn_chunk: int | None = None) -> Tensor:
     """``vae.decode(z)`` with bounded memory and no seams (see the module docstring).
 
     z: (B, embed_dim, h, w), unscaled.  ``tile`` / ``overlap``: int or (h, w) in latent px; ``halo``: None = exact
     receptive field (the result equals ``vae.decode`` up to float rounding), an int = at most that many latent px
     (approximate, cheaper); ``store_bytes``: memory allowed for kept tile states and level checkpoints (0 = always
-    recompute); ``attn_chunk``: query chunk of the mid attention (default from a 256 MiB logits budget).
+    recompute); ``store_device``: where they live (e.g. ``"cpu"`` while decoding on a GPU, as multidiffusion's Tiled
+    VAE does: GPU memory then holds only the mid maps, the output and one tile); ``attn_chunk``: query chunk of the mid attention (default from a 256 MiB logits budget).
     """
     dec = vae.decoder
     for op in _decoder_ops(dec):
@@ -648,18 +670,21 @@ def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, 
     h = dec.conv_in(vae.post_quant_conv(z))
     h = _mid(dec.mid, h, attn_chunk)
     grid = _Grid(h.shape[-2], h.shape[-1], _pair(tile), _pair(overlap))
-    eng = _Engine(_decoder_ops(dec), grid, 1, store_bytes, halo, progress, "tiled VAE decode")
+    eng = _Engine(_decoder_ops(dec), grid, 1, store_bytes, halo, progress, "tiled VAE decode", store_device)
     out = eng.run(h)
+    # diagnostics of the last call (tiles, GN/assembly sweeps, largest halo in latent px), used by the tests
     tiled_decode.last_info = dict(tiles=len(grid.tiles), sweeps=eng.sweeps, halo=eng.max_halo_used)
     return out
 
 
 @torch.no_grad()
 def tiled_encode(vae, image: Tensor, tile=512, overlap=32, progress: bool = False, *, halo: int | None = None,
-                 store_bytes: int = DEFAULT_STORE_BYTES, attn_chunk: int | None = None) -> DiagonalGaussian:
+                 store_bytes: int = DEFAULT_STORE_BYTES, store_device=None,
+                 attn_chunk: int | None = None) -> DiagonalGaussian:
     """``vae.encode(image)`` with bounded memory: the encoder's conv / down path runs on pixel tiles (``tile``,
     ``overlap``: int or (h, w) in pixels, rounded down to multiples of the downscale factor f), the mid block,
-    ``norm_out``, ``conv_out`` and ``quant_conv`` on the latent-resolution map.  H and W must be multiples of f."""
+    ``norm_out``, ``conv_out`` and ``quant_conv`` on the latent-resolution map.  H and W must be multiples of f.
+    ``halo`` (latent px), ``store_bytes``, ``store_device``, ``attn_chunk``: as ``tiled_decode``."""
     f = _downscale(vae)
     H, W = image.shape[-2:]
     if H % f or W % f:
@@ -672,7 +697,7 @@ def tiled_encode(vae, image: Tensor, tile=512, overlap=32, progress: bool = Fals
     th, tw = _pair(tile)
     oh, ow = _pair(overlap)
     grid = _Grid(H // f, W // f, (max(1, th // f), max(1, tw // f)), (oh // f, ow // f))
-    eng = _Engine(ops, grid, f, store_bytes, halo, progress, "tiled VAE encode")
+    eng = _Engine(ops, grid, f, store_bytes, halo, progress, "tiled VAE encode", store_device)
     h = eng.run(image)
     tiled_encode.last_info = dict(tiles=len(grid.tiles), sweeps=eng.sweeps, halo=eng.max_halo_used)
     h = _mid(enc.mid, h, attn_chunk)
