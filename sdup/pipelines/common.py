@@ -384,6 +384,18 @@ def make_generators(seeds: Sequence[int], device="cpu") -> list[torch.Generator]
 # samplers
 
 
+def resolve_generators(seed, generator, batch: int) -> tuple[list[int] | None, object]:
+    """(seeds, generators): one generator per sample from ``seed`` (seed, seed+1, ...), so sample i is the same in
+    a batch of 1 or 3; or the caller's generator(s) as given (then no seeds are recorded)."""
+    if generator is None:
+        seeds = sample_seeds(seed, batch)
+        return seeds, make_generators(seeds)
+    generators = list(generator) if isinstance(generator, (list, tuple)) else generator
+    if isinstance(generators, list) and len(generators) != batch:
+        raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    return None, generators
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str          # canonical name

@@ -25,8 +25,8 @@ import torch
 
 from .. import __version__
 from ..diffusion.denoisers import CFG
-from .common import (Result, check_int, make_generators, parse_sampler, prompt_context, record_prompts, resolve_eta,
-                     run_sampler, sample_seeds)
+from .common import (Result, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta, resolve_generators,
+                     run_sampler)
 
 Tensor = torch.Tensor
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
@@ -127,14 +127,7 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
     channels, h, w = latent_geometry(model, height, width)
     shape = (batch, channels, h, w)
 
-    if generator is None:
-        seeds = sample_seeds(seed, batch)
-        generators = make_generators(seeds)
-    else:
-        seeds = None
-        generators = list(generator) if isinstance(generator, (list, tuple)) else generator
-        if isinstance(generators, list) and len(generators) != batch:
-            raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    seeds, generators = resolve_generators(seed, generator, batch)
     device = next(model.unet.parameters()).device
     if x_T is None:
         from ..diffusion.samplers import randn

@@ -61,8 +61,7 @@ from .. import __version__
 from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
-from .common import (Result, check_int, make_generators, parse_sampler, record_prompts, resolve_eta, sample_seeds,
-                     token_ids)
+from .common import (Result, check_int, parse_sampler, record_prompts, resolve_eta, resolve_generators, token_ids)
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
@@ -373,14 +372,7 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
     batch = _batch_of(latents, image)
     scale_factor = float(getattr(model, "scale_factor", 0.18215))
 
-    if generator is None:
-        seeds = sample_seeds(seed, batch)
-        generators = make_generators(seeds)
-    else:
-        seeds = None
-        generators = list(generator) if isinstance(generator, (list, tuple)) else generator
-        if isinstance(generators, list) and len(generators) != batch:
-            raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    seeds, generators = resolve_generators(seed, generator, batch)
     p = next(unet.parameters())
 
     # text (before any random draw: errors come first)

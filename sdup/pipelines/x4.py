@@ -53,8 +53,8 @@ from ..diffusion.denoisers import CFG
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import (Result, check_int, make_generators, parse_sampler, prompt_context, record_prompts, resolve_eta,
-                     run_sampler, sample_seeds)
+from .common import (Result, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta, resolve_generators,
+                     run_sampler)
 
 Tensor = torch.Tensor
 PAD_MODES = ("replicate", "reflect")
@@ -303,14 +303,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     H, W = padded.shape[-2:]
     channels = model.vae.cfg.embed_dim if hasattr(model.vae, "cfg") else 4
 
-    if generator is None:
-        seeds = sample_seeds(seed, batch)
-        generators = make_generators(seeds)
-    else:
-        seeds = None
-        generators = list(generator) if isinstance(generator, (list, tuple)) else generator
-        if isinstance(generators, list) and len(generators) != batch:
-            raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    seeds, generators = resolve_generators(seed, generator, batch)
 
     # random numbers in diffusers' order: augmentation noise, then the start latent (per generator)
     if aug_noise is None:
