@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 UPSCALE_DOC = __doc__
 MODELS = ("auto", "x4", "x2", "stablesr")
 SCALES = {"x4": 4, "x2": 2, "stablesr": 4}
@@ -296,100 +294,13 @@ def _settings(args, model) -> dict:
 
 
 def run_x4(model, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
-    """One image through the x4 pipeline: ``x4.upscale_x4`` when untiled, ``tiled_upscale_x4`` when the plan tiles
-    the latent (``tiling.TiledModel``) or the VAE decode (``tiling.tiled_decode``)."""
+    """One image through ``x4.upscale_x4``, tiled where the plan says so (latent tiles: ``tiling.TiledModel``;
+    VAE tiles: ``tiling.tiled_decode``)."""
     from .pipelines.x4 import upscale_x4
-    kw = dict(noise_level=settings["noise_level"], steps=settings["steps"], sampler=args.sampler,
-              guidance=settings["guidance"], seed=args.seed, color_fix_mode=args.color_fix, progress=progress)
-    if plan["tile"] or plan["vae_tile"]:
-        return tiled_upscale_x4(model, img.rgb[None], prompt, negative, tile=plan["tile"],
-                                tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
-                                vae_overlap=plan["vae_overlap"], **kw)
-    return upscale_x4(model, img.rgb[None], prompt, negative, **kw)
-
-
-@torch.no_grad()
-def tiled_upscale_x4(model, image, prompt="", negative_prompt="", *, noise_level=20, steps=75, sampler="ddim",
-                     guidance=9.0, seed=42, color_fix_mode="none", tile=None, tile_overlap=32, vae_tile=None,
-                     vae_overlap=8, progress=True):
-    """``x4.upscale_x4`` (same math, same random-number order, same parameters) with the UNet run on overlapping
-    latent tiles (``tiling.TiledModel`` around the raw v network, under CFG: guidance on the blended output) and
-    the VAE decoded by ``tiling.tiled_decode`` (exact: whole-image GroupNorm statistics, mid block on the whole
-    map). ``image``: (1, 3, h, w) in [0, 1]. A tile covering the latent gives the untiled result.
-    Built from x4.py's public pieces (noise_augment, x4_network, unet_multiple, decode, Result) and
-    common.encode_prompts; the CLI has checked the image (RGB in [0, 1]) and the noise level already."""
-    import torch.nn.functional as F
-    from . import __version__
-    from .diffusion.denoisers import CFG
-    from .diffusion.samplers import randn
-    from .pipelines import x4 as X
-    from .pipelines.colorfix import color_fix
-    from .pipelines.common import (encode_prompts, make_generators, parse_sampler, resolve_eta, run_sampler,
-                                   sample_seeds)
-    from .pipelines.tiling import TiledModel, tiled_decode
-    spec = parse_sampler(sampler)
-    eta = resolve_eta(spec, None)
-    low = image.detach().float().cpu() * 2 - 1                   # (B, 3, h, w) in [-1, 1]
-    batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
-    top = X.max_noise_level(model)
-    if not 0 <= int(noise_level) <= top:
-        raise ValueError(f"noise_level must be in 0..{top}, got {noise_level}")
-    levels = torch.full((batch,), int(noise_level), dtype=torch.long)
-    m = X.unet_multiple(model)
-    ph, pw = (-h) % m, (-w) % m
-    padded = F.pad(low, (0, pw, 0, ph), mode="replicate") if ph or pw else low  # as x4.py: bottom / right edge
-    H, W = padded.shape[-2:]
-    seeds = sample_seeds(seed, batch)
-    generators = make_generators(seeds)
-    aug_noise = randn(padded.shape, generators)          # diffusers' order: augmentation noise, then x_T
-    x_T = randn((batch, model.vae.cfg.embed_dim, H, W), generators)
-    device = next(model.unet.parameters()).device
-    x_aug = X.noise_augment(padded, levels, aug_noise, model.schedule).to(device)
-
-    def context(text):
-        rows = [text] if isinstance(text, str) or (text and isinstance(text[0], int)) else list(text)
-        return encode_prompts(model, rows * batch if len(rows) == 1 else rows).float().to(device)
-    cond = dict(context=context(prompt), concat=x_aug, y=levels.to(device))
-    uncond = dict(context=context(negative_prompt)) if guidance != 1 else None
-    net = X.x4_network(model.unet)
-    if tile:
-        t = max(m, tile - tile % m)  # tiles must be multiples of the UNet's factor
-        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m))
-    latents, grid = run_sampler(spec, CFG(net, float(guidance)), model.schedule, model.prediction,
-                                x_T.float().to(device), steps, eta=eta, extra_args=dict(cond=cond, uncond=uncond),
-                                generators=generators, progress=progress)
-    if vae_tile:
-        p = next(model.vae.parameters())
-        if p.dtype != torch.float32:
-            model.vae.float()  # the x4 VAE overflows in half precision
-        z = (latents.float() / model.scale_factor).to(p.device)
-        out = torch.cat([tiled_decode(model.vae, zi, tile=vae_tile, overlap=vae_overlap, progress=progress)
-                         .float().cpu() for zi in z.split(1)])
-    else:
-        out = X.decode(model, latents)
-    out = out[..., : 4 * h, : 4 * w]
-    if color_fix_mode != "none":
-        out = color_fix(out, low, color_fix_mode)
-    images = ((out + 1) / 2).clamp(0, 1)
-    params = {
-        "pipeline": "x4", "sdup_version": __version__, "model": str(model.source), "family": model.family,
-        "prediction": model.prediction, "sampler": spec.name, "steps": steps, "guidance": float(guidance), "eta": eta,
-        "input_size": [h, w], "output_size": [4 * h, 4 * w], "batch_size": batch, "scale_factor": model.scale_factor,
-        "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""), "color_fix": color_fix_mode,
-        "noise_level": int(noise_level), "prompt": _describe(prompt), "seeds": seeds,
-        "tiling": {"tile": (net.tile[0] if tile else None), "overlap": (net.overlap[0] if tile else None),
-                   "vae_tile": vae_tile, "vae_overlap": vae_overlap if vae_tile else None},
-    }
-    if guidance != 1:
-        params["negative_prompt"] = _describe(negative_prompt)
-    if ph or pw:
-        params["padding"] = {"mode": "replicate", "bottom": ph, "right": pw}
-    params.update(grid)
-    return X.Result(images=images, latents=latents.float().cpu(), parameters=params)
-
-
-def _describe(prompt):
-    return prompt if isinstance(prompt, str) else {"token_ids": list(prompt)}
+    return upscale_x4(model, img.rgb[None], prompt, negative, noise_level=settings["noise_level"], steps=settings["steps"],
+                      sampler=args.sampler, guidance=settings["guidance"], seed=args.seed, color_fix_mode=args.color_fix,
+                      tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
+                      vae_overlap=plan["vae_overlap"], progress=progress)
 
 
 def cmd_upscale(args) -> int:

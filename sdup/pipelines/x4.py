@@ -116,14 +116,20 @@ def unet_multiple(model) -> int:
 
 
 @torch.no_grad()
-def decode(model, latents: Tensor) -> Tensor:
+def decode(model, latents: Tensor, vae_tile: int | None = None, vae_overlap: int = 8, progress: bool = False) -> Tensor:
     """Scaled latents (B, 4, h, w) -> images (B, 3, 4h, 4w) in [-1, 1] (not clamped), float32 on the CPU.
     The VAE runs in fp32 whatever its stored dtype (a half-precision VAE is upcast for the call only), one sample
-    at a time."""
+    at a time. ``vae_tile``: decode in latent tiles with ``tiling.tiled_decode`` (exact, bounded memory; a
+    half-precision VAE is converted to fp32 in place for it)."""
     vae = model.vae
     p = next(vae.parameters())
     run = vae.decode
-    if p.dtype != torch.float32:
+    if vae_tile:
+        from .tiling import tiled_decode
+        if p.dtype != torch.float32:
+            vae.float()  # the x4 VAE overflows in half precision
+        run = lambda z: tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, progress=progress)  # noqa: E731
+    elif p.dtype != torch.float32:
         state = {k: (v.float() if v.is_floating_point() else v) for k, v in vae.state_dict().items()}
         run = lambda z: _decode_with(vae, state, z)  # noqa: E731
     out = []
@@ -260,7 +266,8 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                guidance: float = 9.0, eta: float | None = None, seed: int | Sequence[int] | None = 42,
                generator: torch.Generator | Sequence[torch.Generator] | None = None,
                x_T: Tensor | None = None, aug_noise: Tensor | None = None, image_range=(0, 1),
-               pad_mode: str | None = "replicate", color_fix_mode: str = "none",
+               pad_mode: str | None = "replicate", color_fix_mode: str = "none", tile: int | None = None,
+               tile_overlap: int = 32, vae_tile: int | None = None, vae_overlap: int = 8,
                callback: Callable[[dict], None] | None = None, progress: bool = True) -> Result:
     """Upscale low-res images 4x with a stable-diffusion-x4-upscaler ``LoadedModel`` (see the module docstring).
 
@@ -278,6 +285,9 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
         padded size h', w' (= h, w when no padding is needed); given ones are not drawn.
     pad_mode: "replicate" (default) / "reflect" padding to the UNet's multiple, or None to require it.
     color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the (un-augmented) low-res input.
+    tile, tile_overlap: run the UNet on overlapping latent tiles (``tiling.TiledModel`` under CFG; the tile is rounded
+        down to the UNet's multiple); vae_tile, vae_overlap: decode with ``tiling.tiled_decode``. Same random numbers;
+        a tile covering the latent gives the untiled result.
     callback: called after every step with dict(i, t, sigma, x, x0_pred) (latents at the padded size).
     Returns ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``.
     """
@@ -325,11 +335,17 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     if guidance != 1:
         neg = prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt")
         uncond = dict(context=neg.to(device))
-    latents, grid = run_sampler(spec, CFG(x4_network(model.unet), float(guidance)), model.schedule, model.prediction,
+    net = x4_network(model.unet)
+    if tile:
+        from .tiling import TiledModel
+        m = unet_multiple(model)
+        t = max(m, tile - tile % m)  # tiles must be multiples of the UNet's factor
+        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m))
+    latents, grid = run_sampler(spec, CFG(net, float(guidance)), model.schedule, model.prediction,
                                 x_T.float().to(device), steps, eta=eta, extra_args=dict(cond=cond, uncond=uncond),
                                 generators=generators, callback=callback, progress=progress)
 
-    out = decode(model, latents)[..., : 4 * h, : 4 * w]   # [-1, 1], cropped back to 4h x 4w
+    out = decode(model, latents, vae_tile, vae_overlap, progress)[..., : 4 * h, : 4 * w]  # [-1, 1], cropped to 4h x 4w
     if color_fix_mode != "none":
         out = color_fix(out, low, color_fix_mode)
     images = ((out + 1) / 2).clamp(0, 1)
@@ -347,6 +363,9 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
         params["noise_levels"] = lv
     if ph or pw:
         params["padding"] = {"mode": pad_mode, "bottom": ph, "right": pw}
+    if tile or vae_tile:
+        params["tiling"] = {"tile": net.tile[0] if tile else None, "overlap": net.overlap[0] if tile else None,
+                            "vae_tile": vae_tile, "vae_overlap": vae_overlap if vae_tile else None}
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
                    negative_prompt=(negative_prompt, negative_embeds))
     params.update(grid)
