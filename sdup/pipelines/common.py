@@ -528,6 +528,12 @@ def check_int(name: str, value, lo: int = 1) -> int:
     return value
 
 
+def check_finite(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
 def prompt_context(model, text, embeds, batch: int, what: str) -> Tensor:
     """(batch, 77, D) fp32 context from text / token ids, or from precomputed embeddings."""
     if embeds is not None:

@@ -25,8 +25,8 @@ import torch
 
 from .. import __version__
 from ..diffusion.denoisers import CFG
-from .common import (Result, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta, resolve_generators,
-                     run_sampler)
+from .common import (Result, check_finite, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta,
+                     resolve_generators, run_sampler)
 
 Tensor = torch.Tensor
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
@@ -117,8 +117,7 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
     spec = parse_sampler(sampler)
     eta = resolve_eta(spec, eta)
     steps = check_int("steps", steps)
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    check_finite("guidance", guidance)
     if prompt is None and prompt_embeds is None:
         raise ValueError("give a prompt (text or token ids) or prompt_embeds")
     if prompt is not None and prompt_embeds is not None:

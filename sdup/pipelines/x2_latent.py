@@ -61,7 +61,8 @@ from .. import __version__
 from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
-from .common import (Result, check_int, parse_sampler, record_prompts, resolve_eta, resolve_generators, token_ids)
+from .common import (Result, check_finite, check_int, parse_sampler, record_prompts, resolve_eta, resolve_generators,
+                     token_ids)
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
@@ -338,8 +339,7 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
                          f"({', '.join(SIGMA_SAMPLERS)}), not {spec.name}")
     eta = resolve_eta(spec, eta)
     steps = check_int("steps", steps)
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    check_finite("guidance", guidance)
     if not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool) or not noise_level >= 0 \
             or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")

@@ -53,8 +53,8 @@ from ..diffusion.denoisers import CFG
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import (Result, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta, resolve_generators,
-                     run_sampler)
+from .common import (Result, check_finite, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta,
+                     resolve_generators, run_sampler)
 
 Tensor = torch.Tensor
 PAD_MODES = ("replicate", "reflect")
@@ -295,8 +295,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     spec = parse_sampler(sampler)
     eta = resolve_eta(spec, eta)
     steps = check_int("steps", steps)
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+    check_finite("guidance", guidance)
     if color_fix_mode not in COLOR_FIX_MODES:
         raise ValueError(f"unknown colour fix {color_fix_mode!r} (choose from {', '.join(COLOR_FIX_MODES)})")
     if prompt is not None and prompt_embeds is not None:
