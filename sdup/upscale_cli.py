@@ -5,7 +5,10 @@
         --prompt "a sharp photograph" --steps 50 --noise-level 20 --color-fix wavelet
     python scripts/upscale.py big.png --model x4 --dry-run       # tile plan + memory estimate, no weights needed
 
-Inputs: image files, folders (png/jpg/jpeg/webp/tif/tiff/bmp, not recursive) and globs. Outputs: -o NAME.ext for
+    python scripts/upscale.py lat.safetensors -o big.png --model x2 --weights sd-x2-latent-upscaler/ --prompt "..."
+
+Inputs: image files, folders (png/jpg/jpeg/webp/tif/tiff/bmp, not recursive) and globs; for --model x2 also latents
+files of scripts/txt2img.py --latents-out (.safetensors, given by name; one output per sample in the file). Outputs: -o NAME.ext for
 one input, else a folder (default outputs/upscale) with <stem>_x<scale>.<ext>; --format png|jpg|webp|tiff
 (default: the input's format; PNG for BMP). 16-bit PNG/TIFF inputs give 16-bit outputs, alpha is upscaled
 separately (bicubic) and re-attached, EXIF orientation is applied. The parameters are stored in the output
@@ -19,13 +22,15 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 UPSCALE_DOC = __doc__
 MODELS = ("auto", "x4", "x2", "stablesr")
 SCALES = {"x4": 4, "x2": 2, "stablesr": 4}
-IMPLEMENTED = ("x4",)
+IMPLEMENTED = ("x4", "x2")
 CONFIGS = {"x4": "x4-upscaling.yaml"}  # official YAMLs in configs/ for the weight-less --dry-run
+LATENT_EXTENSIONS = (".safetensors",)  # x2 inputs: latents files of scripts/txt2img.py --latents-out
 EXPECTED_FILES = {
     "x4": "x4-upscaler-ema.safetensors or x4-upscaler-ema.ckpt (stabilityai/stable-diffusion-x4-upscaler), "
           "or that repo's diffusers folder",
@@ -59,6 +64,10 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="output format (default: same as the input; PNG for formats that cannot be written)")
     p.add_argument("--model", choices=MODELS, default="auto", help="which upscaler (default: from the checkpoint)")
     p.add_argument("--weights", help="checkpoint file or diffusers folder (see weights/README.md)")
+    p.add_argument("--vae", metavar="PATH",
+                   help="x2: the SD 1.x / 2.x checkpoint or VAE (e.g. the sd-vae-ft-mse folder) that encodes images / "
+                        "decodes latents; needed for the original k-diffusion file, which has neither VAE nor text "
+                        "encoder (an SD 1.x checkpoint also supplies its CLIP ViT-L/14); default: the checkpoint's own")
     p.add_argument("--config", help="upstream YAML for non-standard checkpoints (official ones: configs/)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", default="", help='text describing the image (default "")')
@@ -68,11 +77,16 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     neg = p.add_mutually_exclusive_group()
     neg.add_argument("--negative-prompt", default="", help='unconditional text for guidance (default "")')
     neg.add_argument("--negative-prompt-ids", metavar="IDS", help="the negative prompt as token ids")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (x4 default 75)")
-    p.add_argument("--sampler", default="ddim", type=str.lower, choices=SAMPLER_NAMES, help="default ddim (the reference)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (x4 default 9; 1 = off)")
-    p.add_argument("--noise-level", type=int, default=None,
-                   help="x4: low-res noise augmentation 0..350 (default 20; more = more invented detail)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: x4 75, x2 75)")
+    p.add_argument("--sampler", default=None, type=str.lower, choices=SAMPLER_NAMES,
+                   help="default: the reference's (x4 ddim; x2 euler, which takes only euler / euler_a / lms / dpmpp_2m)")
+    p.add_argument("--schedule", default=None, choices=["diffusers", "original", "karras"],
+                   help="x2: sigma grid (default diffusers; original = the k-diffusion notebook's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default x4 9, x2 9; 1 = off)")
+    p.add_argument("--noise-level", type=float, default=None,
+                   help="x4: low-res noise augmentation, an integer 0..350 (default 20; more = more invented detail); "
+                        "x2: the original model's noise level >= 0 (default 0; > 0 needs the k-diffusion file)")
     p.add_argument("--seed", type=int, default=42, help="seed (each image uses this seed; default 42)")
     p.add_argument("--tile", type=int, default=None,
                    help=f"latent tile size for tiled diffusion (default: on above {DEFAULT_TILE}; 0 = off)")
@@ -132,6 +146,8 @@ def check_args(args) -> None:
         fail(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.config and not Path(args.config).is_file():
         fail(f"{args.config}: no such config file")
+    if args.vae and not Path(args.vae).exists():
+        fail(f"--vae {args.vae}: no such file or folder (an SD 1.x / 2.x checkpoint or VAE, see weights/README.md)")
 
 
 def missing_weights(model: str, given: str | None) -> str:
@@ -159,8 +175,8 @@ def detect_family(args) -> str:
 
 
 def not_implemented(family: str):
-    fail(f"the {family} upscaler pipeline is not implemented yet (only x4 is); use --model x4 with the "
-         f"stable-diffusion-x4-upscaler weights")
+    fail(f"the {family} upscaler pipeline is not implemented yet (only {' and '.join(IMPLEMENTED)} are); use --model "
+         f"x4 with the stable-diffusion-x4-upscaler weights")
 
 
 def repo_configs() -> Path:
@@ -168,11 +184,22 @@ def repo_configs() -> Path:
 
 
 def meta_model_from_config(family: str, config: str | None):
-    """A LoadedModel on the meta device from an upstream YAML (``--config`` or the official one in configs/)."""
+    """A LoadedModel on the meta device: x4 from an upstream YAML (``--config`` or the official one in configs/),
+    x2 from the official K-UNet / CLIP ViT-L/14 / SD VAE configurations."""
     import torch
     from .checkpoints.loader import FAMILY_DEFAULTS, LoadedModel, _ldm_constants, _yaml_params
+    from .models import text as T
     from .models.unet import UNet, UNetConfig
     from .models.vae import AutoencoderKL, VAEConfig
+    if family == "x2":
+        from .models.latent_upscaler import KUNet, KUNetConfig
+        out = LoadedModel(family="x2", source="official sd-x2-latent-upscaler configuration",
+                          prediction=FAMILY_DEFAULTS["x2"]["prediction"])
+        with torch.device("meta"):
+            out.unet, out.vae = KUNet(KUNetConfig()), AutoencoderKL(VAEConfig())
+            out.text_encoder = T.TextEncoder(T.KNOWN_TEXT_CONFIGS["openai/clip-vit-large-patch14"])
+        out.configs = {"unet": out.unet.cfg, "vae": out.vae.cfg}
+        return out
     path = Path(config) if config else repo_configs() / CONFIGS[family]
     if not path.is_file():
         fail(f"{path}: the official {family} config is missing (pass --config)")
@@ -185,7 +212,6 @@ def meta_model_from_config(family: str, config: str | None):
         out.unet = UNet(UNetConfig.from_ldm(params["unet_config"]["params"]))
         out.vae = AutoencoderKL(VAEConfig.from_ldm(params["first_stage_config"]["params"]))
         cond = (params.get("cond_stage_config") or {}).get("params", {}) or {}
-        from .models import text as T
         tcfg = T.KNOWN_TEXT_CONFIGS.get(cond.get("version") or cond.get("arch") or "")
         if tcfg is not None:
             out.text_encoder = T.TextEncoder(tcfg)
@@ -193,12 +219,85 @@ def meta_model_from_config(family: str, config: str | None):
     return out
 
 
-def min_side(model) -> int:
-    """Smallest input side accepted: the UNet's downsampling factor 2**(levels-1) (8 for the real x4 model), and
-    never below 8. The x4 latent has the input's size; the UNet halves it levels-1 times, so a smaller input would
-    be mostly replicate padding with a sub-pixel bottleneck (x4.py pads up to the multiple)."""
+def _vae_factor(vae) -> int:
+    cfg = getattr(vae, "cfg", None)
+    return cfg.downscale if cfg is not None else 8
+
+
+def min_side(model, family: str) -> int:
+    """Smallest input side accepted (pixels), never below 8.
+    x4: the UNet's downsampling factor 2**(levels-1) (8 for the real model): the x4 latent has the input's size and
+    a smaller input would be mostly padding with a sub-pixel bottleneck (x4.py pads up to the multiple).
+    x2: twice the VAE factor times the K-UNet's latent multiple (2 x 8 x 4 = 64 px for the real model): below that
+    the K-UNet's bottom level is 1 px wide (its reflect padding needs 2)."""
+    if family == "x2":
+        from .pipelines.x2_latent import latent_multiple
+        return max(MIN_SIDE, 2 * _vae_factor(model.vae) * latent_multiple(model.unet))
     from .pipelines.x4 import unet_multiple
     return max(MIN_SIDE, unet_multiple(model))
+
+
+def latent_size(model, family: str, size: tuple[int, int], latent: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The latent the diffusion runs on for a low-res input of ``size`` (H, W) pixels: x4 the input's size; x2 the
+    2x SD latent (2H/8 x 2W/8, or twice the given low-res ``latent`` of a latents file)."""
+    if latent is not None:
+        return 2 * latent[0], 2 * latent[1]
+    if family == "x2":
+        f = _vae_factor(model.vae)
+        return 2 * -(-size[0] // f), 2 * -(-size[1] // f)
+    return size
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs: images, and latents files for x2
+
+
+@dataclass
+class Item:
+    path: Path                 # the input file
+    size: tuple[int, int]      # low-res size in pixels (H, W); latents: 8 x the latent size
+    name: Path                 # what the output is named after
+    index: int | None = None   # latents file: the sample in it
+    latent: tuple[int, int] | None = None  # latents file: the low-res latent size (h, w)
+
+
+def is_latents(path: Path) -> bool:
+    return path.suffix.lower() in LATENT_EXTENSIONS
+
+
+def latents_shape(path: Path) -> tuple[int, ...]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "latents" not in f.keys():
+                fail(f"{path}: no 'latents' tensor (expected a file from scripts/txt2img.py --latents-out)")
+            return tuple(f.get_slice("latents").get_shape())
+    except Exception as e:  # noqa: BLE001 -- OSError, or safetensors' own SafetensorError for a bad header
+        fail(f"{path}: not a readable latents file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
+def plan_items(inputs: list[Path], family: str | None) -> list[Item]:
+    """Header pass over every input (before any work): readable, and latents only for x2."""
+    from .pipelines import upscale_io as io
+    items = []
+    for path in inputs:
+        if is_latents(path):
+            if family not in (None, "x2"):
+                fail(f"{path}: a latents file; only --model x2 (the latent upscaler) takes latents, the {family} "
+                     f"upscaler takes images")
+            shape = latents_shape(path)
+            if len(shape) != 4 or shape[1] != 4:
+                fail(f"{path}: latents of shape {shape}, the x2 latent upscaler needs SD 1.x / 2.x latents "
+                     f"(B, 4, h, w)")
+            for i in range(shape[0]):
+                name = path.with_suffix(".png") if shape[0] == 1 else path.with_name(f"{path.stem}-{i}.png")
+                items.append(Item(path, (8 * shape[2], 8 * shape[3]), name, i, (shape[2], shape[3])))
+        else:
+            try:
+                items.append(Item(path, io.image_size(path), path))
+            except io.UpscaleIOError as e:
+                fail(str(e))
+    return items
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,10 +313,10 @@ def tiles_1d(n: int, tile: int, overlap: int) -> int:
 
 
 def tile_settings(args, latent_hw: tuple[int, int]) -> dict:
-    """Effective tile sizes for a latent of ``latent_hw`` (None = untiled)."""
+    """Effective tile sizes for a diffusion latent of ``latent_hw`` (None = untiled)."""
     h, w = latent_hw
     tile = args.tile if args.tile is not None else (DEFAULT_TILE if max(h, w) > DEFAULT_TILE else 0)
-    tile -= tile % MIN_SIDE  # a multiple of the UNet's factor (8 for the real x4 model)
+    tile -= tile % MIN_SIDE  # a multiple of the UNet's factor (8 for the real x4 model and the x2 K-UNet)
     vae = args.vae_tile if args.vae_tile is not None else (DEFAULT_VAE_TILE if max(h, w) > DEFAULT_VAE_TILE else 0)
     overlap = args.tile_overlap if args.tile_overlap is not None else min(DEFAULT_TILE_OVERLAP, max(tile // 4, 0))
     vae_overlap = min(DEFAULT_VAE_OVERLAP, max(vae // 4, 0))
@@ -230,12 +329,38 @@ def _bytes(dtype: str) -> int:
     return 4 if dtype == "fp32" else 2
 
 
+def _ldm_unet_bytes(ucfg, th: int, tw: int, batch: int, b: int) -> int:
+    """LDM UNet: batch x sum over levels of channels x tile pixels x 8 live tensors, plus the attention scores of
+    the self-attention levels (heads x N^2, as if materialised)."""
+    total = 0
+    dis = list(ucfg.disable_self_attentions or [False] * len(ucfg.channel_mult))
+    for lvl, mult in enumerate(ucfg.channel_mult):
+        ds = 2 ** lvl
+        n = math.ceil(th / ds) * math.ceil(tw / ds)
+        total += batch * ucfg.model_channels * mult * n * b * 8
+        if ds in tuple(ucfg.attention_resolutions) and not dis[lvl]:
+            total += batch * ucfg.heads_for(ucfg.model_channels * mult)[0] * n * n * b
+    ds = 2 ** (len(ucfg.channel_mult) - 1)
+    n_mid = math.ceil(th / ds) * math.ceil(tw / ds)
+    if not ucfg.disable_middle_self_attn:
+        total += batch * ucfg.heads_for(ucfg.model_channels * ucfg.channel_mult[-1])[0] * n_mid * n_mid * b
+    return total
+
+
+def _kunet_bytes(kcfg, th: int, tw: int, batch: int, b: int) -> int:
+    """x2 K-UNet: the same rule (8 live tensors per level, self-attention scores where the level has it)."""
+    total = 0
+    for lvl, (ch, sa) in enumerate(zip(kcfg.channels, kcfg.self_attn_depths)):
+        n = math.ceil(th / 2 ** lvl) * math.ceil(tw / 2 ** lvl)
+        total += batch * ch * n * b * 8 + (batch * kcfg.heads(ch) * n * n * b if sa else 0)
+    return total
+
+
 def estimate_peak_bytes(model, latent_hw, plan: dict, dtype: str, guidance: float) -> int:
-    """Rough peak memory of one image (weights + the larger of one UNet call and one VAE-tile decode):
-    UNet: batch (2 with guidance) x sum over levels of channels x tile pixels x 8 live tensors, plus the
-    attention scores of the self-attention levels (heads x N^2, as if materialised); VAE: the decoder's top
-    level (ch x ch_mult[0] channels at the output resolution) x 4 live fp32 tensors plus its mid-block
-    attention (N^2 scores) untiled, ``tiling.estimate_vae_bytes`` when tiled. Not a measurement: expect +-50 %."""
+    """Rough peak memory of one image: weights + the larger of one UNet call (``_ldm_unet_bytes`` /
+    ``_kunet_bytes`` on one tile) and one VAE decode: the decoder's top level (ch x ch_mult[0] channels at the output
+    resolution) x 4 live fp32 tensors plus its mid-block attention (N^2 scores) untiled,
+    ``tiling.estimate_vae_bytes`` when tiled. Not a measurement: expect +-50 %."""
     ucfg, vcfg = model.unet.cfg, model.vae.cfg
     b = _bytes(dtype)
     weights = sum(p.numel() for p in model.unet.parameters()) * b + sum(p.numel() for p in model.vae.parameters()) * 4
@@ -244,19 +369,8 @@ def estimate_peak_bytes(model, latent_hw, plan: dict, dtype: str, guidance: floa
     h, w = latent_hw
     th, tw = (min(h, plan["tile"]), min(w, plan["tile"])) if plan["tile"] else (h, w)
     batch = 1 if guidance == 1 else 2
-    unet = 0
-    dis = list(ucfg.disable_self_attentions or [False] * len(ucfg.channel_mult))
-    for lvl, mult in enumerate(ucfg.channel_mult):
-        ds = 2 ** lvl
-        n = math.ceil(th / ds) * math.ceil(tw / ds)
-        unet += batch * ucfg.model_channels * mult * n * b * 8
-        if ds in tuple(ucfg.attention_resolutions) and not dis[lvl]:
-            heads = ucfg.heads_for(ucfg.model_channels * mult)[0]
-            unet += batch * heads * n * n * b
-    ds = 2 ** (len(ucfg.channel_mult) - 1)
-    n_mid = math.ceil(th / ds) * math.ceil(tw / ds)
-    if not ucfg.disable_middle_self_attn:
-        unet += batch * ucfg.heads_for(ucfg.model_channels * ucfg.channel_mult[-1])[0] * n_mid * n_mid * b
+    unet = _kunet_bytes(ucfg, th, tw, batch, b) if hasattr(ucfg, "self_attn_depths") else \
+        _ldm_unet_bytes(ucfg, th, tw, batch, b)
     f = vcfg.downscale
     if plan["vae_tile"]:  # tiling.tiled_decode: mid block on the whole map (chunked attention) + tiles
         from .pipelines.tiling import DEFAULT_STORE_BYTES, estimate_vae_bytes
@@ -264,7 +378,7 @@ def estimate_peak_bytes(model, latent_hw, plan: dict, dtype: str, guidance: floa
                                  store_bytes=DEFAULT_STORE_BYTES)
     else:  # plain decode: the mid-block attention materialises (h w)^2 scores
         vae = vcfg.ch * vcfg.ch_mult[0] * (f * h) * (f * w) * 4 * 4 + (h * w) ** 2 * 4
-    images = (3 * h * w + 3 * f * h * f * w) * 4 * 3  # input, output, colour-fix copies (float32)
+    images = 3 * f * h * f * w * 4 * 4  # output, colour-fix and low-res copies (float32)
     return int(weights + max(unet, vae) + images)
 
 
@@ -282,25 +396,95 @@ def _device(name: str | None) -> str:
     return device
 
 
-def _settings(args, model) -> dict:
+def _settings(args, model, family: str) -> dict:
+    """Per-family defaults filled in and checked (one line + exit 2 on a bad value)."""
+    if family == "x2":
+        from .pipelines import x2_latent as X2
+        s = dict(steps=args.steps or X2.DEFAULTS["steps"], sampler=args.sampler or X2.DEFAULTS["sampler"],
+                 guidance=args.guidance if args.guidance is not None else X2.DEFAULTS["guidance"],
+                 noise_level=args.noise_level if args.noise_level is not None else X2.DEFAULTS["noise_level"],
+                 schedule=args.schedule or X2.DEFAULTS["schedule"])
+        if s["sampler"] not in X2.SIGMA_SAMPLERS:
+            fail(f"--sampler {s['sampler']}: the x2 latent upscaler takes {', '.join(X2.SIGMA_SAMPLERS)} (a "
+                 "Karras-preconditioned denoiser on a sigma grid)")
+        if not s["noise_level"] >= 0 or not math.isfinite(s["noise_level"]):
+            fail(f"--noise-level must be >= 0 for the x2 upscaler, got {s['noise_level']:g}")
+        if s["noise_level"] > 0 and getattr(model.unet, "noise_aug_features", None) is None:
+            fail("--noise-level > 0 needs the original k-diffusion checkpoint (its low_res_noise_embed); the diffusers "
+                 "folder of sd-x2-latent-upscaler hard-codes noise level 0")
+        return s
     from .pipelines import x4 as X4
-    s = dict(steps=args.steps or X4.DEFAULTS["steps"],
+    if args.schedule:
+        fail(f"--schedule is an option of the x2 latent upscaler, not of {family}")
+    s = dict(steps=args.steps or X4.DEFAULTS["steps"], sampler=args.sampler or "ddim",
              guidance=args.guidance if args.guidance is not None else X4.DEFAULTS["guidance"],
              noise_level=args.noise_level if args.noise_level is not None else X4.DEFAULTS["noise_level"])
     top = X4.max_noise_level(model)
-    if not 0 <= s["noise_level"] <= top:
-        fail(f"--noise-level must be in 0..{top} for the x4 upscaler, got {s['noise_level']}")
+    if not 0 <= s["noise_level"] <= top or float(s["noise_level"]) != int(s["noise_level"]):
+        fail(f"--noise-level must be an integer in 0..{top} for the x4 upscaler, got {s['noise_level']:g}")
+    s["noise_level"] = int(s["noise_level"])
     return s
 
 
-def run_x4(model, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
+def run_x4(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
     """One image through ``x4.upscale_x4``, tiled where the plan says so (latent tiles: ``tiling.TiledModel``;
     VAE tiles: ``tiling.tiled_decode``)."""
     from .pipelines.x4 import upscale_x4
     return upscale_x4(model, img.rgb[None], prompt, negative, noise_level=settings["noise_level"], steps=settings["steps"],
-                      sampler=args.sampler, guidance=settings["guidance"], seed=args.seed, color_fix_mode=args.color_fix,
-                      tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
-                      vae_overlap=plan["vae_overlap"], progress=progress)
+                      sampler=settings["sampler"], guidance=settings["guidance"], seed=args.seed,
+                      color_fix_mode=args.color_fix, tile=plan["tile"], tile_overlap=plan["overlap"],
+                      vae_tile=plan["vae_tile"], vae_overlap=plan["vae_overlap"], progress=progress)
+
+
+def run_x2(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
+    """One image (VAE-encoded) or one sample of a latents file through ``x2_latent.upscale_latents_x2``."""
+    from .pipelines.x2_latent import read_latents, upscale_latents_x2
+    if img is None:
+        latents, _ = read_latents(item.path)
+        source = dict(latents=latents[item.index:item.index + 1])
+    else:
+        source = dict(image=img.rgb[None])
+    return upscale_latents_x2(model, prompt=prompt, negative_prompt=negative, vae=model.vae, steps=settings["steps"],
+                              sampler=settings["sampler"], schedule=settings["schedule"], guidance=settings["guidance"],
+                              noise_level=settings["noise_level"], seed=args.seed, color_fix_mode=args.color_fix,
+                              tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
+                              vae_overlap=plan["vae_overlap"], progress=progress, **source)
+
+
+RUNNERS = {"x4": run_x4, "x2": run_x2}
+
+
+def _load(path: str, config: str | None, device: str, dtype):
+    import sdup
+    from .checkpoints import CheckpointError, KeyMismatch
+    try:
+        return sdup.load(path, config=config, device=device, dtype=dtype)
+    except KeyMismatch as e:
+        fail(" ".join(str(e).split()))
+    except (CheckpointError, ValueError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _attach_vae(model, args, device: str) -> None:
+    """x2: use --vae (an SD 1.x / 2.x checkpoint or VAE) for encoding / decoding, or the checkpoint's own vae/."""
+    import torch
+    if args.vae:
+        other = _load(args.vae, None, device, torch.float32)
+        if other.vae is None:
+            fail(f"--vae {args.vae}: no VAE in it ({other.family} checkpoint)")
+        cfg = getattr(other.vae, "cfg", None)
+        if cfg is not None and (cfg.embed_dim != 4 or other.family not in ("sd1", "sd2", "vae", "x2", "stablesr")):
+            fail(f"--vae {args.vae}: a {other.family} VAE with {cfg.embed_dim} latent channels; the x2 upscaler needs "
+                 "the SD 1.x / 2.x VAE (4 channels, f=8)")
+        model.vae = other.vae
+        if model.text_encoder is None and other.family == "sd1" and other.text_encoder is not None:
+            model.text_encoder, model.tokenizer = other.text_encoder, other.tokenizer  # k-diffusion file: CLIP-L of SD 1.x
+    if model.vae is None:
+        fail(f"{args.weights} has no VAE (the original k-diffusion file ships the K-UNet only): pass --vae with an "
+             "SD 1.x / 2.x checkpoint or VAE (see weights/README.md)")
+    if model.text_encoder is None:
+        fail(f"{args.weights} has no text encoder (the original k-diffusion file ships the K-UNet only): pass --vae "
+             "with an SD 1.x checkpoint (its CLIP ViT-L/14 text encoder is used too)")
 
 
 def cmd_upscale(args) -> int:
@@ -331,101 +515,114 @@ def cmd_upscale(args) -> int:
         if args.dry_run:
             from .checkpoints.loader import inspect
             _, meta, error = inspect(Path(args.weights), config=args.config)
-            if meta is None or meta.unet is None or meta.vae is None:
-                why = error or "no UNet / VAE: an incomplete diffusers folder?"
+            if meta is None or meta.unet is None:
+                why = error or "no UNet: an incomplete diffusers folder?"
                 fail(f"{args.weights}: cannot build the model from its header ({why})")
+            if meta.vae is None and family == "x2":
+                meta.vae = meta_model_from_config("x2", None).vae  # decoded with --vae: the SD VAE
+            if meta.vae is None:
+                fail(f"{args.weights}: cannot build the model from its header (no VAE: an incomplete diffusers folder?)")
     scale = SCALES[family]
+    if args.vae and family != "x2":
+        fail(f"--vae is an option of the x2 latent upscaler (the {family} upscaler uses its own VAE)")
     if meta is not None:
-        _settings(args, meta)
+        _settings(args, meta, family)
     elif family == "x4" and args.noise_level is not None and not args.config:  # before loading gigabytes
         from .checkpoints.loader import FAMILY_DEFAULTS
         top = FAMILY_DEFAULTS["x4"]["max_noise_level"]
-        if not 0 <= args.noise_level <= top:
-            fail(f"--noise-level must be in 0..{top} for the x4 upscaler, got {args.noise_level}")
+        if not 0 <= args.noise_level <= top or args.noise_level != int(args.noise_level):
+            fail(f"--noise-level must be an integer in 0..{top} for the x4 upscaler, got {args.noise_level:g}")
 
+    # header pass: every input readable (and of the right kind) before any work
+    items = plan_items(inputs, family)
     try:
-        outputs = io.plan_outputs(inputs, args.output or DEFAULT_OUTPUT, scale, args.format)
+        outputs = io.plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, scale, args.format)
     except io.UpscaleIOError as e:
         fail(str(e))
 
-    # header pass: every image readable and big enough before any work
-    sizes = []
-    for path in inputs:
-        try:
-            sizes.append(io.image_size(path))
-        except io.UpscaleIOError as e:
-            fail(str(e))
-
     if args.dry_run:
-        settings = _settings(args, meta)
-        lo = min_side(meta)
+        settings = _settings(args, meta, family)
+        lo = min_side(meta, family)
         rows = []
-        for path, out, (h, w) in zip(inputs, outputs, sizes):
-            if min(h, w) < lo:
-                fail(f"{path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
-            plan = tile_settings(args, (h, w))
-            row = dict(input=str(path), output=str(out), in_size=(h, w), out_size=(scale * h, scale * w), **plan,
-                       peak_bytes=estimate_peak_bytes(meta, (h, w), plan, args.dtype, settings["guidance"]))
+        for it, out in zip(items, outputs):
+            h, w = it.size
+            if it.index is None and min(h, w) < lo:
+                fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
+            lat = latent_size(meta, family, (h, w), it.latent)
+            plan = tile_settings(args, lat)
+            row = dict(input=str(it.path) + (f"[{it.index}]" if it.index is not None else ""), output=str(out),
+                       in_size=(h, w), out_size=(scale * h, scale * w), **plan,
+                       peak_bytes=estimate_peak_bytes(meta, lat, plan, args.dtype, settings["guidance"]))
             if args.skip_existing and out.exists():
                 row["skip"] = "output exists"
             rows.append(row)
         print(io.dry_run_report(rows))
-        print(f"model: {family} from {meta.source} (meta device, nothing loaded); steps {settings['steps']}, "
-              f"guidance {settings['guidance']}, noise level {settings['noise_level']}, dtype {args.dtype}; "
-              "dry run: nothing written")
+        extra = f"noise level {settings['noise_level']:g}"
+        print(f"model: {family} from {meta.source} (meta device, nothing loaded); sampler {settings['sampler']}, steps "
+              f"{settings['steps']}, guidance {settings['guidance']}, {extra}, dtype {args.dtype}; dry run: nothing "
+              "written")
         return 0
 
     import torch
-    import sdup
-    from .checkpoints import CheckpointError, KeyMismatch
     device = _device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    todo = [(p, o, s) for p, o, s in zip(inputs, outputs, sizes) if not (args.skip_existing and o.exists())]
-    for p, o, _ in zip(inputs, outputs, sizes):
+    todo = [(it, o) for it, o in zip(items, outputs) if not (args.skip_existing and o.exists())]
+    for it, o in zip(items, outputs):
         if args.skip_existing and o.exists():
-            print(f"skip {p} ({o} exists)")
+            print(f"skip {it.path}{f'[{it.index}]' if it.index is not None else ''} ({o} exists)")
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
         return 0
-    try:
-        model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype)
-    except KeyMismatch as e:
-        fail(" ".join(str(e).split()))
-    except (CheckpointError, ValueError, OSError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    model = _load(args.weights, args.config, device, dtype)
+    if family == "x2":
+        _attach_vae(model, args, device)
     lacking = [c for c in ("unet", "vae", "text_encoder") if getattr(model, c) is None]
     if lacking:
         fail(f"{args.weights}: the checkpoint has no {' / '.join(lacking)} (an incomplete diffusers folder?); the "
              f"{family} upscaler needs UNet, VAE and text encoder")
-    settings = _settings(args, model)
-    lo = min_side(model)
-    for path, _, (h, w) in todo:
-        if min(h, w) < lo:
-            fail(f"{path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
+    settings = _settings(args, model, family)
+    lo = min_side(model, family)
+    for it, _ in todo:
+        h, w = it.size
+        if it.index is None and min(h, w) < lo:
+            fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
     if args.compile:
         model.unet = torch.compile(model.unet)
 
     from tqdm import tqdm
     progress = not args.quiet
+    run = RUNNERS[family]
     bar = tqdm(todo, desc="images", unit="img", disable=not progress or len(todo) < 2, file=sys.stderr)
     try:
-        for path, out, (h, w) in bar:
-            img = io.read_image(path)
-            for n in img.notes:
-                io.note(n)
-            if min(img.size) < lo:
-                fail(f"{path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's minimum {lo}x{lo}")
-            plan = tile_settings(args, img.size)
+        for it, out in bar:
+            path = it.path
+            img = None
+            if it.index is None:
+                img = io.read_image(path)
+                for n in img.notes:
+                    io.note(n)
+                if min(img.size) < lo:
+                    fail(f"{path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's minimum {lo}x{lo}")
+                size = img.size
+            else:
+                size = it.size
+            plan = tile_settings(args, latent_size(model, family, size, it.latent))
             t0 = time.time()
-            result = run_x4(model, img, prompt, negative, settings, args, plan, progress)
+            result = run(model, it, img, prompt, negative, settings, args, plan, progress)
             params = result.sample_parameters(0)
             params.pop("batch_index", None)
-            params.update(input=path.name, seed=args.seed, scale=scale, input_bits=img.bits,
-                          alpha="upscaled separately (bicubic)" if img.alpha is not None else None,
-                          tiling=params.get("tiling", "off"), seconds=round(time.time() - t0, 2))
+            params.update(input=path.name, seed=args.seed, scale=scale, tiling=params.get("tiling", "off"),
+                          seconds=round(time.time() - t0, 2))
+            if img is not None:
+                params.update(input_bits=img.bits, alpha="upscaled separately (bicubic)" if img.alpha is not None else None)
+            else:
+                params.update(input_index=it.index, latents_source=_latents_source(path))
+            if args.vae:
+                params["vae"] = str(args.vae)
             params = {k: v for k, v in params.items() if v is not None}
             out.parent.mkdir(parents=True, exist_ok=True)
-            io.write_image(out, result.images[0], img.alpha, bits=img.bits, parameters=params)
+            io.write_image(out, result.images[0], img.alpha if img is not None else None,
+                           bits=img.bits if img is not None else 8, parameters=params)
             print(f"wrote {out}")
     except io.UpscaleIOError as e:
         fail(str(e))
@@ -439,6 +636,15 @@ def cmd_upscale(args) -> int:
     except KeyboardInterrupt:
         fail("interrupted (no partial output written)")
     return 0
+
+
+def _latents_source(path: Path):
+    """The generation parameters stored in a latents file by scripts/txt2img.py (None if absent)."""
+    from .pipelines.x2_latent import read_latents
+    try:
+        return read_latents(path)[1].get("parameters")
+    except (ValueError, OSError):
+        return None
 
 
 def upscale_main(argv=None, prog: str | None = None) -> int:

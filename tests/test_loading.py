@@ -241,3 +241,16 @@ def test_diffusers_bin_files_and_fp16_variant(tmp_path):
     assert torch.equal(w, ref.unet.state_dict()["conv_in.weight"].half().float())
     with pytest.raises(CheckpointError, match="variant 'bf16'"):
         sdup.load(fp16_dir, variant="bf16")
+
+
+def test_bare_diffusers_vae_folder():
+    """A diffusers VAE folder on its own (config.json + weights at the top, like stabilityai/sd-vae-ft-mse) loads
+    as family "vae" with the scaling factor of its config, and equals the VAE of the pipeline folder."""
+    folder = FIXTURES / "sd1" / "diffusers" / "vae"
+    m = sdup.load(folder)
+    assert m.family == "vae" and m.unet is None and m.text_encoder is None and m.scale_factor == 0.18215
+    ref = sdup.load(FIXTURES / "sd1" / "diffusers").vae.state_dict()
+    got = m.vae.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    det, meta, error = sdup.checkpoints.loader.inspect(folder)
+    assert det.family == "vae" and error is None and meta.vae is not None

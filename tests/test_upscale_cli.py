@@ -156,7 +156,8 @@ def test_dry_run_without_weights_writes_nothing(images, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_weights", "missing_weights", "wrong_model", "wrong_family", "not_upscaler",
-                                  "unreadable", "noise_level", "too_small", "no_match", "x2", "file_for_many"])
+                                  "unreadable", "noise_level", "too_small", "no_match", "stablesr",
+                                  "file_for_many"])
 def test_errors(case, images, tmp_path, capsys):
     out = tmp_path / "out"
     args, msg = {
@@ -168,10 +169,10 @@ def test_errors(case, images, tmp_path, capsys):
                          ["--model x4", "sd1 checkpoint"]),
         "not_upscaler": ([images, "--weights", FIXTURES / "sd1" / "model.ckpt"], ["sd1 checkpoint", "not an upscaler"]),
         "unreadable": ([images / "bad.png", *WEIGHTS, *FAST], ["bad.png: not a readable image"]),
-        "noise_level": ([images, *WEIGHTS, *FAST, "--noise-level", "400"], ["--noise-level must be in 0..350", "400"]),
+        "noise_level": ([images, *WEIGHTS, *FAST, "--noise-level", "400"], ["--noise-level must be an integer in 0..350", "400"]),
         "too_small": ([images / "tiny.png", *WEIGHTS, *FAST], ["tiny.png: 4x6", "minimum 8x8"]),
         "no_match": ([str(images / "*.webp"), *WEIGHTS], ["*.webp: nothing matches"]),
-        "x2": ([images, "--model", "x2", "--dry-run"], ["x2 upscaler pipeline is not implemented yet"]),
+        "stablesr": ([images, "--model", "stablesr", "--dry-run"], ["stablesr upscaler pipeline is not implemented yet"]),
         "file_for_many": ([images, *WEIGHTS, "--dry-run"], ["names a file", "2 inputs"]),
     }[case]
     if case == "unreadable":
@@ -276,3 +277,115 @@ def test_tiled_run_and_whole_image_tile_equals_untiled(images, tmp_path, capsys)
     assert px["tiled"].shape == (64, 96, 3)
     assert io.read_parameters(outs["tiled"])["tiling"] == {"tile": 16, "overlap": 8, "vae_tile": 16, "vae_overlap": 4}
     assert io.read_parameters(outs["plain"])["tiling"] == "off"
+
+
+# ------------------------------------------------------------------------------------------------
+# --model x2: the tiny sd-x2-latent-upscaler diffusers folder (no vae/) + the tiny SD VAE as a bare diffusers VAE
+# folder (--vae), images and latents files in
+
+X2 = ["--weights", FIXTURES / "latent_upscaler" / "diffusers", "--vae", FIXTURES / "sd1" / "diffusers" / "vae"]
+
+
+def write_latents(path, latents, scale_factor="0.18215"):
+    from safetensors.torch import save_file
+    save_file({"latents": latents}, str(path), metadata={"scale_factor": scale_factor,
+                                                         "parameters": '{"prompt": "a red bicycle", "seed": 4}'})
+
+
+def test_x2_images_and_latents(tmp_path, capsys):
+    """Images (any size: padded to 32 and cropped back) and a 2-sample latents file -> 2x outputs, parameters
+    recorded (pipeline, vae, the latents file's own generation parameters), RGBA alpha re-attached."""
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(rgb(72, 88, 3)).save(d / "a.png")
+    rgba = np.concatenate([rgb(64, 64, 4), np.full((64, 64, 1), 200, np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(d / "b.png")
+    write_latents(tmp_path / "lat.safetensors", torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0)))
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, d, tmp_path / "lat.safetensors", "-o", out, *X2, *FAST, "--guidance", "3")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["a_x2.png", "b_x2.png", "lat-0_x2.png", "lat-1_x2.png"]
+    with Image.open(out / "a_x2.png") as im:
+        assert im.size == (176, 144)
+    with Image.open(out / "b_x2.png") as im:
+        assert im.size == (128, 128) and im.mode == "RGBA"
+        assert np.abs(np.asarray(im)[..., 3].astype(int) - 200).max() <= 1
+    with Image.open(out / "lat-1_x2.png") as im:
+        assert im.size == (192, 128)  # latent 8 x 12 -> 16 x 24 -> 128 x 192 pixels
+    p = io.read_parameters(out / "a_x2.png")
+    assert p["pipeline"] == "x2_latent" and p["sampler"] == "euler" and p["steps"] == 2 and p["guidance"] == 3
+    assert p["padding"] == {"mode": "replicate", "bottom": 24, "right": 8} and p["vae"].endswith("vae")
+    assert "padding" not in io.read_parameters(out / "b_x2.png")
+    q = io.read_parameters(out / "lat-1_x2.png")
+    assert q["input"] == "lat.safetensors" and q["input_index"] == 1 and q["latents_source"]["seed"] == 4
+    # the CLI equals the library call (same seed, one sample of the file)
+    import sdup
+    from sdup.pipelines.x2_latent import upscale_latents_x2
+    m = sdup.load(X2[1])
+    lat = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    ref = upscale_latents_x2(m, lat[1:], "", vae=sdup.load(X2[3]), steps=2, guidance=3, seed=1, progress=False)
+    with Image.open(out / "lat-1_x2.png") as im:
+        got = torch.from_numpy(np.asarray(im).astype(np.float32) / 255).permute(2, 0, 1)
+    assert (got - ref.images[0]).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_x2_dry_run_without_weights(tmp_path, capsys):
+    Image.fromarray(rgb(512, 768, 0)).save(tmp_path / "big.png")
+    code, stdout, err = run(capsys, tmp_path / "big.png", "--model", "x2", "--dry-run", "-o", tmp_path / "o")
+    assert code == 0, err
+    assert "(768x512) ->" in stdout and "(1536x1024)" in stdout and "sampler euler, steps 75" in stdout
+    assert "official sd-x2-latent-upscaler configuration" in stdout and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["latents_for_x4", "vae_for_x4", "no_vae", "sampler", "noise_level", "bad_latents",
+                                  "latent_channels", "latent_scale"])
+def test_x2_errors(case, images, tmp_path, capsys):
+    lat = tmp_path / "lat.safetensors"
+    write_latents(lat, torch.randn(1, 4, 8, 8))
+    args, msg = {
+        "latents_for_x4": ([lat, *WEIGHTS, *FAST], ["lat.safetensors: a latents file", "only --model x2"]),
+        "vae_for_x4": ([images, *WEIGHTS, *FAST, "--vae", X2[3]], ["--vae is an option of the x2"]),
+        "no_vae": ([lat, *X2[:2], *FAST], ["has no VAE", "--vae"]),
+        "sampler": ([lat, *X2, *FAST, "--sampler", "ddim"], ["--sampler ddim", "euler"]),
+        "noise_level": ([lat, *X2, *FAST, "--noise-level", "0.5"], ["k-diffusion checkpoint"]),
+        "bad_latents": ([tmp_path / "junk.safetensors", *X2, *FAST], ["junk.safetensors: not a readable latents file"]),
+        "latent_channels": ([tmp_path / "c3.safetensors", *X2, *FAST], ["(1, 3, 4, 4)", "SD 1.x / 2.x latents"]),
+        "latent_scale": ([tmp_path / "xl.safetensors", *X2, *FAST], ["0.13025", "SDXL"]),
+    }[case]
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    write_latents(tmp_path / "c3.safetensors", torch.randn(1, 3, 4, 4))
+    write_latents(tmp_path / "xl.safetensors", torch.randn(1, 4, 4, 4), scale_factor="0.13025")
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, *args, "-o", out)
+    assert code == 2, (stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for m in msg:
+        assert m in lines[0], (m, lines[0])
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_x2_kdiffusion_file_with_sd1_checkpoint(tmp_path, capsys):
+    """The original k-diffusion file has the K-UNet only: --vae with an SD 1.x checkpoint supplies the VAE and the
+    CLIP text encoder; a bare VAE folder alone is refused in one line. Its noise-level weights allow --noise-level."""
+    import sdup
+    from sdup.checkpoints.kdiffusion import kunet_kdiffusion_keymap
+    from sdup.checkpoints.loader import save_sdup
+    from sdup.models.latent_upscaler import KUNet
+    import dataclasses
+    m = sdup.load(X2[1])
+    cfg = dataclasses.replace(m.unet.cfg, noise_aug_embed=True, head_dim=64)  # the file's heads: inferred as 64
+    full = KUNet(cfg)
+    full.load_state_dict(m.unet.state_dict(), strict=False)
+    torch.save({"model_ema": kunet_kdiffusion_keymap(cfg).to_ext(full.state_dict())}, tmp_path / "x2.pth")
+    sd1 = tmp_path / "sd1.safetensors"
+    save_sdup(sdup.load(FIXTURES / "sd1" / "model.ckpt", config=FIXTURES / "sd1" / "config.yaml"), sd1)
+    write_latents(tmp_path / "lat.safetensors", torch.randn(1, 4, 8, 8))
+    out = tmp_path / "out"
+    base = [tmp_path / "lat.safetensors", "-o", out, "--weights", tmp_path / "x2.pth", *FAST]
+    code, _, err = run(capsys, *base, "--vae", X2[3])
+    assert code == 2 and "has no text encoder" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run(capsys, *base, "--vae", sd1, "--noise-level", "0.25", "--prompt-ids", "254,7,9,255")
+    assert code == 0, err
+    p = io.read_parameters(out / "lat_x2.png")
+    assert p["noise_level"] == 0.25 and p["vae"].endswith("sd1.safetensors") and p["family"] == "x2"

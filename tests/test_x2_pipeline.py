@@ -312,6 +312,8 @@ def test_latent_contract_errors(loaded):
         upscale_latents_x2(m, torch.randn(1, 16, 8, 12), **t, **kw)
     with pytest.raises(ValueError, match="multiple of 4"):
         upscale_latents_x2(m, torch.randn(1, 4, 7, 12), **t, **kw)
+    with pytest.raises(ValueError, match="at least 8x8"):  # the bottom level would be 1 px wide
+        upscale_latents_x2(m, torch.randn(1, 4, 4, 8), **t, **kw)
     with pytest.raises(ValueError, match="float tensor"):
         upscale_latents_x2(m, torch.ones(1, 4, 8, 12, dtype=torch.long), **t, **kw)
     with pytest.raises(ValueError, match="exactly one"):
@@ -320,8 +322,10 @@ def test_latent_contract_errors(loaded):
         upscale_latents_x2(loaded, low_latents(1), image=torch.rand(1, 3, 64, 96), **t, **kw)
     with pytest.raises(ValueError, match="latents="):
         upscale_latents_x2(loaded, image=torch.rand(1, 4, 8, 12), **t, **kw)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        upscale_latents_x2(loaded, image=torch.rand(1, 3, 60, 96), **t, **kw)
+    with pytest.raises(ValueError, match="multiples of 32"):  # 8 (VAE) x 4 (latent multiple)
+        upscale_latents_x2(loaded, image=torch.rand(1, 3, 60, 96), **t, pad_mode=None, **kw)
+    with pytest.raises(ValueError, match="colour fix"):
+        upscale_latents_x2(m, low_latents(1), **t, color_fix_mode="bogus", **kw)
     with pytest.raises(ValueError, match="no VAE"):
         upscale_latents_x2(m, low_latents(1), **t, steps=1, progress=False)
     with pytest.raises(ValueError, match="sigma sampler"):
@@ -367,3 +371,52 @@ def test_read_latents_file(tmp_path):
     save_file({"x": low}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="latents"):
         read_latents(tmp_path / "bad.safetensors")
+
+
+def test_image_padding_crops_back(loaded):
+    """An image whose sides are not multiples of 32 is replicate-padded; the output is exactly 2H x 2W and equals
+    the padded image's output cropped (same random numbers)."""
+    t = sdup_text(text_inputs(batch=1))
+    img = torch.rand(1, 3, 60, 90, generator=torch.Generator().manual_seed(5))
+    kw = dict(steps=2, guidance=1.0, seed=3, progress=False)
+    out = upscale_latents_x2(loaded, image=img, **t, **kw)
+    assert out.images.shape == (1, 3, 120, 180)
+    assert out.parameters["padding"] == {"mode": "replicate", "bottom": 4, "right": 6}
+    padded = torch.nn.functional.pad(img, (0, 6, 0, 4), mode="replicate")
+    ref = upscale_latents_x2(loaded, image=padded, **t, **kw)
+    assert ref.images.shape == (1, 3, 128, 192) and "padding" not in ref.parameters
+    assert (out.images - ref.images[..., :120, :180]).abs().max() == 0
+
+
+def test_tiled_equals_untiled_and_tiles_blend(loaded):
+    """K-UNet tiles (TiledModel) + tiled VAE decode: one tile covering the 2x latent is the untiled run; smaller
+    tiles change the result only a little (random tiny weights: no quality claim) and stay finite."""
+    t = sdup_text(text_inputs(batch=2))
+    low = low_latents(2)                      # (2, 4, 8, 12) -> 2x latent 16 x 24
+    kw = dict(steps=2, guidance=4.0, seed=7, progress=False)
+    base = upscale_latents_x2(loaded, low, **t, **kw)
+    whole = upscale_latents_x2(loaded, low, **t, tile=24, vae_tile=24, **kw)
+    assert (whole.latents - base.latents).abs().max() == 0
+    assert (whole.images - base.images).abs().max() < 1e-5
+    tiled = upscale_latents_x2(loaded, low, **t, tile=16, tile_overlap=8, vae_tile=8, vae_overlap=2,
+                                **kw)  # 1 x 2 latent tiles
+    assert tiled.parameters["tiling"] == {"tile": 16, "overlap": 8, "vae_tile": 8, "vae_overlap": 2}
+    assert torch.isfinite(tiled.images).all() and tiled.images.shape == base.images.shape
+    assert 0 < (tiled.latents - base.latents).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["adain", "wavelet"])
+def test_color_fix(loaded, mode):
+    """Colour fix against the input image (image path) or the decoded low-res latents (latents path)."""
+    from sdup.pipelines.colorfix import color_fix
+    from sdup.pipelines.x2_latent import decode_latents
+    t = sdup_text(text_inputs(batch=1))
+    kw = dict(steps=2, guidance=1.0, seed=2, progress=False)
+    low = low_latents(1)
+    plain = upscale_latents_x2(loaded, low, **t, **kw)
+    fixed = upscale_latents_x2(loaded, low, **t, color_fix_mode=mode, **kw)
+    assert fixed.parameters["color_fix"] == mode
+    raw = decode_latents(loaded, plain.latents, clamp=False)
+    ref = decode_latents(loaded, low, clamp=False)
+    want = ((color_fix(raw, ref, mode) + 1) / 2).clamp(0, 1)
+    assert (fixed.images - want).abs().max() < 1e-6

@@ -54,6 +54,8 @@ def _torch_load(path: Path) -> dict:
         raise CheckpointError(f"{path}: {kind} torch checkpoint ({first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model_ema"), dict):  # k-diffusion: {"model_ema": {...}, ...}
+        obj = obj["model_ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: torch file holds a {type(obj).__name__}, not a state dict of tensors")
     return obj
@@ -116,6 +118,18 @@ def component_config(folder: Path, component: str) -> dict | None:
 def is_diffusers_folder(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and any((path / c / "config.json").exists() for c in ("unet", "vae", "text_encoder"))
+
+
+def is_vae_folder(path: str | Path) -> bool:
+    """A bare diffusers VAE folder (``config.json`` of an ``AutoencoderKL`` + its weights at the top level), e.g.
+    stabilityai/sd-vae-ft-mse."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("_class_name") == "AutoencoderKL"
+    except ValueError:
+        return False
 
 
 def describe_path(path: str | Path) -> str:

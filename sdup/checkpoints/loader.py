@@ -27,7 +27,7 @@ from . import ldm
 from .detect import (CLIP, OPENCLIP, STRUCT, Detection, detect, unet_config_from_diffusers_shapes, unet_config_from_shapes,
                      vae_config_from_diffusers_shapes, vae_config_from_shapes)
 from .io import (CheckpointError, component_config, component_file, describe_path, is_diffusers_folder,
-                 read_shapes, read_state_dict)
+                 is_vae_folder, read_shapes, read_state_dict)
 from .keymap import KeyMap, KeyMismatch
 
 # What the weights cannot tell: per-family inference constants (SPEC §2.1, §3.1, §4, §5.1).
@@ -366,15 +366,20 @@ def _diffusers_component(out: LoadedModel, comp: str, sd: dict, cfg_json: dict |
 
 
 def _load_diffusers(folder: Path, b: _Build, *, prediction, variant=None, reader=None) -> LoadedModel:
+    """A diffusers pipeline folder (unet/, vae/, text_encoder/), or a bare VAE folder (family "vae")."""
     reader = reader or read_state_dict
-    family = _diffusers_family(folder)
+    bare_vae = is_vae_folder(folder) and not is_diffusers_folder(folder)
+    family = "vae" if bare_vae else _diffusers_family(folder)
     d = FAMILY_DEFAULTS[family]
     sched = component_config(folder, "scheduler") or {}
     out = LoadedModel(family=family, source=str(folder), scale_factor=d["scale_factor"], report=b.report,
                       prediction=prediction or {"epsilon": "eps", "v_prediction": "v", "sample": "sample"}.get(
-                          sched.get("prediction_type"), d["prediction"]))
-    out.schedule = {"linear_start": sched.get("beta_start", d["linear_start"]),
-                    "linear_end": sched.get("beta_end", d["linear_end"]), "timesteps": sched.get("num_train_timesteps", 1000)}
+                          sched.get("prediction_type"), d.get("prediction")))
+    if not bare_vae:
+        out.schedule = {"linear_start": sched.get("beta_start", d["linear_start"]), "linear_end": sched.get(
+            "beta_end", d["linear_end"]), "timesteps": sched.get("num_train_timesteps", 1000)}
+    if bare_vae:  # the VAE's own config.json knows its latent scale (SD: 0.18215)
+        out.scale_factor = float((component_config(folder, ".") or {}).get("scaling_factor", d["scale_factor"]))
     if family == "x4":
         low = component_config(folder, "low_res_scheduler") or {}
         index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
@@ -383,11 +388,12 @@ def _load_diffusers(folder: Path, b: _Build, *, prediction, variant=None, reader
                             noise_linear_end=low.get("beta_end", d["noise_linear_end"]))
     found = False
     for comp in ("unet", "vae", "text_encoder"):
-        f = component_file(folder, comp, variant)
+        sub = "." if bare_vae and comp == "vae" else comp  # a bare VAE folder has its files at the top
+        f = component_file(folder, sub, variant)
         if f is None:
             continue
         found = True
-        _diffusers_component(out, comp, reader(f), component_config(folder, comp), b, f"{comp} ({f.name})")
+        _diffusers_component(out, comp, reader(f), component_config(folder, sub), b, f"{comp} ({f.name})")
     if not found:
         raise CheckpointError(f"{folder}: diffusers folder without unet/, vae/ or text_encoder/ weights"
                               + (f" for variant {variant!r}" if variant else ""))
@@ -528,7 +534,7 @@ def load(path: str | Path, config=None, *, device="cpu", dtype=torch.float32, em
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder (see weights/README.md for where to put the official files)")
     if path.is_dir():
-        if not is_diffusers_folder(path):
+        if not is_diffusers_folder(path) and not is_vae_folder(path):
             raise CheckpointError(f"{describe_path(path)}: not a diffusers folder (no unet/, vae/ or text_encoder/ config.json)")
         return _load_diffusers(path, _Build(device, dtype, strict, {}), prediction=prediction, variant=variant)
     if path.suffix == ".json":
@@ -545,9 +551,10 @@ def inspect(path: str | Path, config=None) -> tuple[Detection, LoadedModel | Non
     meta_of = lambda shapes: {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     try:
         if path.is_dir():
-            if not is_diffusers_folder(path):
+            if not is_diffusers_folder(path) and not is_vae_folder(path):
                 raise CheckpointError(f"{describe_path(path)}: not a diffusers folder")
-            det = Detection(_diffusers_family(path), "diffusers")
+            det = Detection("vae" if is_vae_folder(path) and not is_diffusers_folder(path) else _diffusers_family(path),
+                            "diffusers")
             model = _load_diffusers(path, _Build("meta", None, False, {}), prediction=None,
                                     reader=lambda f: meta_of(read_shapes(f)[0]))
             return det, model, None

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 PARAMETERS_KEY = "parameters"  # PNG text keyword holding the JSON parameters
@@ -583,3 +584,23 @@ def record_prompts(params: dict, batch: int, guidance: float, seeds, **prompts) 
     if seeds is not None:
         params["seeds"] = seeds
     return params
+
+
+PAD_MODES = ("replicate", "reflect")
+
+
+def pad_to_multiple(x: Tensor, m: int, pad_mode: str | None, what: str = "image") -> tuple[Tensor, tuple[int, int]]:
+    """Pad bottom / right to multiples of m; returns (padded, (pad_h, pad_w))."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    if not ph and not pw:
+        return x, (0, 0)
+    if pad_mode is None:
+        raise ValueError(f"the {what} is {h}x{w}, but this model needs height and width that are multiples of "
+                         f"{m} (the model downsamples it by {m}); crop / resize it, or pass "
+                         f"pad_mode='replicate' or 'reflect' to pad and crop the output back")
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES} or None, got {pad_mode!r}")
+    if pad_mode == "reflect" and (ph >= h or pw >= w):
+        raise ValueError(f"reflect padding of a {h}x{w} image by ({ph}, {pw}) is impossible; use pad_mode='replicate'")
+    return F.pad(x, (0, pw, 0, ph), mode=pad_mode), (ph, pw)

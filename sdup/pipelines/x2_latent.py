@@ -61,8 +61,9 @@ from .. import __version__
 from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
-from .common import (Result, check_finite, check_int, parse_sampler, record_prompts, resolve_eta, resolve_generators,
-                     token_ids)
+from .colorfix import COLOR_FIX_MODES, color_fix
+from .common import (Result, check_finite, check_int, pad_to_multiple, parse_sampler, record_prompts, resolve_eta,
+                     resolve_generators, token_ids)
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
@@ -111,6 +112,9 @@ def check_latents(unet, latents) -> Tensor:
     if x.shape[-2] % m or x.shape[-1] % m:
         raise ValueError(f"low-res latent size must be a multiple of {m} (the K-UNet halves the 2x latent "
                          f"{len(unet.cfg.channels) - 1} times), got {x.shape[-2]}x{x.shape[-1]}")
+    if min(x.shape[-2:]) < 2 * m:  # the K-UNet's bottom level would be 1 px wide: its reflect padding needs 2
+        raise ValueError(f"low-res latents must be at least {2 * m}x{2 * m} (images of {16 * m} px), got "
+                         f"{x.shape[-2]}x{x.shape[-1]}")
     if not torch.isfinite(x).all():
         raise ValueError("latents contain NaN or inf")
     return x.float()
@@ -153,14 +157,23 @@ def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=N
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: Tensor, scale_factor: float = 0.18215) -> Tensor:
-    """Scaled latents -> images in [0, 1] (VAE in fp32, one sample at a time), on the CPU."""
+def decode_latents(vae, latents: Tensor, scale_factor: float = 0.18215, *, vae_tile: int | None = None,
+                   vae_overlap: int = 8, progress: bool = False, clamp: bool = True) -> Tensor:
+    """Scaled latents -> images on the CPU, in [0, 1] (``clamp=False``: the raw decoder output in [-1, 1], not clamped).
+    The VAE runs in fp32 (a half-precision VAE is converted in place), one sample at a time; ``vae_tile`` decodes in
+    latent tiles with ``tiling.tiled_decode`` (exact, bounded memory)."""
     vae = _vae_module(vae)
     p = next(vae.parameters())
+    if p.dtype != torch.float32:
+        vae.float()
+    run = vae.decode
+    if vae_tile:
+        from .tiling import tiled_decode
+        run = lambda z: tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, progress=progress)  # noqa: E731
     out = []
     for z in latents.float().split(1):
-        x = vae.decode((z / scale_factor).to(p.device, p.dtype)).float()
-        out.append(((x + 1) / 2).clamp(0, 1).cpu())
+        x = run((z / scale_factor).to(p.device, torch.float32)).float().cpu()
+        out.append(((x + 1) / 2).clamp(0, 1) if clamp else x)
     return torch.cat(out)
 
 
@@ -243,10 +256,18 @@ def x2_network(unet) -> Callable:
     return net
 
 
-def x2_denoiser(unet, guidance: float = 1.0) -> CFG:
-    """``CFG(KarrasDenoiser(x2_network(unet)), guidance)``: D(x, sigma, cond=..., uncond=...)."""
-    return CFG(KarrasDenoiser(x2_network(unet), sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN,
-                              sigma_max=SIGMA_MAX), float(guidance))
+def x2_denoiser(unet, guidance: float = 1.0, tile: int | None = None, tile_overlap: int = 16) -> CFG:
+    """``CFG(KarrasDenoiser(x2_network(unet)), guidance)``: D(x, sigma, cond=..., uncond=...).
+    ``tile``: run the network on overlapping tiles of the 2x latent (``tiling.TiledModel``; the low-res conditioning
+    is cut into the same tiles), rounded down to the K-UNet's multiple."""
+    net = x2_network(unet)
+    if tile:
+        from .tiling import TiledModel
+        m = 2 * latent_multiple(unet)  # the 2x latent is halved levels-1 times
+        t = max(m, tile - tile % m)
+        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m))
+    return CFG(KarrasDenoiser(net, sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX),
+               float(guidance))
 
 
 def x2_sigmas(steps: int, schedule: str = "diffusers", model=None) -> Tensor:
@@ -307,7 +328,9 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
                        seed: int | Sequence[int] | None = 42,
                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        x_T: Tensor | None = None, noise_level: float = 0.0, noise_aug: str = "gaussian",
-                       mask_padding: bool = False, sample_posterior: bool = True,
+                       mask_padding: bool = False, sample_posterior: bool = True, pad_mode: str | None = "replicate",
+                       tile: int | None = None, tile_overlap: int = 16, vae_tile: int | None = None,
+                       vae_overlap: int = 8, color_fix_mode: str = "none",
                        callback: Callable[[dict], None] | None = None, progress: bool = True,
                        decode: bool = True) -> Result:
     """Upscale SD latents (or an image through the SD VAE) 2x with an sd-x2-latent-upscaler ``LoadedModel``.
@@ -329,6 +352,14 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
         noise_aug: "gaussian" (L + s N) or "fake" (L sqrt(s^2 + 1)).
     mask_padding: mask the text padding tokens as the original model did (diffusers does not).
     sample_posterior: image path: VAE posterior sample (diffusers / original) or its mean.
+    pad_mode: image path: an image whose sides are not multiples of 8 * ``latent_multiple`` (32 for the real
+        model) is padded bottom / right ("replicate" | "reflect") and the output cropped back to exactly 2H x 2W;
+        None raises instead. Latents are never padded (the latent contract).
+    tile, tile_overlap: run the K-UNet on overlapping tiles of the 2x latent (``tiling.TiledModel``, Gaussian
+        blending every step; one tile covering the latent = the untiled run); vae_tile, vae_overlap: decode with
+        ``tiling.tiled_decode`` (exact, bounded memory).
+    color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the input image (latents path: to
+        the VAE decode of the low-res latents).
     callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
     """
     check_x2_model(model)
@@ -349,6 +380,8 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
         raise ValueError("noise_level > 0 (the original's low-res noise augmentation) needs the low_res_noise_embed "
                          "weights, which only the original k-diffusion checkpoint (model_ema) contains; the diffusers "
                          "folder hard-codes noise level 0")
+    if color_fix_mode not in COLOR_FIX_MODES:
+        raise ValueError(f"unknown colour fix {color_fix_mode!r} (choose from {', '.join(COLOR_FIX_MODES)})")
     if (latents is None) == (image is None):
         raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
     if prompt_embeds is not None:
@@ -369,6 +402,9 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
                              + (" -- 4-channel tensors are latents: pass them as latents="
                                 if isinstance(image, Tensor) and image.ndim in (3, 4) and image.shape[-3] == 4 else ""))
         image = image[None] if image.ndim == 3 else image
+        in_hw = tuple(image.shape[-2:])
+        f = vae_module.cfg.downscale if getattr(vae_module, "cfg", None) is not None else 8
+        image, padding = pad_to_multiple(image, f * latent_multiple(unet), pad_mode, "image")
     batch = _batch_of(latents, image)
     scale_factor = float(getattr(model, "scale_factor", 0.18215))
 
@@ -420,14 +456,24 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
         if len(sigmas) < 2 or not bool((sigmas[:-1] > 0).all()) or not bool((sigmas[1:] <= sigmas[:-1]).all()):
             raise ValueError("sigmas must be a descending grid of >= 2 values, all > 0 but the last")
         schedule = "custom"
-    den = x2_denoiser(unet, guidance if use_cfg else 1.0)
+    den = x2_denoiser(unet, guidance if use_cfg else 1.0, tile, tile_overlap)
     kw = dict(extra_args=dict(cond=cond, uncond=uncond), generator=generators, callback=callback,
               disable=not progress)
     if spec.name == "euler_a":
         kw["eta"] = eta
     out = spec.fn(den, x_T * sigmas[0], sigmas.to(p.device), **kw).float()
 
-    images = decode_latents(vae_module, out, scale_factor) if decode else None
+    images = None
+    if decode:
+        images = decode_latents(vae_module, out, scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
+                                progress=progress, clamp=False)
+        if color_fix_mode != "none":
+            ref = 2 * image.float() - 1 if image is not None else decode_latents(vae_module, low, scale_factor,
+                                                                                 clamp=False)
+            images = color_fix(images, ref, color_fix_mode)
+        if image is not None:
+            images = images[..., : 2 * in_hw[0], : 2 * in_hw[1]]
+        images = ((images + 1) / 2).clamp(0, 1)
     params = {
         "pipeline": "x2_latent", "sdup_version": __version__, "model": str(model.source), "family": model.family,
         "sampler": spec.name, "steps": len(sigmas) - 1, "schedule": schedule, "guidance": float(guidance),
@@ -439,7 +485,13 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
         "sigmas": [round(float(v), 6) for v in sigmas],
     }
     if images is not None:
-        params.update(height=images.shape[-2], width=images.shape[-1])
+        params.update(height=images.shape[-2], width=images.shape[-1], color_fix=color_fix_mode)
+    if image is not None and any(padding):
+        params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
+    if tile or vae_tile:
+        tiler = den.inner.model if tile else None
+        params["tiling"] = {"tile": getattr(tiler, "tile", [None])[0], "overlap": getattr(tiler, "overlap", [None])[0],
+                            "vae_tile": vae_tile, "vae_overlap": vae_overlap if vae_tile else None}
     record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
                    negative_prompt=(negative_prompt, negative_embeds))
     return Result(images=images, latents=out.cpu(), parameters=params)

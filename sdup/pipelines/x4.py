@@ -40,24 +40,21 @@ input gives 262144 positions), so large inputs need tiled decoding (not part of 
 """
 from __future__ import annotations
 
-import math
 import operator
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
 from ..diffusion.denoisers import CFG
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import (Result, check_finite, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta,
-                     resolve_generators, run_sampler)
+from .common import (Result, check_finite, check_int, pad_to_multiple, parse_sampler, prompt_context,
+                     record_prompts, resolve_eta, resolve_generators, run_sampler)
 
 Tensor = torch.Tensor
-PAD_MODES = ("replicate", "reflect")
 DEFAULTS = dict(noise_level=20, steps=75, guidance=9.0, eta=0.0, sampler="ddim")  # diffusers'
 REFERENCE_DEFAULTS = {
     "diffusers": dict(steps=75, guidance=9.0, noise_level=20, eta=0.0),
@@ -225,23 +222,6 @@ def _noise_levels(noise_level, batch: int, top: int) -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def _pad(x: Tensor, m: int, pad_mode: str | None) -> tuple[Tensor, tuple[int, int]]:
-    """Pad bottom / right to multiples of m; returns (padded, (pad_h, pad_w))."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % m, (-w) % m
-    if not ph and not pw:
-        return x, (0, 0)
-    if pad_mode is None:
-        raise ValueError(f"the low-res image is {h}x{w}, but this model needs height and width that are multiples of "
-                         f"{m} (its UNet halves the latent {int(math.log2(m))} times); crop / resize it, or pass "
-                         f"pad_mode='replicate' or 'reflect' to pad and crop the output back")
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES} or None, got {pad_mode!r}")
-    if pad_mode == "reflect" and (ph >= h or pw >= w):
-        raise ValueError(f"reflect padding of a {h}x{w} image by ({ph}, {pw}) is impossible; use pad_mode='replicate'")
-    return F.pad(x, (0, pw, 0, ph), mode=pad_mode), (ph, pw)
-
-
 def _check_model(model) -> None:
     if model.family != "x4" or model.unet is None or model.vae is None:
         raise ValueError(f"upscale_x4 needs a stable-diffusion-x4-upscaler checkpoint (UNet + VAE), "
@@ -308,7 +288,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     low = _images(image, image_range)                  # (B, 3, h, w) in [-1, 1]
     batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
     levels = _noise_levels(noise_level, batch, max_noise_level(model))
-    padded, (ph, pw) = _pad(low, unet_multiple(model), pad_mode)
+    padded, (ph, pw) = pad_to_multiple(low, unet_multiple(model), pad_mode, "low-res image")
     H, W = padded.shape[-2:]
     channels = model.vae.cfg.embed_dim if hasattr(model.vae, "cfg") else 4
 
