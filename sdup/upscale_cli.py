@@ -216,6 +216,8 @@ def meta_model_from_config(family: str, config: str | None):
         if tcfg is not None:
             out.text_encoder = T.TextEncoder(tcfg)
     out.configs = {"unet": out.unet.cfg, "vae": out.vae.cfg}
+    if out.text_encoder is not None:
+        out.configs["text_encoder"] = out.text_encoder.cfg
     return out
 
 
@@ -373,9 +375,10 @@ def estimate_peak_bytes(model, latent_hw, plan: dict, dtype: str, guidance: floa
         _ldm_unet_bytes(ucfg, th, tw, batch, b)
     f = vcfg.downscale
     if plan["vae_tile"]:  # tiling.tiled_decode: mid block on the whole map (chunked attention) + tiles
-        from .pipelines.tiling import DEFAULT_STORE_BYTES, estimate_vae_bytes
+        from .pipelines.tiling import auto_store_bytes, estimate_vae_bytes
+        largest = max(vcfg.ch * m * (f * h >> lvl) * (f * w >> lvl) * 4 for lvl, m in enumerate(vcfg.ch_mult))
         vae = estimate_vae_bytes(vcfg, (1, vcfg.embed_dim, h, w), tile=plan["vae_tile"], halo=16,
-                                 store_bytes=DEFAULT_STORE_BYTES)
+                                 store_bytes=auto_store_bytes(largest))
     else:  # plain decode: the mid-block attention materialises (h w)^2 scores
         vae = vcfg.ch * vcfg.ch_mult[0] * (f * h) * (f * w) * 4 * 4 + (h * w) ** 2 * 4
     images = 3 * f * h * f * w * 4 * 4  # output, colour-fix and low-res copies (float32)
