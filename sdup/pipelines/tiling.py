@@ -159,8 +159,10 @@ class TiledModel:
     Tiles are visited x-offset outer, y-offset inner (upstream order).  Attributes of ``model_fn`` are forwarded.
     """
 
-    def __init__(self, model_fn: Callable, tile=64, overlap=32, tile_batch: int = 1, weights: str = "symmetric"):
+    def __init__(self, model_fn: Callable, tile=64, overlap=32, tile_batch: int = 1, weights: str = "symmetric",
+                 progress: bool = False):
         self.model_fn = model_fn
+        self.progress = progress  # a transient tqdm bar over the tiles of each call
         self.tile = _pair(tile)
         self.overlap = _pair(overlap)
         if tile_batch < 1:
@@ -197,6 +199,10 @@ class TiledModel:
         acc: list[Tensor] | None = None
         wsum = torch.zeros(H, W, dtype=w.dtype, device=x.device)
         single = True
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(tiles), desc="tiles", unit="tile", leave=False)
         for k in range(0, len(tiles), self.tile_batch):
             crops = tiles[k:k + self.tile_batch]
             n = len(crops)
@@ -215,6 +221,10 @@ class TiledModel:
                     a[..., y:y + th, x0:x0 + tw] += o[i * B:(i + 1) * B].to(w.dtype) * w
             for y, x0 in crops:
                 wsum[y:y + th, x0:x0 + tw] += w
+            if bar is not None:
+                bar.update(n)
+        if bar is not None:
+            bar.close()
         res = [(a / wsum).to(dt) for a, dt in zip(acc, dtypes)]
         return res[0] if single else tuple(res)
 

@@ -256,7 +256,8 @@ def x2_network(unet) -> Callable:
     return net
 
 
-def x2_denoiser(unet, guidance: float = 1.0, tile: int | None = None, tile_overlap: int = 16) -> CFG:
+def x2_denoiser(unet, guidance: float = 1.0, tile: int | None = None, tile_overlap: int = 16,
+                progress: bool = False) -> CFG:
     """``CFG(KarrasDenoiser(x2_network(unet)), guidance)``: D(x, sigma, cond=..., uncond=...).
     ``tile``: run the network on overlapping tiles of the 2x latent (``tiling.TiledModel``; the low-res conditioning
     is cut into the same tiles), rounded down to the K-UNet's multiple."""
@@ -265,7 +266,7 @@ def x2_denoiser(unet, guidance: float = 1.0, tile: int | None = None, tile_overl
         from .tiling import TiledModel
         m = 2 * latent_multiple(unet)  # the 2x latent is halved levels-1 times
         t = max(m, tile - tile % m)
-        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m))
+        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m), progress=progress)
     return CFG(KarrasDenoiser(net, sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX),
                float(guidance))
 
@@ -456,7 +457,7 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
         if len(sigmas) < 2 or not bool((sigmas[:-1] > 0).all()) or not bool((sigmas[1:] <= sigmas[:-1]).all()):
             raise ValueError("sigmas must be a descending grid of >= 2 values, all > 0 but the last")
         schedule = "custom"
-    den = x2_denoiser(unet, guidance if use_cfg else 1.0, tile, tile_overlap)
+    den = x2_denoiser(unet, guidance if use_cfg else 1.0, tile, tile_overlap, progress)
     kw = dict(extra_args=dict(cond=cond, uncond=uncond), generator=generators, callback=callback,
               disable=not progress)
     if spec.name == "euler_a":

@@ -319,7 +319,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
         from .tiling import TiledModel
         m = unet_multiple(model)
         t = max(m, tile - tile % m)  # tiles must be multiples of the UNet's factor
-        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m))
+        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m), progress=progress)
     latents, grid = run_sampler(spec, CFG(net, float(guidance)), model.schedule, model.prediction,
                                 x_T.float().to(device), steps, eta=eta, extra_args=dict(cond=cond, uncond=uncond),
                                 generators=generators, callback=callback, progress=progress)
