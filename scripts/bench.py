@@ -1,19 +1,28 @@
 #!/usr/bin/env python
 """Benchmark sdup against diffusers on the same random full-size weights, in one run.
 
-    python scripts/bench.py                       # all models, 3 timed runs each, 2 threads
-    python scripts/bench.py --models sd14-unet --runs 5 --out bench.md
+    python scripts/bench.py                                   # all default cases, 3 timed runs each, 2 threads
+    python scripts/bench.py --models sd14-unet x4-unet --runs 5 --markdown docs/bench.md
+    python scripts/bench.py --models sd14-unet --dtype bf16   # both implementations in bf16 (+ sdup fp32 for the ratio)
+    python scripts/bench.py --models vae-f4-decode-2048 --memory   # x4 VAE to 2048^2: sdup tiled vs diffusers
 
-For each model: both implementations get identical weights (diffusers' random init, converted with
-sdup's key tables), the outputs are checked to agree, then each is timed (1 warm-up, median of --runs)
-under torch.inference_mode with a fixed thread count. GFLOP/s come from torch's FlopCounterMode.
-Not a test: run it on demand (it needs several GB of RAM and minutes of CPU).
+For each case both implementations get identical weights (diffusers' random init, converted with sdup's key tables),
+the outputs are checked to agree, then they are timed **interleaved** (sdup, diffusers, sdup, ... after one warm-up
+each; median of --runs) under torch.inference_mode with a fixed thread count, so a busy machine slows both alike.
+GFLOP/s come from torch's FlopCounterMode on sdup's forward; "ceiling" is the fraction of this CPU's fp32 (or bf16)
+matmul rate measured at start (a 4096^2 x 4096^2 torch.mm). --memory measures each implementation's peak RSS during
+its forward in a separate process (the peak is reset after building, via /proc/self/clear_refs; diffusers gets an
+address-space limit, --mem-limit-gb, so a model that needs hundreds of GiB fails cleanly instead of taking the
+machine). Not a test: it needs several GB of RAM and minutes of CPU; run it on demand.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,27 +38,29 @@ from sdup.models.vae import AutoencoderKL  # noqa: E402
 CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
 SD21_UNET = dict(CONFIGS[SD1]["unet"], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cfg(repo, comp):
     return {k: v for k, v in CONFIGS[repo][comp].items() if not k.startswith("_")}
 
 
-def unet_case(dcfg, h, w, batch=2):
+def unet_case(dcfg, h, w, batch=2, dtype=torch.float32):
     from diffusers import UNet2DConditionModel
     ref = UNet2DConditionModel(**dcfg).eval()
     c = dfs.unet_config(dict(ref.config))
     mine = UNet(c).eval()
     mine.load_state_dict(dfs.unet_keymap(c, mine.state_dict()).to_sdup(ref.state_dict()))
+    mine, ref = mine.to(dtype), ref.to(dtype)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, c.in_channels, h, w, generator=g)
+    x = torch.randn(batch, c.in_channels, h, w, generator=g).to(dtype)
     t = torch.full((batch,), 500)
-    ctx = torch.randn(batch, 77, c.context_dim, generator=g)
+    ctx = torch.randn(batch, 77, c.context_dim, generator=g).to(dtype)
     y = torch.full((batch,), 20) if c.num_classes else None
     return (lambda: mine(x, t, ctx, y=y)), (lambda: ref(x, t, encoder_hidden_states=ctx, class_labels=y).sample)
 
 
-def kunet_case(h, w, batch=2):
+def kunet_case(h, w, batch=2, dtype=torch.float32):
     from diffusers import UNet2DConditionModel
     from sdup.checkpoints.diffusers import kunet_diffusers_keymap
     from sdup.models.latent_upscaler import KUNet, KUNetConfig
@@ -57,77 +68,176 @@ def kunet_case(h, w, batch=2):
     c = KUNetConfig.from_diffusers(dict(ref.config))
     mine = KUNet(c).eval()
     mine.load_state_dict(kunet_diffusers_keymap(c).to_sdup(ref.state_dict()))
+    mine, ref = mine.to(dtype), ref.to(dtype)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 8, h, w, generator=g)
+    x = torch.randn(batch, 8, h, w, generator=g).to(dtype)
     c_noise = torch.full((batch,), 0.5)
-    cond = torch.randn(batch, 896, generator=g)
-    ctx = torch.randn(batch, 77, 768, generator=g)
+    cond = torch.randn(batch, 896, generator=g).to(dtype)
+    ctx = torch.randn(batch, 77, 768, generator=g).to(dtype)
     return (lambda: mine(x, c_noise, cond, ctx)), (lambda: ref(x, c_noise, encoder_hidden_states=ctx, timestep_cond=cond).sample)
 
 
-def vae_decode_case(repo, h, w):
+def vae_decode_case(repo, h, w, dtype=torch.float32, tiled=False):
     from diffusers import AutoencoderKL as Ref
     ref = Ref(**cfg(repo, "vae")).eval()
     c = dfs.vae_config(dict(ref.config))
     mine = AutoencoderKL(c).eval()
     mine.load_state_dict(dfs.vae_keymap(c, mine.state_dict()).to_sdup(ref.state_dict()))
     z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0))
+    if tiled:  # the only way sdup decodes this size (exact tiling, whole-image GroupNorm statistics)
+        from sdup.pipelines.tiling import tiled_decode
+        return (lambda: tiled_decode(mine, z, tile=128, overlap=8)), (lambda: ref.decode(z).sample)
     return (lambda: mine.decode(z)), (lambda: ref.decode(z).sample)
 
 
-CASES = {
-    "sd14-unet": ("SD 1.4 UNet, 64x64 latent, batch 2", lambda: unet_case(cfg(SD1, "unet"), 64, 64)),
-    "sd21-unet": ("SD 2.1 UNet, 64x64 latent, batch 2", lambda: unet_case(SD21_UNET, 64, 64)),
-    "x4-unet": ("x4 UNet, 128x128 latent, batch 2", lambda: unet_case(cfg(X4, "unet"), 128, 128)),
-    "x2-kunet": ("x2 K-UNet, 128x128, batch 2", lambda: kunet_case(128, 128)),
-    "vae-f8-decode": ("SD VAE decode to 512x512", lambda: vae_decode_case(SD1, 64, 64)),
-    "vae-f4-decode": ("x4 VAE decode to 512x512", lambda: vae_decode_case(X4, 128, 128)),
+CASES = {  # name: (label, builder(dtype), default)
+    "sd14-unet": ("SD 1.4 UNet, 64x64 latent, batch 2", lambda d: unet_case(cfg(SD1, "unet"), 64, 64, dtype=d), True),
+    "sd21-unet": ("SD 2.1 UNet, 64x64 latent, batch 2", lambda d: unet_case(SD21_UNET, 64, 64, dtype=d), True),
+    "x4-unet": ("x4 UNet, 128x128 latent, batch 2", lambda d: unet_case(cfg(X4, "unet"), 128, 128, dtype=d), True),
+    "x2-kunet": ("x2 K-UNet, 128x128 (one CFG step 64->128), batch 2", lambda d: kunet_case(128, 128, dtype=d), True),
+    "vae-f8-decode": ("SD VAE decode to 512x512", lambda d: vae_decode_case(SD1, 64, 64), True),
+    "vae-f4-decode": ("x4 VAE decode to 512x512", lambda d: vae_decode_case(X4, 128, 128), True),
+    "vae-f4-decode-2048": ("x4 VAE decode to 2048x2048 (sdup tiled)",
+                           lambda d: vae_decode_case(X4, 512, 512, tiled=True), False),
 }
 
 
-def timed(fn, runs):
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def matmul_ceiling(dtype, n=4096, runs=3) -> float:
+    """GFLOP/s of a large square torch.mm in ``dtype`` (best of ``runs``)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = min(_time(lambda: torch.mm(a, b)) for _ in range(runs))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, runs: int) -> dict:
+    """Median seconds per callable, timed in turns (a, b, a, b, ...) after one warm-up each."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            times[k].append(_time(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def flops(fn):
+def flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(name: str, impl: str, dtype: str, limit_gb: float) -> None:
+    """--memory worker: build the case, drop the other implementation, reset the peak, run one forward, print JSON."""
+    torch.set_grad_enabled(False)
+    mine, ref = CASES[name][1](DTYPES[dtype])
+    fn = mine if impl == "sdup" else ref
+    del mine, ref
+    gc.collect()
+    if impl == "diffusers" and limit_gb > 0:
+        cur = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2 ** 30), cur[1]))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak of the forward, weights included
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            fn()
+        result = dict(ok=True, peak=_vm_hwm(), seconds=time.perf_counter() - t0)
+    except (MemoryError, RuntimeError) as e:
+        result = dict(ok=False, peak=_vm_hwm(), error=str(e).splitlines()[0][:120])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def peak_memory(name: str, impl: str, args) -> str:
+    cmd = [sys.executable, __file__, "--child", name, impl, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--mem-limit-gb", str(args.mem_limit_gb)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return f"failed (exit {r.returncode})"
+    res = json.loads(line[7:])
+    gib = res["peak"] / 2 ** 30
+    return f"{gib:.2f} GiB" if res["ok"] else f"failed at {gib:.1f} GiB: {res['error']}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=list(CASES), choices=list(CASES))
+    p.add_argument("--models", nargs="*", default=[k for k, v in CASES.items() if v[2]], choices=list(CASES))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", help="also write the markdown table here")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="bf16: both in bf16, plus sdup fp32 for the bf16 speed-up (UNet cases)")
+    p.add_argument("--memory", action="store_true", help="also peak RSS of each implementation (separate processes)")
+    p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space limit of the diffusers process")
+    p.add_argument("--markdown", "--out", dest="markdown", help="also write the markdown table here")
+    p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lines = [f"torch {torch.__version__}, {args.threads} threads, median of {args.runs} runs, fp32, CPU", "",
-             "| model | sdup s | diffusers s | sdup/diffusers | sdup GFLOP/s | max abs diff |", "|---|---|---|---|---|---|"]
+    if args.child:
+        child(*args.child, args.dtype, args.mem_limit_gb)
+        return 0
+    dtype = DTYPES[args.dtype]
+    ceiling = matmul_ceiling(dtype)
+    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, CPU; median of {args.runs} interleaved "
+            f"runs; {args.dtype} matmul ceiling {ceiling:.0f} GFLOP/s (4096^2 torch.mm)")
+    cols = ["model", "sdup s", "diffusers s", "sdup/diffusers", "sdup GFLOP/s", "of ceiling", "max abs diff"]
+    if args.dtype == "bf16":
+        cols.insert(3, "sdup fp32 s")
+        cols.insert(4, "fp32/bf16")
+    if args.memory:
+        cols += ["sdup peak", "diffusers peak"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(lines), flush=True)
     for name in args.models:
-        label, make = CASES[name]
+        label, make, _ = CASES[name]
         torch.manual_seed(0)
         with torch.inference_mode():
-            mine, ref = make()
-            a, b = mine(), ref()
-            diff = (a - b).abs().max().item()
-            t_mine, t_ref = timed(mine, args.runs), timed(ref, args.runs)
-            gflops = flops(mine) / 1e9
-        line = f"| {label} | {t_mine:.2f} | {t_ref:.2f} | {t_mine / t_ref:.2f} | {gflops / t_mine:.0f} | {diff:.1e} |"
+            mine, ref = make(dtype)
+            t0 = time.perf_counter()
+            a = mine()
+            first = time.perf_counter() - t0
+            b = ref() if name != "vae-f4-decode-2048" else None  # diffusers cannot: 256 GiB of attention logits
+            diff = f"{(a.float() - b.float()).abs().max().item():.1e}" if b is not None else "n/a"
+            fns = {"sdup": mine} if b is None else {"sdup": mine, "diffusers": ref}
+            if args.dtype == "bf16" and name.endswith("unet"):
+                torch.manual_seed(0)
+                mine32, _ = make(torch.float32)
+                fns["sdup32"] = mine32
+            runs = args.runs
+            t = interleaved(fns, runs) if b is not None else {"sdup": first}
+            gflops = flops(mine) / 1e9 if name != "vae-f4-decode-2048" else None
+        row = [label, f"{t['sdup']:.2f}", f"{t['diffusers']:.2f}" if "diffusers" in t else "n/a (see peak)"]
+        if args.dtype == "bf16":
+            row += [f"{t['sdup32']:.2f}" if "sdup32" in t else "", f"{t['sdup32'] / t['sdup']:.2f}" if "sdup32" in t else ""]
+        row += [f"{t['sdup'] / t['diffusers']:.2f}" if "diffusers" in t else "",
+                f"{gflops / t['sdup']:.0f}" if gflops else "", f"{gflops / t['sdup'] / ceiling:.0%}" if gflops else "", diff]
+        del mine, ref, fns
+        gc.collect()
+        if args.memory:
+            row += [peak_memory(name, "sdup", args), peak_memory(name, "diffusers", args)]
+        line = "| " + " | ".join(row) + " |"
         lines.append(line)
         print(line, flush=True)
-        del mine, ref
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
     return 0
 
 
