@@ -6,6 +6,7 @@
     python scripts/upscale.py big.png --model x4 --dry-run       # tile plan + memory estimate, no weights needed
 
     python scripts/upscale.py lat.safetensors -o big.png --model x2 --weights sd-x2-latent-upscaler/ --prompt "..."
+    python scripts/upscale.py faces/ -o sr/ --weights stablesr_000117.ckpt --vae vqgan_cfw_00011.ckpt --dec-w 0.5
 
 Inputs: image files, folders (png/jpg/jpeg/webp/tif/tiff/bmp, not recursive) and globs; for --model x2 also latents
 files of scripts/txt2img.py --latents-out (.safetensors, given by name; one output per sample in the file). Outputs: -o NAME.ext for
@@ -28,7 +29,7 @@ from pathlib import Path
 UPSCALE_DOC = __doc__
 MODELS = ("auto", "x4", "x2", "stablesr")
 SCALES = {"x4": 4, "x2": 2, "stablesr": 4}
-IMPLEMENTED = ("x4", "x2")
+IMPLEMENTED = ("x4", "x2", "stablesr")
 CONFIGS = {"x4": "x4-upscaling.yaml"}  # official YAMLs in configs/ for the weight-less --dry-run
 LATENT_EXTENSIONS = (".safetensors",)  # x2 inputs: latents files of scripts/txt2img.py --latents-out
 EXPECTED_FILES = {
@@ -41,6 +42,7 @@ EXPECTED_FILES = {
 DEFAULT_OUTPUT = "outputs/upscale"
 # tiling defaults (latent pixels; x4: latent = low-res image pixels). Above these sizes tiling switches on.
 DEFAULT_TILE, DEFAULT_TILE_OVERLAP, DEFAULT_VAE_TILE, DEFAULT_VAE_OVERLAP = 128, 32, 128, 8
+STABLESR_TILE = 64
 MIN_SIDE = 8
 
 
@@ -67,7 +69,16 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--vae", metavar="PATH",
                    help="x2: the SD 1.x / 2.x checkpoint or VAE (e.g. the sd-vae-ft-mse folder) that encodes images / "
                         "decodes latents; needed for the original k-diffusion file, which has neither VAE nor text "
-                        "encoder (an SD 1.x checkpoint also supplies its CLIP ViT-L/14); default: the checkpoint's own")
+                        "encoder (an SD 1.x checkpoint also supplies its CLIP ViT-L/14); default: the checkpoint's own. "
+                        "stablesr: the CFW autoencoder vqgan_cfw_00011.ckpt (without it: the plain SD VAE, no fusion)")
+    p.add_argument("--dec-w", type=float, default=None,
+                   help="stablesr: CFW fidelity weight 0..1 (default 0.5; 1 = closest to the input, 0 = most generated)")
+    p.add_argument("--scale", type=float, default=None, help="stablesr: upscaling factor (default 4; any value 1..16)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="stablesr: the model's native size (default 512; 768 for the 768-v model): smaller inputs are "
+                        "upsampled to it and resized down at the end (the reference's --input_size)")
+    p.add_argument("--start", choices=["lr", "noise"], default=None,
+                   help="stablesr: start from the noised LR latent (default, the reference) or from pure noise")
     p.add_argument("--config", help="upstream YAML for non-standard checkpoints (official ones: configs/)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", default="", help='text describing the image (default "")')
@@ -77,13 +88,15 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     neg = p.add_mutually_exclusive_group()
     neg.add_argument("--negative-prompt", default="", help='unconditional text for guidance (default "")')
     neg.add_argument("--negative-prompt-ids", metavar="IDS", help="the negative prompt as token ids")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: x4 75, x2 75)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: x4 75, x2 75, stablesr 200 with ddpm / 50 with ddim; turbo: 4)")
     p.add_argument("--sampler", default=None, type=str.lower, choices=SAMPLER_NAMES,
-                   help="default: the reference's (x4 ddim; x2 euler, which takes only euler / euler_a / lms / dpmpp_2m)")
+                   help="default: the reference's (x4 ddim; x2 euler, which takes only euler / euler_a / lms / dpmpp_2m; "
+                        "stablesr ddpm, or ddim with a negative prompt)")
     p.add_argument("--schedule", default=None, choices=["diffusers", "original", "karras"],
                    help="x2: sigma grid (default diffusers; original = the k-diffusion notebook's)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default x4 9, x2 9; 1 = off)")
+                   help="classifier-free guidance scale (default x4 9, x2 9, stablesr 1 with ddpm / 7 with ddim; 1 = off)")
     p.add_argument("--noise-level", type=float, default=None,
                    help="x4: low-res noise augmentation, an integer 0..350 (default 20; more = more invented detail); "
                         "x2: the original model's noise level >= 0 (default 0; > 0 needs the k-diffusion file)")
@@ -93,8 +106,8 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--tile-overlap", type=int, default=None, help=f"latent tile overlap (default {DEFAULT_TILE_OVERLAP})")
     p.add_argument("--vae-tile", type=int, default=None,
                    help=f"latent tile size of the tiled VAE decode (default: on above {DEFAULT_VAE_TILE}; 0 = off)")
-    p.add_argument("--color-fix", choices=["none", "adain", "wavelet"], default="none",
-                   help="match the output's colours to the input (default none)")
+    p.add_argument("--color-fix", choices=["none", "adain", "wavelet"], default=None,
+                   help="match the output's colours to the input (default: none; stablesr wavelet)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="UNet / text-encoder precision (the VAE always runs in fp32)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
@@ -235,15 +248,22 @@ def min_side(model, family: str) -> int:
     if family == "x2":
         from .pipelines.x2_latent import latent_multiple
         return max(MIN_SIDE, 2 * _vae_factor(model.vae) * latent_multiple(model.unet))
+    if family == "stablesr":  # upsampled to >= 512 px anyway; 8 px is the least the bicubic upsampling keeps sane
+        return MIN_SIDE
     from .pipelines.x4 import unet_multiple
     return max(MIN_SIDE, unet_multiple(model))
 
 
-def latent_size(model, family: str, size: tuple[int, int], latent: tuple[int, int] | None = None) -> tuple[int, int]:
+def latent_size(model, family: str, size: tuple[int, int], latent: tuple[int, int] | None = None,
+                scale: float = 4.0, input_size: int | None = None) -> tuple[int, int]:
     """The latent the diffusion runs on for a low-res input of ``size`` (H, W) pixels: x4 the input's size; x2 the
     2x SD latent (2H/8 x 2W/8, or twice the given low-res ``latent`` of a latents file)."""
     if latent is not None:
         return 2 * latent[0], 2 * latent[1]
+    if family == "stablesr":  # upsampled by s, padded to 32, f = 8 (see pipelines/stablesr.py)
+        from .pipelines.stablesr import upsampled_size
+        H, W = upsampled_size(model, size, scale, input_size)
+        return -(-H // 32) * 4, -(-W // 32) * 4
     if family == "x2":
         f = _vae_factor(model.vae)
         return 2 * -(-size[0] // f), 2 * -(-size[1] // f)
@@ -314,13 +334,19 @@ def tiles_1d(n: int, tile: int, overlap: int) -> int:
     return len(tile_grid(n, tile, overlap))
 
 
-def tile_settings(args, latent_hw: tuple[int, int]) -> dict:
-    """Effective tile sizes for a diffusion latent of ``latent_hw`` (None = untiled)."""
+def tile_settings(args, latent_hw: tuple[int, int], family: str = "x4") -> dict:
+    """Effective tile sizes for a diffusion latent of ``latent_hw`` (None = untiled). StableSR tiles like its
+    reference: 64-px latent tiles (the 512 model's native size) with overlap 32, and no VAE tiles (the CFW decoder
+    fuses full-resolution encoder features)."""
     h, w = latent_hw
-    tile = args.tile if args.tile is not None else (DEFAULT_TILE if max(h, w) > DEFAULT_TILE else 0)
+    default = STABLESR_TILE if family == "stablesr" else DEFAULT_TILE
+    tile = args.tile if args.tile is not None else (default if max(h, w) > default else 0)
     tile -= tile % MIN_SIDE  # a multiple of the UNet's factor (8 for the real x4 model and the x2 K-UNet)
     vae = args.vae_tile if args.vae_tile is not None else (DEFAULT_VAE_TILE if max(h, w) > DEFAULT_VAE_TILE else 0)
-    overlap = args.tile_overlap if args.tile_overlap is not None else min(DEFAULT_TILE_OVERLAP, max(tile // 4, 0))
+    if family == "stablesr":
+        vae = 0
+    share = 2 if family == "stablesr" else 4  # StableSR: 64 / 32; x4 / x2: 128 / 32
+    overlap = args.tile_overlap if args.tile_overlap is not None else min(DEFAULT_TILE_OVERLAP, max(tile // share, 0))
     vae_overlap = min(DEFAULT_VAE_OVERLAP, max(vae // 4, 0))
     return dict(tile=tile or None, overlap=overlap if tile else 0, vae_tile=vae or None, vae_overlap=vae_overlap,
                 latent_tiles=tiles_1d(h, tile, overlap) * tiles_1d(w, tile, overlap),
@@ -416,6 +442,23 @@ def _settings(args, model, family: str) -> dict:
             fail("--noise-level > 0 needs the original k-diffusion checkpoint (its low_res_noise_embed); the diffusers "
                  "folder of sd-x2-latent-upscaler hard-codes noise level 0")
         return s
+    if family == "stablesr":
+        from .pipelines import stablesr as SR
+        if args.noise_level is not None or args.schedule:
+            fail("--noise-level / --schedule are not options of StableSR")
+        sampler = args.sampler or SR.DEFAULTS["sampler"]
+        if sampler not in SR.SAMPLERS:
+            fail(f"--sampler {sampler}: StableSR samples with {' or '.join(SR.SAMPLERS)} (the reference scripts)")
+        s = dict(sampler=sampler, steps=args.steps or (SR.DEFAULTS["steps"] if sampler == "ddpm" else 50),
+                 guidance=args.guidance if args.guidance is not None else
+                 (SR.DEFAULTS["guidance"] if sampler == "ddpm" else SR.DEFAULTS["ddim_guidance"]),
+                 dec_w=args.dec_w if args.dec_w is not None else SR.DEFAULTS["dec_w"],
+                 start=args.start or SR.DEFAULTS["start"], scale=args.scale or 4.0, input_size=args.input_size)
+        if args.input_size is not None and not 8 <= args.input_size <= 4096:
+            fail(f"--input-size must be in 8..4096, got {args.input_size}")
+        if s["steps"] > 1000:
+            fail(f"--steps must be at most 1000 for StableSR, got {s['steps']}")
+        return s
     from .pipelines import x4 as X4
     if args.schedule:
         fail(f"--schedule is an option of the x2 latent upscaler, not of {family}")
@@ -454,7 +497,18 @@ def run_x2(model, item: Item, img, prompt, negative, settings: dict, args, plan:
                               vae_overlap=plan["vae_overlap"], progress=progress, **source)
 
 
-RUNNERS = {"x4": run_x4, "x2": run_x2}
+def run_stablesr(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
+    """One image through ``stablesr.upscale_stablesr`` (latent tiles as the reference canvas when large)."""
+    from .pipelines.stablesr import upscale_stablesr
+    return upscale_stablesr(model, getattr(model, "cfw_vae", None), img.rgb[None], prompt, negative,
+                            scale=settings["scale"], steps=settings["steps"], sampler=settings["sampler"],
+                            guidance=settings["guidance"], dec_w=settings["dec_w"], start=settings["start"],
+                            input_size=settings["input_size"],
+                            seed=args.seed, tile=plan["tile"], tile_overlap=plan["overlap"],
+                            color_fix_mode=args.color_fix, progress=progress)
+
+
+RUNNERS = {"x4": run_x4, "x2": run_x2, "stablesr": run_stablesr}
 
 
 def _load(path: str, config: str | None, device: str, dtype):
@@ -472,6 +526,10 @@ def _attach_vae(model, args, device: str) -> None:
     """x2: use --vae (an SD 1.x / 2.x checkpoint or VAE) for encoding / decoding, or the checkpoint's own vae/."""
     import torch
     if args.vae:
+        family = _header_family(args.vae)
+        if family not in ("sd1", "sd2", "vae", "x2", "stablesr"):
+            fail(f"--vae {args.vae}: a {family} checkpoint; the x2 upscaler needs the SD 1.x / 2.x VAE (an SD "
+                 "checkpoint or VAE)")
         other = _load(args.vae, None, device, torch.float32)
         if other.vae is None:
             fail(f"--vae {args.vae}: no VAE in it ({other.family} checkpoint)")
@@ -488,6 +546,27 @@ def _attach_vae(model, args, device: str) -> None:
     if model.text_encoder is None:
         fail(f"{args.weights} has no text encoder (the original k-diffusion file ships the K-UNet only): pass --vae "
              "with an SD 1.x checkpoint (its CLIP ViT-L/14 text encoder is used too)")
+
+
+def _attach_cfw(model, args, device: str) -> None:
+    """StableSR: the CFW autoencoder from --vae (vqgan_cfw_00011.ckpt), kept as ``model.cfw_vae``."""
+    import torch
+    model.cfw_vae = None
+    if not args.vae:
+        from .pipelines.upscale_io import note
+        note("no --vae: decoding with the checkpoint's plain SD VAE (no CFW fusion, --dec-w unused); the reference "
+             "uses vqgan_cfw_00011.ckpt")
+        return
+    family = _header_family(args.vae)
+    if family != "stablesr_cfw_vae":
+        fail(f"--vae {args.vae}: a {family} checkpoint; StableSR needs its CFW autoencoder (vqgan_cfw_00011.ckpt)")
+    model.cfw_vae = _load(args.vae, None, device, torch.float32)
+
+
+def _header_family(path: str) -> str:
+    """The family of a checkpoint from its keys / shapes only (nothing loaded)."""
+    from .checkpoints.loader import inspect
+    return inspect(Path(path))[0].family
 
 
 def cmd_upscale(args) -> int:
@@ -509,6 +588,9 @@ def cmd_upscale(args) -> int:
         family = "x4" if args.model == "auto" else args.model
         if family not in IMPLEMENTED:
             not_implemented(family)
+        if family == "stablesr" and not args.config:
+            fail("--dry-run for stablesr needs --weights (only the checkpoint's header is read) or its upstream YAML "
+                 "(--config v2-finetune_text_T_512.yaml)")
         meta = meta_model_from_config(family, args.config)
     else:
         family = detect_family(args)
@@ -526,8 +608,22 @@ def cmd_upscale(args) -> int:
             if meta.vae is None:
                 fail(f"{args.weights}: cannot build the model from its header (no VAE: an incomplete diffusers folder?)")
     scale = SCALES[family]
-    if args.vae and family != "x2":
-        fail(f"--vae is an option of the x2 latent upscaler (the {family} upscaler uses its own VAE)")
+    if args.color_fix is None:
+        args.color_fix = "wavelet" if family == "stablesr" else "none"
+    if family == "stablesr" and args.scale is not None:
+        if not 1 <= args.scale <= 16:
+            fail(f"--scale must be in 1..16, got {args.scale:g}")
+        scale = args.scale
+    for name, value in (("--dec-w", args.dec_w), ("--scale", args.scale), ("--start", args.start),
+                        ("--input-size", args.input_size)):
+        if value is not None and family != "stablesr":
+            fail(f"{name} is an option of StableSR, not of the {family} upscaler")
+    if args.dec_w is not None and not 0 <= args.dec_w <= 1:
+        fail(f"--dec-w must be in 0..1, got {args.dec_w:g}")
+    if family == "stablesr" and args.vae_tile:
+        fail("--vae-tile: the StableSR CFW decoder fuses full-resolution encoder features and is not tiled")
+    if args.vae and family == "x4":
+        fail(f"--vae is an option of the x2 and stablesr upscalers (the {family} upscaler uses its own VAE)")
     if meta is not None:
         _settings(args, meta, family)
     elif family == "x4" and args.noise_level is not None and not args.config:  # before loading gigabytes
@@ -539,7 +635,7 @@ def cmd_upscale(args) -> int:
     # header pass: every input readable (and of the right kind) before any work
     items = plan_items(inputs, family)
     try:
-        outputs = io.plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, scale, args.format)
+        outputs = io.plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
     except io.UpscaleIOError as e:
         fail(str(e))
 
@@ -551,8 +647,8 @@ def cmd_upscale(args) -> int:
             h, w = it.size
             if it.index is None and min(h, w) < lo:
                 fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
-            lat = latent_size(meta, family, (h, w), it.latent)
-            plan = tile_settings(args, lat)
+            lat = latent_size(meta, family, (h, w), it.latent, scale, args.input_size)
+            plan = tile_settings(args, lat, family)
             row = dict(input=str(it.path) + (f"[{it.index}]" if it.index is not None else ""), output=str(out),
                        in_size=(h, w), out_size=(scale * h, scale * w), **plan,
                        peak_bytes=estimate_peak_bytes(meta, lat, plan, args.dtype, settings["guidance"]))
@@ -560,7 +656,8 @@ def cmd_upscale(args) -> int:
                 row["skip"] = "output exists"
             rows.append(row)
         print(io.dry_run_report(rows))
-        extra = f"noise level {settings['noise_level']:g}"
+        extra = (f"dec_w {settings['dec_w']:g}, start {settings['start']}" if family == "stablesr"
+                 else f"noise level {settings['noise_level']:g}")
         print(f"model: {family} from {meta.source} (meta device, nothing loaded); sampler {settings['sampler']}, steps "
               f"{settings['steps']}, guidance {settings['guidance']}, {extra}, dtype {args.dtype}; dry run: nothing "
               "written")
@@ -579,6 +676,8 @@ def cmd_upscale(args) -> int:
     model = _load(args.weights, args.config, device, dtype)
     if family == "x2":
         _attach_vae(model, args, device)
+    if family == "stablesr":
+        _attach_cfw(model, args, device)
     lacking = [c for c in ("unet", "vae", "text_encoder") if getattr(model, c) is None]
     if lacking:
         fail(f"{args.weights}: the checkpoint has no {' / '.join(lacking)} (an incomplete diffusers folder?); the "
@@ -609,7 +708,7 @@ def cmd_upscale(args) -> int:
                 size = img.size
             else:
                 size = it.size
-            plan = tile_settings(args, latent_size(model, family, size, it.latent))
+            plan = tile_settings(args, latent_size(model, family, size, it.latent, scale, args.input_size), family)
             t0 = time.time()
             result = run(model, it, img, prompt, negative, settings, args, plan, progress)
             params = result.sample_parameters(0)

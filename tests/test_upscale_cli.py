@@ -156,8 +156,7 @@ def test_dry_run_without_weights_writes_nothing(images, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_weights", "missing_weights", "wrong_model", "wrong_family", "not_upscaler",
-                                  "unreadable", "noise_level", "too_small", "no_match", "stablesr",
-                                  "file_for_many"])
+                                  "unreadable", "noise_level", "too_small", "no_match", "file_for_many"])
 def test_errors(case, images, tmp_path, capsys):
     out = tmp_path / "out"
     args, msg = {
@@ -172,7 +171,6 @@ def test_errors(case, images, tmp_path, capsys):
         "noise_level": ([images, *WEIGHTS, *FAST, "--noise-level", "400"], ["--noise-level must be an integer in 0..350", "400"]),
         "too_small": ([images / "tiny.png", *WEIGHTS, *FAST], ["tiny.png: 4x6", "minimum 8x8"]),
         "no_match": ([str(images / "*.webp"), *WEIGHTS], ["*.webp: nothing matches"]),
-        "stablesr": ([images, "--model", "stablesr", "--dry-run"], ["stablesr upscaler pipeline is not implemented yet"]),
         "file_for_many": ([images, *WEIGHTS, "--dry-run"], ["names a file", "2 inputs"]),
     }[case]
     if case == "unreadable":
@@ -389,3 +387,78 @@ def test_x2_kdiffusion_file_with_sd1_checkpoint(tmp_path, capsys):
     assert code == 0, err
     p = io.read_parameters(out / "lat_x2.png")
     assert p["noise_level"] == 0.25 and p["vae"].endswith("sd1.safetensors") and p["family"] == "x2"
+
+
+# ------------------------------------------------------------------------------------------------
+# --model stablesr: the tiny upstream StableSR checkpoint + its CFW autoencoder (--vae)
+
+SR = FIXTURES / "stablesr"
+SR_WEIGHTS = ["--weights", SR / "model.ckpt", "--config", SR / "config.yaml", "--vae", SR / "cfw_vae.ckpt"]
+SR_FAST = [*FAST, "--input-size", "32"]
+
+
+def test_stablesr_folder(images, tmp_path, capsys):
+    """Images -> x4 (and --scale 2.5) outputs with the CFW decoder; StableSR's own defaults recorded (ddpm, dec_w,
+    wavelet colour fix); the CLI equals the library call."""
+    out = tmp_path / "out"
+    code, _, err = run(capsys, images, "-o", out, *SR_WEIGHTS, *SR_FAST, "--dec-w", "0.7")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["a_x4.png", "b_x4.jpg"]
+    with Image.open(out / "a_x4.png") as im:
+        assert im.size == (96, 64)
+    p = io.read_parameters(out / "a_x4.png")
+    assert (p["pipeline"], p["sampler"], p["steps"], p["dec_w"], p["color_fix"], p["start"]) == \
+        ("stablesr", "ddpm", 2, 0.7, "wavelet", "lr")
+    assert p["cfw_vae"].endswith("cfw_vae.ckpt") and p["native_size"] == 32
+    import sdup
+    from sdup.pipelines.stablesr import upscale_stablesr
+    m = sdup.load(SR / "model.ckpt", config=SR / "config.yaml")
+    img = torch.from_numpy(rgb(16, 24, 0).astype(np.float32) / 255).permute(2, 0, 1)
+    ref = upscale_stablesr(m, sdup.load(SR / "cfw_vae.ckpt"), img, steps=2, dec_w=0.7, seed=1, input_size=32,
+                           progress=False)
+    with Image.open(out / "a_x4.png") as im:
+        got = torch.from_numpy(np.asarray(im).astype(np.float32) / 255).permute(2, 0, 1)
+    assert (got - ref.images[0]).abs().max() <= 0.5 / 255 + 1e-6
+    code, _, err = run(capsys, images / "a.png", "-o", tmp_path / "o2", *SR_WEIGHTS, *SR_FAST, "--scale", "2.5",
+                       "--sampler", "ddim", "--steps", "4", "--negative-prompt-ids", "254,3,255")
+    assert code == 0, err
+    with Image.open(tmp_path / "o2" / "a_x2.5.png") as im:
+        assert im.size == (60, 40)
+    q = io.read_parameters(tmp_path / "o2" / "a_x2.5.png")
+    assert q["sampler"] == "ddim" and q["guidance"] == 7.0 and q["scale"] == 2.5
+
+
+def test_stablesr_without_cfw_notes_plain_vae(images, tmp_path, capsys):
+    code, _, err = run(capsys, images / "a.png", "-o", tmp_path / "o", *SR_WEIGHTS[:4], *SR_FAST)
+    assert code == 0 and "no --vae" in err and "vqgan_cfw_00011" in err, err
+    assert "dec_w" not in io.read_parameters(tmp_path / "o" / "a_x4.png")
+
+
+@pytest.mark.parametrize("case", ["dec_w", "dec_w_for_x4", "sampler", "vae_tile", "wrong_vae", "noise_level",
+                                  "dry_run_no_weights"])
+def test_stablesr_errors(case, images, tmp_path, capsys):
+    args, msg = {
+        "dec_w": ([*SR_WEIGHTS, *SR_FAST, "--dec-w", "1.5"], ["--dec-w must be in 0..1"]),
+        "dec_w_for_x4": ([*WEIGHTS, *FAST, "--dec-w", "0.5"], ["--dec-w is an option of StableSR"]),
+        "sampler": ([*SR_WEIGHTS, *SR_FAST, "--sampler", "euler"], ["--sampler euler", "ddpm or ddim"]),
+        "vae_tile": ([*SR_WEIGHTS, *SR_FAST, "--vae-tile", "64"], ["--vae-tile", "not tiled"]),
+        "wrong_vae": ([*SR_WEIGHTS[:4], "--vae", X4 / "model.ckpt", *SR_FAST], ["x4 checkpoint", "CFW"]),
+        "noise_level": ([*SR_WEIGHTS, *SR_FAST, "--noise-level", "20"], ["not options of StableSR"]),
+        "dry_run_no_weights": (["--model", "stablesr", "--dry-run"], ["needs --weights"]),
+    }[case]
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, images, "-o", out, *args)
+    assert code == 2, (stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for m in msg:
+        assert m in lines[0], (m, lines[0])
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_stablesr_dry_run_with_weights(tmp_path, capsys):
+    Image.fromarray(rgb(128, 192, 0)).save(tmp_path / "p.png")
+    code, stdout, err = run(capsys, tmp_path / "p.png", "-o", tmp_path / "o", *SR_WEIGHTS, "--dry-run")
+    assert code == 0, err
+    assert "(768x512)" in stdout and "sampler ddpm, steps 200" in stdout and "dec_w 0.5" in stdout
+    assert "latent tiles 2" in stdout and not (tmp_path / "o").exists()  # 64 x 96 latent, 64-px tiles, overlap 32

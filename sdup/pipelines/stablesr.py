@@ -133,6 +133,14 @@ def _images(image) -> Tensor:
     return x.float() * 2 - 1
 
 
+def upsampled_size(model, size: tuple[int, int], scale: float, input_size: int | None = None) -> tuple[int, int]:
+    """(H, W) of the bicubic-upsampled LR image of ``size`` (h, w): s = max(input_size / min(h, w), scale)."""
+    if input_size is None:
+        input_size = 768 if getattr(model, "prediction", None) == "v" else DEFAULTS["input_size"]
+    s = max(input_size / min(size), float(scale))
+    return round(size[0] * s), round(size[1] * s)
+
+
 @torch.no_grad()
 def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
                      negative_prompt: str | Sequence[str] | Tensor = "", *, scale: float = 4.0, steps: int = 200,
@@ -164,8 +172,8 @@ def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
     batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
     if input_size is None:
         input_size = 768 if model.prediction == "v" else DEFAULTS["input_size"]
-    s = max(input_size / min(h, w), float(scale))
-    up = F.interpolate(low, size=(round(h * s), round(w * s)), mode="bicubic", align_corners=False).clamp(-1, 1)
+    up = F.interpolate(low, size=upsampled_size(model, (h, w), scale, input_size), mode="bicubic",
+                       align_corners=False).clamp(-1, 1)
     H, W = up.shape[-2:]
     pad_mode = "reflect" if (-H) % PAD_MULTIPLE < H and (-W) % PAD_MULTIPLE < W else "replicate"  # reflect as upstream
     padded, (ph, pw) = pad_to_multiple(up, PAD_MULTIPLE, pad_mode, "upsampled image")
