@@ -3,6 +3,7 @@ speed measurements without the real weights; the images it makes are noise).
 
     python scripts/random_weights.py x4 /tmp/x4-random.safetensors          # configs/x4-upscaling.yaml
     python scripts/random_weights.py sd1 /tmp/sd14-random.ckpt --config configs/sd1-inference.yaml
+    python scripts/random_weights.py manifest /tmp/stablesr-random.ckpt --manifest tests/data/manifests/stablesr_000117.json
 
 Weights: N(0, 1/fan_in) (activations keep their scale through the network), norm scales 1, biases 0; seeded.
 The file loads with ``sdup.load`` / ``scripts/upscale.py --weights`` like the official one.
@@ -42,13 +43,25 @@ def randomize(module: torch.nn.Module, g: torch.Generator) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("family", choices=sorted(DEFAULT_CONFIGS))
+    ap.add_argument("family", choices=sorted(DEFAULT_CONFIGS) + ["manifest"],
+                    help="a family with an official YAML in configs/, or 'manifest': the architecture of a key/shape "
+                         "manifest (--manifest; e.g. StableSR and its CFW VAE)")
+    ap.add_argument("--manifest", help="key/shape manifest (tests/data/manifests/*.json) for family 'manifest'")
     ap.add_argument("output", help=".safetensors or .ckpt")
     ap.add_argument("--config", help="upstream YAML (default: the official one in configs/)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.time()
-    model = meta_model_from_config(args.family, args.config or str(repo_configs() / DEFAULT_CONFIGS[args.family]))
+    if args.family == "manifest":
+        from sdup.checkpoints.loader import inspect
+        if not args.manifest:
+            ap.error("family 'manifest' needs --manifest")
+        det, model, error = inspect(Path(args.manifest))
+        if model is None:
+            ap.error(f"{args.manifest}: {error}")
+        print(f"{args.manifest}: {det.family}")
+    else:
+        model = meta_model_from_config(args.family, args.config or str(repo_configs() / DEFAULT_CONFIGS[args.family]))
     g = torch.Generator().manual_seed(args.seed)
     for name, m in model.components().items():
         randomize(m, g)
