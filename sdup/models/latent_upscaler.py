@@ -297,7 +297,7 @@ def tokens_to_image(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def attention_with_key_bias(q, k, v, key_bias: torch.Tensor) -> torch.Tensor:
     """``sdup.nn.attention`` plus an additive per-key logit bias (B, 1, 1, Nk) (that entry point has no
     mask argument). The sdpa backend passes it as ``attn_mask``; the others use the fp32 math path."""
-    if get_attention_backend() == "sdpa":
+    if get_attention_backend() in ("auto", "sdpa", "triton"):  # the fused kernel has no bias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias.to(q.dtype))
     logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]) + key_bias.float()  # (B, H, Nq, Nk)
     return (logits.softmax(dim=-1) @ v.float()).to(q.dtype)

@@ -4,7 +4,11 @@
 
 Backends (pick with ``set_attention_backend`` or the ``use_attention_backend`` context manager):
 
-* ``"sdpa"``    (default) ``torch.nn.functional.scaled_dot_product_attention``.
+* ``"auto"``    (default) ``"triton"`` for CUDA tensors when triton is installed and its kernel compiles, else
+  ``"sdpa"`` (so on the CPU: sdpa).
+* ``"sdpa"``    ``torch.nn.functional.scaled_dot_product_attention``.
+* ``"triton"``  sdup's fused flash-attention forward (``sdup.nn.triton_attention``; CUDA, or the CPU under
+  ``TRITON_INTERPRET=1``).  If triton is missing or the kernel fails, it falls back to sdpa with one warning.
 * ``"math"``    the readable reference: softmax(q kᵀ / √D) v, logits and softmax in fp32.
 * ``"chunked"`` the math path over blocks of queries; peak memory is chunk × Nk, never Nq × Nk.
   Needed for the VAE mid-block at large resolutions (a 512² map is 262144 tokens).
@@ -15,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "math", "chunked")
-_state = {"backend": "sdpa", "chunk_size": 4096}
+BACKENDS = ("auto", "sdpa", "math", "chunked", "triton")
+_state = {"backend": "auto", "chunk_size": 4096, "triton_failed": False}
 
 
 def set_attention_backend(name: str, chunk_size: int | None = None) -> None:
@@ -65,8 +70,36 @@ def attention_chunked(q, k, v, chunk_size: int | None = None) -> torch.Tensor:
     return out
 
 
+def _triton(q, k, v) -> torch.Tensor | None:
+    """The fused kernel, or None (after one warning) when triton is missing or the kernel fails."""
+    if _state["triton_failed"]:
+        return None
+    try:
+        from .triton_attention import triton_attention
+        return triton_attention(q, k, v)
+    except Exception as e:  # noqa: BLE001 -- any compile / launch problem: fall back, never crash inference
+        _state["triton_failed"] = True
+        warnings.warn(f"sdup: the triton attention kernel is unavailable ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); using sdpa", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    if not q.is_cuda or _state["triton_failed"]:
+        return False
+    from .triton_attention import available
+    return available()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     backend = backend or _state["backend"]
+    if backend == "auto":
+        backend = "triton" if _use_triton(q) else "sdpa"
+    if backend == "triton":
+        out = _triton(q, k, v)
+        if out is not None:
+            return out
+        backend = "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "math":

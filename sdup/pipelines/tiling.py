@@ -628,7 +628,7 @@ def _attn_chunk(n_tokens: int, attn_chunk: int | None, budget: int = 64 << 20) -
     if attn_chunk:
         return int(attn_chunk)
     from ..nn.attention import get_attention_backend
-    if get_attention_backend() == "sdpa":
+    if get_attention_backend() in ("auto", "sdpa", "triton"):  # no materialised logits
         return int(min(n_tokens, 1024))
     return int(max(64, min(n_tokens, budget // max(1, 8 * n_tokens))))
 
