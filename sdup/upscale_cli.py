@@ -689,7 +689,8 @@ def cmd_upscale(args) -> int:
         if it.index is None and min(h, w) < lo:
             fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
     if args.compile:
-        model.unet = torch.compile(model.unet)
+        from .optimize import compile_model
+        compile_model(model, vae_decoder=False)  # UNet forward, dynamic shapes (tiles / sizes do not recompile)
 
     from tqdm import tqdm
     progress = not args.quiet
