@@ -30,12 +30,7 @@ def cfw():
     return sdup.load(D / "cfw_vae.ckpt", config=D / "cfw_vae_config.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: single-threaded (conftest.py)
 
 
 def image(b=2, h=12, w=20, seed=0):

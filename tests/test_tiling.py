@@ -31,14 +31,7 @@ from sdup.pipelines.tiling import (TiledModel, auto_tile, estimate_vae_bytes, ga
 
 torch.set_grad_enabled(False)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny tiles are many small kernels: OpenMP fork/join dominates and degrades badly when the machine is
-    shared, so these tests run single-threaded (restored afterwards)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: single-threaded (conftest.py)
 
 
 EXACT_TOL = 1e-5  # the project's forward criterion: max|diff| <= 1e-5 * max(1, max|ref|)

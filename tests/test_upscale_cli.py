@@ -25,13 +25,7 @@ WEIGHTS = ["--weights", str(X4 / "model.ckpt"), "--config", str(X4 / "config.yam
 FAST = ["--steps", "2", "--quiet", "--seed", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are far too small for two threads; one avoids contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: single-threaded (conftest.py)
 
 
 def run(capsys, *args):
@@ -42,6 +36,17 @@ def run(capsys, *args):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_one_line_error(code, stdout, err, msg, out: Path):
+    """A user mistake: exit code 2, exactly one stderr line "error: ..." containing every string of ``msg``, and
+    nothing written under ``out``."""
+    assert code == 2, (stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for m in msg:
+        assert m in lines[0], (m, lines[0])
+    assert not out.exists() or not any(out.iterdir())
 
 
 def rgb(h, w, seed=0):
@@ -178,13 +183,7 @@ def test_errors(case, images, tmp_path, capsys):
     if case == "too_small":
         Image.fromarray(rgb(6, 4)).save(images / "tiny.png")
     target = ["-o", out / "one.png"] if case == "file_for_many" else ["-o", out]
-    code, stdout, err = run(capsys, *args, *target)
-    assert code == 2, (stdout, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for m in msg:
-        assert m in lines[0], (m, lines[0])
-    assert not out.exists() or not any(out.iterdir())
+    assert_one_line_error(*run(capsys, *args, *target), msg, out)
 
 
 def test_corrupt_image_data_fails_before_any_output(images, tmp_path, capsys):
@@ -354,13 +353,7 @@ def test_x2_errors(case, images, tmp_path, capsys):
     write_latents(tmp_path / "c3.safetensors", torch.randn(1, 3, 4, 4))
     write_latents(tmp_path / "xl.safetensors", torch.randn(1, 4, 4, 4), scale_factor="0.13025")
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, *args, "-o", out)
-    assert code == 2, (stdout, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for m in msg:
-        assert m in lines[0], (m, lines[0])
-    assert not out.exists() or not any(out.iterdir())
+    assert_one_line_error(*run(capsys, *args, "-o", out), msg, out)
 
 
 def test_x2_kdiffusion_file_with_sd1_checkpoint(tmp_path, capsys):
@@ -447,13 +440,7 @@ def test_stablesr_errors(case, images, tmp_path, capsys):
         "dry_run_no_weights": (["--model", "stablesr", "--dry-run"], ["needs --weights"]),
     }[case]
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, images, "-o", out, *args)
-    assert code == 2, (stdout, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for m in msg:
-        assert m in lines[0], (m, lines[0])
-    assert not out.exists() or not any(out.iterdir())
+    assert_one_line_error(*run(capsys, images, "-o", out, *args), msg, out)
 
 
 def test_stablesr_dry_run_with_weights(tmp_path, capsys):
