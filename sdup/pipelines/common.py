@@ -604,3 +604,45 @@ def pad_to_multiple(x: Tensor, m: int, pad_mode: str | None, what: str = "image"
     if pad_mode == "reflect" and (ph >= h or pw >= w):
         raise ValueError(f"reflect padding of a {h}x{w} image by ({ph}, {pw}) is impossible; use pad_mode='replicate'")
     return F.pad(x, (0, pw, 0, ph), mode=pad_mode), (ph, pw)
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+
+
+@torch.no_grad()
+def decode_scaled(vae, latents: Tensor, scale_factor: float, *, vae_tile: int | None = None, vae_overlap: int = 8,
+                  progress: bool = False) -> Tensor:
+    """Scaled latents (B, C, h, w) -> the VAE decoder's output in [-1, 1] (not clamped), float32 on the CPU.
+
+    The VAE runs in fp32 whatever its stored dtype (a half-precision VAE is upcast for the call only), one sample at
+    a time. ``vae_tile``: decode in latent tiles with ``tiling.tiled_decode`` (exact, bounded memory; a
+    half-precision VAE is converted to fp32 in place for it)."""
+    p = next(vae.parameters())
+    run = vae.decode
+    if vae_tile:
+        from .tiling import tiled_decode
+        if p.dtype != torch.float32:
+            vae.float()
+        run = lambda z: tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, progress=progress)  # noqa: E731
+    elif p.dtype != torch.float32:
+        state = {k: (v.float() if v.is_floating_point() else v) for k, v in vae.state_dict().items()}
+        run = lambda z: _decode_with(vae, state, z)  # noqa: E731
+    out = []
+    for z in latents.float().split(1):
+        out.append(run((z / scale_factor).to(p.device, torch.float32)).float().cpu())
+    return torch.cat(out)
+
+
+def _decode_with(vae, state: dict, z: Tensor) -> Tensor:
+    """``vae.decode(z)`` with the parameters in ``state`` (fp32 copies) instead of the module's own."""
+    from torch.func import functional_call
+
+    class _Dec(torch.nn.Module):  # functional_call needs a forward: route it to decode
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, z):
+            return self.m.decode(z)
+    return functional_call(_Dec(vae), {f"m.{k}": v for k, v in state.items()}, (z,))

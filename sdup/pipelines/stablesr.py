@@ -92,8 +92,8 @@ def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, tile: in
         return den.respaced(spaced), None
     alpha_ts = ddim_timesteps(steps, T, offset=0)
     if len(alpha_ts) != len(spaced):  # the reference's uniform grid range(0, T, T // steps) has another length
-        raise ValueError(f"DDIM with {steps} steps: the reference's grid range(0, {T}, {T // steps}) has {len(alpha_ts)} "
-                         f"entries, not {steps}; use a step count with T // steps * steps close to {T} "
+        raise ValueError(f"DDIM with {steps} steps: the reference's grid range(0, {T}, {T // steps}) has "
+                         f"{len(alpha_ts)} entries, not {steps}; use a step count with T // steps * steps close to {T} "
                          "(e.g. 10, 20, 25, 50, 100, 200)")
     tmap = torch.arange(T)
     tmap[alpha_ts] = torch.tensor(spaced)
@@ -243,7 +243,8 @@ def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
         params["padding"] = {"mode": pad_mode, "bottom": ph, "right": pw}
     if tile:
         t = max(8, tile - tile % 8)
-        params["tiling"] = {"tile": t, "overlap": min(tile_overlap, t - 8), "tile_batch": tile_batch, "weights": weights}
+        params["tiling"] = {"tile": t, "overlap": min(tile_overlap, t - 8), "tile_batch": tile_batch,
+                            "weights": weights}
     params["timesteps"] = space_timesteps(1000, [steps])[::-1]
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, None), negative_prompt=(negative_prompt, None))
     return Result(images=images, latents=latents.cpu(), parameters={k: v for k, v in params.items() if v is not None})

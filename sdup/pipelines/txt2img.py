@@ -25,8 +25,8 @@ import torch
 
 from .. import __version__
 from ..diffusion.denoisers import CFG
-from .common import (Result, check_finite, check_int, parse_sampler, prompt_context, record_prompts, resolve_eta,
-                     resolve_generators, run_sampler)
+from .common import (Result, check_finite, check_int, decode_scaled, parse_sampler, prompt_context, record_prompts,
+                     resolve_eta, resolve_generators, run_sampler)
 
 Tensor = torch.Tensor
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
@@ -78,13 +78,8 @@ def _unet_net(unet) -> Callable:
 
 @torch.no_grad()
 def decode_latents(model, latents: Tensor) -> Tensor:
-    """Scaled latents -> images in [0, 1] (VAE in fp32, one sample at a time), on the CPU."""
-    vae_p = next(model.vae.parameters())
-    out = []
-    for z in latents.float().split(1):
-        x = model.vae.decode((z / model.scale_factor).to(vae_p.device, vae_p.dtype)).float()
-        out.append(((x + 1) / 2).clamp(0, 1).cpu())
-    return torch.cat(out)
+    """Scaled latents -> images in [0, 1] (``common.decode_scaled``: VAE in fp32, one sample at a time), on the CPU."""
+    return ((decode_scaled(model.vae, latents, model.scale_factor) + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()

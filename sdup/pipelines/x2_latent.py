@@ -62,8 +62,8 @@ from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import (Result, check_finite, check_int, pad_to_multiple, parse_sampler, record_prompts, resolve_eta,
-                     resolve_generators, token_ids)
+from .common import (Result, check_finite, check_int, decode_scaled, pad_to_multiple, parse_sampler, record_prompts,
+                     resolve_eta, resolve_generators, token_ids)
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
@@ -156,25 +156,13 @@ def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=N
     return torch.cat(out)
 
 
-@torch.no_grad()
 def decode_latents(vae, latents: Tensor, scale_factor: float = 0.18215, *, vae_tile: int | None = None,
                    vae_overlap: int = 8, progress: bool = False, clamp: bool = True) -> Tensor:
-    """Scaled latents -> images on the CPU, in [0, 1] (``clamp=False``: the raw decoder output in [-1, 1], not clamped).
-    The VAE runs in fp32 (a half-precision VAE is converted in place), one sample at a time; ``vae_tile`` decodes in
-    latent tiles with ``tiling.tiled_decode`` (exact, bounded memory)."""
-    vae = _vae_module(vae)
-    p = next(vae.parameters())
-    if p.dtype != torch.float32:
-        vae.float()
-    run = vae.decode
-    if vae_tile:
-        from .tiling import tiled_decode
-        run = lambda z: tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, progress=progress)  # noqa: E731
-    out = []
-    for z in latents.float().split(1):
-        x = run((z / scale_factor).to(p.device, torch.float32)).float().cpu()
-        out.append(((x + 1) / 2).clamp(0, 1) if clamp else x)
-    return torch.cat(out)
+    """Scaled latents -> images on the CPU, in [0, 1] (``clamp=False``: the raw decoder output in [-1, 1], not clamped):
+    ``common.decode_scaled`` (the VAE in fp32, one sample at a time, ``vae_tile``: exact tiled decode)."""
+    x = decode_scaled(_vae_module(vae), latents, scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
+                      progress=progress)
+    return ((x + 1) / 2).clamp(0, 1) if clamp else x
 
 
 def padding_mask(model, ids: Tensor) -> Tensor:

@@ -51,8 +51,8 @@ from ..diffusion.denoisers import CFG
 from ..diffusion.samplers import randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import (Result, check_finite, check_int, pad_to_multiple, parse_sampler, prompt_context,
-                     record_prompts, resolve_eta, resolve_generators, run_sampler)
+from .common import (Result, check_finite, check_int, decode_scaled, pad_to_multiple, parse_sampler,
+                     prompt_context, record_prompts, resolve_eta, resolve_generators, run_sampler)
 
 Tensor = torch.Tensor
 DEFAULTS = dict(noise_level=20, steps=75, guidance=9.0, eta=0.0, sampler="ddim")  # diffusers'
@@ -114,38 +114,10 @@ def unet_multiple(model) -> int:
 
 @torch.no_grad()
 def decode(model, latents: Tensor, vae_tile: int | None = None, vae_overlap: int = 8, progress: bool = False) -> Tensor:
-    """Scaled latents (B, 4, h, w) -> images (B, 3, 4h, 4w) in [-1, 1] (not clamped), float32 on the CPU.
-    The VAE runs in fp32 whatever its stored dtype (a half-precision VAE is upcast for the call only), one sample
-    at a time. ``vae_tile``: decode in latent tiles with ``tiling.tiled_decode`` (exact, bounded memory; a
-    half-precision VAE is converted to fp32 in place for it)."""
-    vae = model.vae
-    p = next(vae.parameters())
-    run = vae.decode
-    if vae_tile:
-        from .tiling import tiled_decode
-        if p.dtype != torch.float32:
-            vae.float()  # the x4 VAE overflows in half precision
-        run = lambda z: tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, progress=progress)  # noqa: E731
-    elif p.dtype != torch.float32:
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in vae.state_dict().items()}
-        run = lambda z: _decode_with(vae, state, z)  # noqa: E731
-    out = []
-    for z in latents.float().split(1):
-        out.append(run((z / model.scale_factor).to(p.device, torch.float32)).float().cpu())
-    return torch.cat(out)
-
-
-def _decode_with(vae, state: dict, z: Tensor) -> Tensor:
-    from torch.func import functional_call
-
-    class _Dec(torch.nn.Module):  # functional_call needs a forward: route it to decode
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, z):
-            return self.m.decode(z)
-    return functional_call(_Dec(vae), {f"m.{k}": v for k, v in state.items()}, (z,))
+    """Scaled latents (B, 4, h, w) -> images (B, 3, 4h, 4w) in [-1, 1] (not clamped), float32 on the CPU: the model's
+    VAE in fp32 (``common.decode_scaled``; the x4 VAE overflows in half precision)."""
+    return decode_scaled(model.vae, latents, model.scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
+                         progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------
