@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 UPSCALE_DOC = __doc__
@@ -283,6 +284,13 @@ class Item:
     latent: tuple[int, int] | None = None  # latents file: the low-res latent size (h, w)
 
 
+@lru_cache(maxsize=1)
+def latents_file(path: Path):
+    """``x2_latent.read_latents``, read once per file although every sample of it is a separate output."""
+    from .pipelines.x2_latent import read_latents
+    return read_latents(path)
+
+
 def is_latents(path: Path) -> bool:
     return path.suffix.lower() in LATENT_EXTENSIONS
 
@@ -484,9 +492,9 @@ def run_x4(model, item: Item, img, prompt, negative, settings: dict, args, plan:
 
 def run_x2(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
     """One image (VAE-encoded) or one sample of a latents file through ``x2_latent.upscale_latents_x2``."""
-    from .pipelines.x2_latent import read_latents, upscale_latents_x2
+    from .pipelines.x2_latent import upscale_latents_x2
     if img is None:
-        latents, _ = read_latents(item.path)
+        latents, _ = latents_file(item.path)
         source = dict(latents=latents[item.index:item.index + 1])
     else:
         source = dict(image=img.rgb[None])
@@ -743,11 +751,7 @@ def cmd_upscale(args) -> int:
 
 def _latents_source(path: Path):
     """The generation parameters stored in a latents file by scripts/txt2img.py (None if absent)."""
-    from .pipelines.x2_latent import read_latents
-    try:
-        return read_latents(path)[1].get("parameters")
-    except (ValueError, OSError):
-        return None
+    return latents_file(path)[1].get("parameters")
 
 
 def upscale_main(argv=None, prog: str | None = None) -> int:
