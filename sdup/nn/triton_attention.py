@@ -77,9 +77,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
     if k.shape[:2] != (B, H) or v.shape != k.shape or k.shape[-1] != D:
         raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     q3 = q.reshape(B * H, n_q, D).contiguous()
-    k3 = k.reshape(B * H, n_k, D).contiguous()
+    k3 = k.reshape(B * H, n_k, D).to(q.dtype).contiguous()
     v3 = v.reshape(B * H, n_k, D).to(q.dtype).contiguous()
-    k3 = k3.to(q.dtype)
     out = torch.empty_like(q3)
     block_d = max(16, triton.next_power_of_2(D))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
