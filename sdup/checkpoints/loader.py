@@ -328,6 +328,11 @@ def _diffusers_family(folder: Path) -> str:
     return "sd2" if ucfg.get("cross_attention_dim", 768) == 1024 else "sd1"
 
 
+def _folder_family(folder: Path) -> str:
+    """A diffusers pipeline folder's family, or "vae" for a bare VAE folder (config.json + weights at the top)."""
+    return "vae" if is_vae_folder(folder) and not is_diffusers_folder(folder) else _diffusers_family(folder)
+
+
 def _diffusers_component(out: LoadedModel, comp: str, sd: dict, cfg_json: dict | None, b: _Build, what: str) -> None:
     """One diffusers component (weights + optional config.json) into ``out``."""
     family = out.family
@@ -368,18 +373,18 @@ def _diffusers_component(out: LoadedModel, comp: str, sd: dict, cfg_json: dict |
 def _load_diffusers(folder: Path, b: _Build, *, prediction, variant=None, reader=None) -> LoadedModel:
     """A diffusers pipeline folder (unet/, vae/, text_encoder/), or a bare VAE folder (family "vae")."""
     reader = reader or read_state_dict
-    bare_vae = is_vae_folder(folder) and not is_diffusers_folder(folder)
-    family = "vae" if bare_vae else _diffusers_family(folder)
+    family = _folder_family(folder)
+    bare_vae = family == "vae"
     d = FAMILY_DEFAULTS[family]
     sched = component_config(folder, "scheduler") or {}
     out = LoadedModel(family=family, source=str(folder), scale_factor=d["scale_factor"], report=b.report,
                       prediction=prediction or {"epsilon": "eps", "v_prediction": "v", "sample": "sample"}.get(
                           sched.get("prediction_type"), d.get("prediction")))
-    if not bare_vae:
-        out.schedule = {"linear_start": sched.get("beta_start", d["linear_start"]), "linear_end": sched.get(
-            "beta_end", d["linear_end"]), "timesteps": sched.get("num_train_timesteps", 1000)}
     if bare_vae:  # the VAE's own config.json knows its latent scale (SD: 0.18215)
         out.scale_factor = float((component_config(folder, ".") or {}).get("scaling_factor", d["scale_factor"]))
+    else:
+        out.schedule = {"linear_start": sched.get("beta_start", d["linear_start"]), "linear_end": sched.get(
+            "beta_end", d["linear_end"]), "timesteps": sched.get("num_train_timesteps", 1000)}
     if family == "x4":
         low = component_config(folder, "low_res_scheduler") or {}
         index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
@@ -553,8 +558,7 @@ def inspect(path: str | Path, config=None) -> tuple[Detection, LoadedModel | Non
         if path.is_dir():
             if not is_diffusers_folder(path) and not is_vae_folder(path):
                 raise CheckpointError(f"{describe_path(path)}: not a diffusers folder")
-            det = Detection("vae" if is_vae_folder(path) and not is_diffusers_folder(path) else _diffusers_family(path),
-                            "diffusers")
+            det = Detection(_folder_family(path), "diffusers")
             model = _load_diffusers(path, _Build("meta", None, False, {}), prediction=None,
                                     reader=lambda f: meta_of(read_shapes(f)[0]))
             return det, model, None

@@ -415,7 +415,7 @@ class _Engine:
     def __init__(self, ops, grid: _Grid, r0: int, store_bytes: int, halo: int | None, progress: bool, desc: str,
                  store_device=None):
         self.ops, self.grid, self.r0 = ops, grid, r0
-        self.store_bytes = -1 if store_bytes is None else max(0, int(store_bytes))
+        self.store_bytes = None if store_bytes is None else max(0, int(store_bytes))  # None: auto_store_bytes in run
         self.store_device = None if store_device is None else torch.device(store_device)
         self.dev = None
         self.halo = halo
@@ -543,7 +543,7 @@ class _Engine:
         self.dev = src.device
         c = src.shape[1]
         self.c_at = [c := (op.mod.out_channels if op.kind in ("conv", "up", "down") else c) for op in [_Op("")] + ops]
-        if self.store_bytes < 0:  # auto: room for the largest level map as a checkpoint (see auto_store_bytes)
+        if self.store_bytes is None:  # auto: room for the largest level map as a checkpoint
             self.store_bytes = auto_store_bytes(max(self._map_bytes(i, src) for i in range(len(ops) + 1)))
         bounds = [0]
         for i, op in enumerate(ops):
