@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     import sdup
     from sdup.checkpoints import CheckpointError, KeyMismatch
     from sdup.pipelines import common
+    from sdup.optimize import fuse_qkv
     from sdup.pipelines.txt2img import txt2img
 
     try:
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
             fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
+        fuse_qkv(model)  # one q/k/v matmul per self-attention (sdup.optimize)
         result = txt2img(model, prompt_ids if prompt_ids is not None else args.prompt,
                          negative_ids if negative_ids is not None else args.negative_prompt,
                          height=args.height, width=args.width, steps=args.steps, sampler=args.sampler,

@@ -1,17 +1,20 @@
 """Speed options applied to a loaded model (``sdup.load(...)``), all opt-in.
 
     model = sdup.load("x4-upscaler-ema.safetensors")
+    fuse_qkv(model)               # one q/k/v Linear per self-attention (what scripts/upscale.py and txt2img.py do)
     compile_model(model)          # torch.compile the UNet forward (and the VAE decoder's), shapes dynamic
 
+``fuse_qkv`` concatenates the weights once, at load time (never per call), and keeps the state dict's keys.
 ``compile_model`` compiles the *forward* of the UNet / VAE decoder in place (the modules, their state dicts and the
 key tables stay as they are), with ``dynamic=True`` so that a new latent or tile size does not trigger a
 recompile per size (the timestep is a tensor argument, so steps never recompile).  The first call pays the
-compilation (minutes for a full-size UNet on a CPU).  Measured with scripts/bench.py; correctness: compiled ==
-eager within 1e-5 (tests/test_optimize.py).
+compilation (minutes for a full-size UNet on a CPU).  Measured with scripts/bench.py; correctness: fused and compiled
+== eager within 1e-5 (tests/test_unet_vae.py, tests/test_optimize.py).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 
 def compile_model(model, *, unet: bool = True, vae_decoder: bool = True, dynamic: bool = True,
@@ -27,3 +30,55 @@ def compile_model(model, *, unet: bool = True, vae_decoder: bool = True, dynamic
         module.forward = torch.compile(module.forward, dynamic=dynamic, mode=mode, backend=backend)
     return model
 
+
+
+def fuse_qkv(model) -> int:
+    """Join the q/k/v projections of every self-attention (modules marked ``fusable_qkv``: the UNets' attn1 and the
+    K-UNet's SelfAttention2d) into one ``qkv_proj`` Linear with rows [q; k; v], once; returns how many were fused.
+
+    One (N, C) x (C, 3C) matmul instead of three (N, C) x (C, C): measured 1.6x faster for the SD 1.4 level-1
+    projections (N 8192, C 320) on a 2-core CPU.  ``state_dict()`` still has the ``q_proj``/``k_proj``/``v_proj``
+    keys (split on the way out, joined on the way in), so the key tables, exporters and ``load_state_dict`` are
+    unchanged.  ``model``: a ``LoadedModel`` or any ``nn.Module``.
+    """
+    roots = model.components().values() if hasattr(model, "components") else [model]
+    fused = 0
+    for root in roots:
+        for module in root.modules():
+            if getattr(module, "fusable_qkv", False) and getattr(module, "qkv_proj", None) is None:
+                _fuse(module)
+                fused += 1
+    return fused
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _fuse(module: nn.Module) -> None:
+    q, k, v = (getattr(module, name) for name in _QKV)
+    qkv = nn.Linear(q.in_features, q.out_features * 3, bias=q.bias is not None, device=q.weight.device,
+                    dtype=q.weight.dtype)
+    with torch.no_grad():
+        qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+        if q.bias is not None:
+            qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+    for name in _QKV:
+        delattr(module, name)
+    module.qkv_proj = qkv
+    module.register_state_dict_post_hook(_split_qkv_keys)
+    module.register_load_state_dict_pre_hook(_join_qkv_keys)
+
+
+def _split_qkv_keys(module, state_dict, prefix, local_metadata):
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv_proj.{kind}", None)
+        if fused is not None:
+            for name, part in zip(_QKV, fused.chunk(3)):
+                state_dict[f"{prefix}{name}.{kind}"] = part
+
+
+def _join_qkv_keys(module, state_dict, prefix, *args):
+    for kind in ("weight", "bias"):
+        parts = [f"{prefix}{name}.{kind}" for name in _QKV]
+        if all(p in state_dict for p in parts):
+            state_dict[f"{prefix}qkv_proj.{kind}"] = torch.cat([state_dict.pop(p) for p in parts])

@@ -696,8 +696,9 @@ def cmd_upscale(args) -> int:
         h, w = it.size
         if it.index is None and min(h, w) < lo:
             fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
+    from .optimize import compile_model, fuse_qkv
+    fuse_qkv(model)  # one q/k/v matmul per self-attention (the state dict is unchanged)
     if args.compile:
-        from .optimize import compile_model
         compile_model(model, vae_decoder=False)  # UNet forward, dynamic shapes (tiles / sizes do not recompile)
 
     from tqdm import tqdm

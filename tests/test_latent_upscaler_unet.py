@@ -14,6 +14,7 @@ from sdup.checkpoints.kdiffusion import (KDIFFUSION_IGNORABLE, NOISE_AUG_KEY, kd
 from sdup.checkpoints.keymap import KeyMismatch
 from sdup.models.latent_upscaler import KUNet, KUNetConfig, kunet_diffusers_config
 from sdup.nn import use_attention_backend
+from sdup.optimize import fuse_qkv
 
 torch.set_grad_enabled(False)
 LU = FIXTURES / "latent_upscaler"
@@ -50,8 +51,11 @@ def manifest(name: str) -> dict:
 # numerics
 
 @pytest.mark.parametrize("backend", ["sdpa", "math", "chunked"])
-def test_fixture_forward_parity(backend):
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused-qkv"])
+def test_fixture_forward_parity(backend, fused):
     unet, cfg, _ = fixture_unet()
+    if fused:  # sdup.optimize.fuse_qkv on the self-attention layers
+        assert fuse_qkv(unet) > 0
     f = load_file(str(LU / "unet_forward.safetensors"))
     with use_attention_backend(backend, chunk_size=64):
         out = unet(f["in.sample"], f["in.timestep"], f["in.timestep_cond"], f["in.encoder_hidden_states"])

@@ -61,3 +61,25 @@ def test_groupnorm32_computes_in_fp32():
     out = gn(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     assert_parity(out.float(), gn(x), tol=2e-2)
+
+
+@pytest.mark.parametrize("shape,stride", [((2, 24, 8, 8), 1), ((1, 24, 30, 20), 1), ((3, 24, 16, 12), 2)])
+def test_conv2d_small_map_path_matches_nn_conv2d(shape, stride, monkeypatch):
+    """sdup's Conv2d bypasses oneDNN for small fp32 CPU maps (here: the first and third shapes): same output as
+    nn.Conv2d within fp32 rounding, the global oneDNN switch restored afterwards, even when the conv raises."""
+    import sdup.nn.layers as L
+    seen = []
+    real = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: (seen.append(torch.backends.mkldnn.enabled),
+                                                                     real(self, x))[1])
+    g = torch.Generator().manual_seed(0)
+    conv = L.Conv2d(24, 16, 3, stride=stride, padding=1)
+    ref = torch.nn.functional.conv2d
+    x = torch.randn(*shape, generator=g)
+    with torch.no_grad():
+        assert_parity(conv(x), ref(x, conv.weight, conv.bias, stride=stride, padding=1))
+    small = shape[0] * shape[2] * shape[3] // stride ** 2 <= L.SMALL_MAP_POSITIONS
+    assert seen == [not small] and torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError):
+        conv(torch.randn(2, 5, 8, 8))  # wrong channel count
+    assert torch.backends.mkldnn.enabled

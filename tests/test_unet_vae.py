@@ -13,7 +13,8 @@ from sdup.checkpoints import ldm
 from sdup.checkpoints.io import read_state_dict
 from sdup.models.unet import UNet, UNetConfig
 from sdup.models.vae import AutoencoderKL, VAEConfig
-from sdup.nn import use_attention_backend
+from sdup.nn import TransformerBlock, use_attention_backend
+from sdup.optimize import fuse_qkv
 
 torch.set_grad_enabled(False)
 
@@ -46,11 +47,32 @@ def run_unet(unet, d):
 
 @pytest.mark.parametrize("family", ["sd1", "x4"])
 @pytest.mark.parametrize("backend", ["sdpa", "math", "chunked"])
-def test_unet_matches_upstream_fixture(family, backend):
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused-qkv"])
+def test_unet_matches_upstream_fixture(family, backend, fused):
     unet, _, _ = ldm_unet(family)
+    if fused:  # sdup.optimize.fuse_qkv: one q/k/v matmul per self-attention (x4: attn1 reads the text: not fused)
+        blocks = [m for m in unet.modules() if isinstance(m, TransformerBlock)]
+        assert fuse_qkv(unet) == sum(not b.self_attn_reads_context for b in blocks) > 0
     d = load_file(FIXTURES / family / "unet_forward.safetensors")
     with use_attention_backend(backend, chunk_size=64):  # 16x24 = 384 tokens -> 6 chunks
         assert_parity(run_unet(unet, d), d["out.model_output"], what=f"{family} unet {backend}")
+
+
+@pytest.mark.parametrize("family", ["sd1", "x4"])
+def test_fused_qkv_keeps_the_state_dict(family):
+    """After fuse_qkv the state dict has the same keys and tensors (split on the way out), the key tables still map it
+    to the original layout bit for bit, and load_state_dict of an unfused dict (joined on the way in) works."""
+    unet, km, ext = ldm_unet(family)
+    before = unet.state_dict()
+    fuse_qkv(unet)
+    after = unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert any(hasattr(m, "qkv_proj") for m in unet.modules())
+    back = km.to_ext(after)
+    assert all(torch.equal(back[k], v) for k, v in ext.items())
+    other = {k: torch.randn_like(v) for k, v in before.items()}
+    unet.load_state_dict(other)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in other.items())
 
 
 def test_x4_conditioning_concat_order():

@@ -25,7 +25,7 @@
   ``torch.Generator`` or a list of them, one per sample (sample j drawn from ``generator[j]``: a sample does not
   depend on the batch it is in).  A step draws noise only when it adds noise (DDIM with eta > 0; DDPM and
   Euler-ancestral at every step but the last; diffusers draws in the same order).
-* ``disable``: disables the tqdm progress bar.  All samplers run under ``torch.no_grad()``.
+* ``disable``: disables the tqdm progress bar.  All samplers run under ``torch.inference_mode()``.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _ddim_tables(model, ts: list[int], eta: float, final_alpha_cumprod: float | 
     return a, a_prev, sig
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ddim(model, x: Tensor, timesteps, *, eta: float = 0.0, final_alpha_cumprod: float | None = None,
                 extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """DDIM (CompVis/SAI ``DDIMSampler``; diffusers ``DDIMScheduler(steps_offset=1, set_alpha_to_one=False)``).
@@ -116,7 +116,7 @@ def sample_ddim(model, x: Tensor, timesteps, *, eta: float = 0.0, final_alpha_cu
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_plms(model, x: Tensor, timesteps, *, final_alpha_cumprod: float | None = None,
                 extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """PLMS (CompVis ``PLMSSampler``; diffusers ``PNDMScheduler(skip_prk_steps=True)`` for eps models).
@@ -149,7 +149,7 @@ def sample_plms(model, x: Tensor, timesteps, *, final_alpha_cumprod: float | Non
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ddpm(model, x: Tensor, timesteps=None, *, clip_denoised: bool = False,
                 extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """Ancestral DDPM (LDM ``p_sample_loop``): x0 from the model, posterior mean
@@ -199,7 +199,7 @@ def _denoise(model, x, sigma, extra_args):
     return model(x, sigma * x.new_ones([x.shape[0]], dtype=torch.float32), **extra_args)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_euler(model, x: Tensor, sigmas, *, extra_args=None, callback=None, noise=None,
                  generator: Generators = None, disable=None) -> Tensor:
     """Euler (Karras et al. Alg. 2 without churn): x += (x - D(x, s_i)) / s_i * (s_{i+1} - s_i)."""
@@ -219,7 +219,7 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return (sigma_to ** 2 - up ** 2) ** 0.5, up
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_euler_ancestral(model, x: Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0, extra_args=None,
                            callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """Euler ancestral (k-diffusion; diffusers ``EulerAncestralDiscreteScheduler``): Euler to sigma_down, then
@@ -259,7 +259,7 @@ def lms_coefficient(order: int, sigmas: Sequence[float], i: int, j: int) -> floa
     return half * sum(w * basis(mid + half * node) for node, w in _gauss_legendre_4())
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_lms(model, x: Tensor, sigmas, *, order: int = 4, extra_args=None, callback=None, noise=None,
                generator: Generators = None, disable=None) -> Tensor:
     """K-LMS (k-diffusion ``sample_lms``; diffusers ``LMSDiscreteScheduler``): linear multistep on d = (x - D)/s
@@ -277,7 +277,7 @@ def sample_lms(model, x: Tensor, sigmas, *, order: int = 4, extra_args=None, cal
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_dpmpp_2m(model, x: Tensor, sigmas, *, extra_args=None, callback=None, noise=None,
                     generator: Generators = None, disable=None) -> Tensor:
     """DPM-Solver++(2M) (k-diffusion ``sample_dpmpp_2m``; diffusers ``DPMSolverMultistepScheduler`` defaults:

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn.attention import attention, get_attention_backend, merge_heads, split_heads
+from ..nn.attention import attention, get_attention_backend, merge_heads, project_qkv, split_heads
+from ..nn.layers import Conv2d
 
 NOISE_AUG_STD = 2.0  # std of the wrapper's random Fourier frequencies (only matters for fresh init)
 
@@ -273,9 +274,9 @@ class ResConvBlock(nn.Module):
     def __init__(self, cfg: KUNetConfig, in_ch: int, mid_ch: int, out_ch: int):
         super().__init__()
         self.norm1 = AdaGroupNorm(cfg.mapping_out, in_ch, cfg.groups(in_ch))
-        self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, mid_ch, 3, padding=1)
         self.norm2 = AdaGroupNorm(cfg.mapping_out, mid_ch, cfg.groups(mid_ch))
-        self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv2d(mid_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -309,6 +310,7 @@ class SelfAttention2d(nn.Module):
     def __init__(self, cfg: KUNetConfig, channels: int):
         super().__init__()
         self.heads = cfg.heads(channels)
+        self.fusable_qkv = True  # see sdup.optimize.fuse_qkv
         self.norm = AdaGroupNorm(cfg.mapping_out, channels, cfg.groups(channels))
         self.q_proj = nn.Linear(channels, channels)
         self.k_proj = nn.Linear(channels, channels)
@@ -318,7 +320,7 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         tokens = image_to_tokens(self.norm(x, cond))                               # (B, HW, C)
-        q, k, v = (split_heads(proj(tokens), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (split_heads(t, self.heads) for t in project_qkv(self, tokens))    # (B, h, HW, D)
         out = self.out_proj(merge_heads(attention(q, k, v)))                      # (B, HW, C)
         return x + tokens_to_image(out, height, width)
 

@@ -109,6 +109,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
+def project_qkv(module, x: torch.Tensor, context: torch.Tensor | None = None):
+    """(q, k, v) token projections, each (B, N, inner), of a module with ``q_proj``/``k_proj``/``v_proj`` Linears.
+
+    After ``sdup.optimize.fuse_qkv`` a self-attention module holds one ``qkv_proj`` (rows [q; k; v]) instead: one
+    matmul of 3x the width instead of three (the outputs are column slices of it)."""
+    fused = getattr(module, "qkv_proj", None)
+    if fused is None:
+        context = x if context is None else context
+        return module.q_proj(x), module.k_proj(context), module.v_proj(context)
+    if context is None:
+        return fused(x).chunk(3, dim=-1)
+    w, b = fused.weight.chunk(3), (None,) * 3 if fused.bias is None else fused.bias.chunk(3)
+    return F.linear(x, w[0], b[0]), F.linear(context, w[1], b[1]), F.linear(context, w[2], b[2])
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, H*D) -> (B, H, N, D)"""
     b, n, _ = x.shape

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, merge_heads, split_heads
+from .attention import attention, merge_heads, project_qkv, split_heads
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True,
@@ -30,6 +30,31 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
     return emb
 
 
+SMALL_MAP_POSITIONS = 512  # see Conv2d
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d``, except that fp32 convolutions on the CPU with few output positions (batch x H x W <= 512:
+    the 8x8 and 16x16 levels of the UNets) skip oneDNN for PyTorch's im2col + BLAS path.
+
+    oneDNN's fp32 kernels starve on such maps: measured on a 2-core AVX2 CPU, a 1280->1280 3x3 at 8x8, batch 2 took
+    72 ms with oneDNN and 39 ms without (2560->1280: 194 vs 94 ms); from about 1024 positions on oneDNN is as fast
+    or faster (32x32, batch 2: 109 vs 170 ms), so larger maps, GPUs, half types and compiled graphs keep the default.
+    The weights, the state dict and the arithmetic (one fp32 GEMM per sample) are those of ``nn.Conv2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = x.shape[0] * x.shape[-2] * x.shape[-1] // (self.stride[0] * self.stride[1])
+        if (positions > SMALL_MAP_POSITIONS or x.device.type != "cpu" or x.dtype != torch.float32
+                or not torch.backends.mkldnn.enabled or torch.compiler.is_compiling()):
+            return super().forward(x)
+        torch.backends.mkldnn.enabled = False
+        try:
+            return super().forward(x)
+        finally:
+            torch.backends.mkldnn.enabled = True
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 and cast back (what the LDM code does)."""
 
@@ -49,7 +74,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, out_channels: int | None = None, asymmetric_pad: bool = False):
         super().__init__()
         self.asymmetric_pad = asymmetric_pad
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x):
         if self.asymmetric_pad:
@@ -62,7 +87,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -80,10 +105,10 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None = None, eps: float = 1e-5):
         super().__init__()
         self.norm1 = group_norm(in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
         self.norm2 = group_norm(out_channels, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.feature_mod: nn.Module | None = None
 
@@ -100,23 +125,22 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention on token sequences (B, N, C); ``context`` switches it to cross-attention.
 
-    LDM ``CrossAttention``: q/k/v without bias, output projection with bias.
+    LDM ``CrossAttention``: q/k/v without bias, output projection with bias.  ``fusable_qkv``: a self-attention
+    module (q, k and v all read ``x``), whose three projections ``sdup.optimize.fuse_qkv`` may join into one.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None, qkv_bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.fusable_qkv = context_dim is None
         self.q_proj = nn.Linear(dim, inner, bias=qkv_bias)
         self.k_proj = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.v_proj = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, x, context=None):
-        context = x if context is None else context
-        q = split_heads(self.q_proj(x), self.heads)        # (B, H, N, D)
-        k = split_heads(self.k_proj(context), self.heads)  # (B, H, M, D)
-        v = split_heads(self.v_proj(context), self.heads)
+        q, k, v = (split_heads(t, self.heads) for t in project_qkv(self, x, context))  # (B, H, N|M, D)
         return self.out_proj(merge_heads(attention(q, k, v)))
 
 

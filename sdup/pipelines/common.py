@@ -344,7 +344,7 @@ def token_ids(model, prompts) -> Tensor:
     return ids
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_prompts(model, prompts) -> Tensor:
     """Prompts (see ``token_ids``) -> the text encoder's ``.context`` (B, 77, D): last layer after the final
     LayerNorm for SD 1.x, penultimate layer + ln_final for SD 2.x (the encoder's config decides). Identical
@@ -467,7 +467,7 @@ def sigma_grid(spec: SamplerSpec, alphas_cumprod: Tensor, steps: int) -> Tensor:
     return discrete_sigmas(alphas_cumprod, steps, "linspace", dpm_solver=spec.name == "dpmpp_2m")[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_sampler(spec: SamplerSpec, raw: Callable, schedule: dict, prediction: str, x_T: Tensor, steps: int, *,
                 eta: float = 0.0, extra_args: dict | None = None, generators=None, callback=None,
                 progress: bool = True) -> tuple[Tensor, dict]:
@@ -610,7 +610,7 @@ def pad_to_multiple(x: Tensor, m: int, pad_mode: str | None, what: str = "image"
 # decoding
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_scaled(vae, latents: Tensor, scale_factor: float, *, vae_tile: int | None = None, vae_overlap: int = 8,
                   progress: bool = False) -> Tensor:
     """Scaled latents (B, C, h, w) -> the VAE decoder's output in [-1, 1] (not clamped), float32 on the CPU.

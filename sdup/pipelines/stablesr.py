@@ -141,7 +141,7 @@ def upsampled_size(model, size: tuple[int, int], scale: float, input_size: int |
     return round(size[0] * s), round(size[1] * s)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
                      negative_prompt: str | Sequence[str] | Tensor = "", *, scale: float = 4.0, steps: int = 200,
                      sampler: str = "ddpm", guidance: float | None = None, dec_w: float = 0.5, start: str = "lr",

@@ -678,7 +678,7 @@ def auto_store_bytes(largest_map_bytes: int) -> int:
 
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, halo: int | None = None,
                  store_bytes: int | None = None, store_device=None,
                  attn_chunk: int | None = None) -> Tensor:
@@ -705,7 +705,7 @@ def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, 
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def tiled_encode(vae, image: Tensor, tile=512, overlap=32, progress: bool = False, *, halo: int | None = None,
                  store_bytes: int | None = None, store_device=None,
                  attn_chunk: int | None = None) -> DiagonalGaussian:

@@ -76,13 +76,13 @@ def _unet_net(unet) -> Callable:
     return net
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_latents(model, latents: Tensor) -> Tensor:
     """Scaled latents -> images in [0, 1] (``common.decode_scaled``: VAE in fp32, one sample at a time), on the CPU."""
     return ((decode_scaled(model.vae, latents, model.scale_factor) + 1) / 2).clamp(0, 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_prompt: str | Sequence[str] | Tensor = "",
             *, prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
             height: int = 512, width: int = 512, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,

@@ -134,7 +134,7 @@ def _vae_module(vae):
     return module
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=None, sample: bool = True) -> Tensor:
     """Image (B, 3, H, W) in [0, 1] -> scaled SD latents (B, 4, H/f, W/f): posterior sample (noise drawn from
     ``generators``, one per sample, as diffusers' ``latent_dist.sample(generator)``) or its mean."""
@@ -174,7 +174,7 @@ def padding_mask(model, ids: Tensor) -> Tensor:
     return (torch.arange(ids.shape[1])[None, :] <= first[:, None]).float()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_x2_prompts(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
     """Prompts (text or token ids, see ``common.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
     pooled (B, D), padding mask (B, 77)). Identical prompts are encoded once."""
@@ -306,7 +306,7 @@ def read_latents(path) -> tuple[Tensor, dict]:
 # the pipeline
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str] | Tensor | None = "",
                        negative_prompt: str | Sequence[str] | Tensor = "", *, image: Tensor | None = None, vae=None,
                        prompt_embeds: Tensor | None = None, pooled_prompt_embeds: Tensor | None = None,

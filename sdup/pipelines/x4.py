@@ -112,7 +112,7 @@ def unet_multiple(model) -> int:
     return 2 ** (len(cfg.channel_mult) - 1) if cfg is not None else 8
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(model, latents: Tensor, vae_tile: int | None = None, vae_overlap: int = 8, progress: bool = False) -> Tensor:
     """Scaled latents (B, 4, h, w) -> images (B, 3, 4h, 4w) in [-1, 1] (not clamped), float32 on the CPU: the model's
     VAE in fp32 (``common.decode_scaled``; the x4 VAE overflows in half precision)."""
@@ -210,7 +210,7 @@ def _check_model(model) -> None:
 # the pipeline
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                negative_prompt: str | Sequence[str] | Tensor = "",
                *, prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
