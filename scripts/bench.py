@@ -34,11 +34,20 @@ sys.path.insert(0, str(ROOT))
 from sdup.checkpoints import diffusers as dfs  # noqa: E402
 from sdup.models.unet import UNet  # noqa: E402
 from sdup.models.vae import AutoencoderKL  # noqa: E402
+from sdup.optimize import fuse_qkv  # noqa: E402
 
 CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
 SD21_UNET = dict(CONFIGS[SD1]["unet"], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OPTIONS = {"compile": False}  # --compile: sdup's UNet forwards through torch.compile (set in main / child)
+
+
+def prepared(module):
+    """sdup's module as scripts/upscale.py runs it (q/k/v already fused by the builders), compiled with --compile."""
+    if OPTIONS["compile"]:
+        module.forward = torch.compile(module.forward, dynamic=True)
+    return module
 
 
 def cfg(repo, comp):
@@ -51,7 +60,8 @@ def unet_case(dcfg, h, w, batch=2, dtype=torch.float32):
     c = dfs.unet_config(dict(ref.config))
     mine = UNet(c).eval()
     mine.load_state_dict(dfs.unet_keymap(c, mine.state_dict()).to_sdup(ref.state_dict()))
-    mine, ref = mine.to(dtype), ref.to(dtype)
+    fuse_qkv(mine)  # what scripts/upscale.py does after loading
+    mine, ref = prepared(mine.to(dtype)), ref.to(dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.in_channels, h, w, generator=g).to(dtype)
     t = torch.full((batch,), 500)
@@ -68,7 +78,8 @@ def kunet_case(h, w, batch=2, dtype=torch.float32):
     c = KUNetConfig.from_diffusers(dict(ref.config))
     mine = KUNet(c).eval()
     mine.load_state_dict(kunet_diffusers_keymap(c).to_sdup(ref.state_dict()))
-    mine, ref = mine.to(dtype), ref.to(dtype)
+    fuse_qkv(mine)
+    mine, ref = prepared(mine.to(dtype)), ref.to(dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 8, h, w, generator=g).to(dtype)
     c_noise = torch.full((batch,), 0.5)
@@ -167,7 +178,7 @@ def child(name: str, impl: str, dtype: str, limit_gb: float) -> None:
 
 def peak_memory(name: str, impl: str, args) -> str:
     cmd = [sys.executable, __file__, "--child", name, impl, "--dtype", args.dtype, "--threads", str(args.threads),
-           "--mem-limit-gb", str(args.mem_limit_gb)]
+           "--mem-limit-gb", str(args.mem_limit_gb)] + (["--compile"] if args.compile else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -184,18 +195,22 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="bf16: both in bf16, plus sdup fp32 for the bf16 speed-up (UNet cases)")
+    p.add_argument("--compile", action="store_true",
+                   help="sdup's UNets through torch.compile (inductor, dynamic shapes); the first call compiles")
     p.add_argument("--memory", action="store_true", help="also peak RSS of each implementation (separate processes)")
     p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space limit of the diffusers process")
     p.add_argument("--markdown", "--out", dest="markdown", help="also write the markdown table here")
     p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    OPTIONS["compile"] = args.compile
     if args.child:
         child(*args.child, args.dtype, args.mem_limit_gb)
         return 0
     dtype = DTYPES[args.dtype]
     ceiling = matmul_ceiling(dtype)
-    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, CPU; median of {args.runs} interleaved "
+    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{', sdup compiled' if args.compile else ''}, "
+            f"CPU; median of {args.runs} interleaved "
             f"runs; {args.dtype} matmul ceiling {ceiling:.0f} GFLOP/s (4096^2 torch.mm)")
     cols = ["model", "sdup s", "diffusers s", "sdup/diffusers", "sdup GFLOP/s", "of ceiling", "max abs diff"]
     if args.dtype == "bf16":
@@ -213,6 +228,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             a = mine()
             first = time.perf_counter() - t0
+            print(f"  {name}: first sdup call {first:.1f} s", flush=True)
             b = ref() if name != "vae-f4-decode-2048" else None  # diffusers cannot: 256 GiB of attention logits
             diff = f"{(a.float() - b.float()).abs().max().item():.1e}" if b is not None else "n/a"
             fns = {"sdup": mine} if b is None else {"sdup": mine, "diffusers": ref}

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents-out", metavar="PATH.safetensors",
                    help="also save the scaled latents (B, 4, H/8, W/8) with the prompt and seeds (x2 upscaler input)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="UNet / text-encoder precision (the VAE always runs in fp32)")
+                   help="UNet / text-encoder precision (the VAE: --vae-dtype)")
+    p.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="VAE decode precision (default fp32; a non-finite half decode is redone in fp32)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -120,14 +122,15 @@ def main(argv=None) -> int:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:
             fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        dtype = DTYPES[args.dtype]
         model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
         fuse_qkv(model)  # one q/k/v matmul per self-attention (sdup.optimize)
         result = txt2img(model, prompt_ids if prompt_ids is not None else args.prompt,
                          negative_ids if negative_ids is not None else args.negative_prompt,
                          height=args.height, width=args.width, steps=args.steps, sampler=args.sampler,
                          guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch,
-                         progress=not args.quiet)
+                         vae_dtype=DTYPES[args.vae_dtype], progress=not args.quiet)
         for path in {p.parent for p in paths} | ({Path(args.latents_out).parent} if args.latents_out else set()):
             path.mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(paths):

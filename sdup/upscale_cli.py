@@ -110,7 +110,10 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--color-fix", choices=["none", "adain", "wavelet"], default=None,
                    help="match the output's colours to the input (default: none; stablesr wavelet)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="UNet / text-encoder precision (the VAE always runs in fp32)")
+                   help="UNet / text-encoder precision (the VAE: --vae-dtype)")
+    p.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="VAE decode precision for x4 / x2 (default fp32; a non-finite half decode is redone in fp32; "
+                        "tiled decodes and StableSR's CFW decoder always run in fp32)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="wrap the UNet in torch.compile")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output file already exists")
@@ -487,7 +490,13 @@ def run_x4(model, item: Item, img, prompt, negative, settings: dict, args, plan:
     return upscale_x4(model, img.rgb[None], prompt, negative, noise_level=settings["noise_level"], steps=settings["steps"],
                       sampler=settings["sampler"], guidance=settings["guidance"], seed=args.seed,
                       color_fix_mode=args.color_fix, tile=plan["tile"], tile_overlap=plan["overlap"],
-                      vae_tile=plan["vae_tile"], vae_overlap=plan["vae_overlap"], progress=progress)
+                      vae_tile=plan["vae_tile"], vae_overlap=plan["vae_overlap"], vae_dtype=_vae_dtype(args),
+                      progress=progress)
+
+
+def _vae_dtype(args):
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
 
 
 def run_x2(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
@@ -502,7 +511,7 @@ def run_x2(model, item: Item, img, prompt, negative, settings: dict, args, plan:
                               sampler=settings["sampler"], schedule=settings["schedule"], guidance=settings["guidance"],
                               noise_level=settings["noise_level"], seed=args.seed, color_fix_mode=args.color_fix,
                               tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
-                              vae_overlap=plan["vae_overlap"], progress=progress, **source)
+                              vae_overlap=plan["vae_overlap"], vae_dtype=_vae_dtype(args), progress=progress, **source)
 
 
 def run_stablesr(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):

@@ -129,6 +129,17 @@ def test_16_bit_tiff_output(tmp_path, capsys):
     assert p["input_bits"] == 16 and p["color_fix"] == "adain"
 
 
+def test_vae_dtype_is_applied_and_recorded(images, tmp_path, capsys):
+    """--vae-dtype fp16: the decode runs in fp16 (finite here) and the output records it; fp32 is the default."""
+    out = tmp_path / "out"
+    code, _, err = run(capsys, images / "a.png", "-o", out, *WEIGHTS, *FAST, "--vae-dtype", "fp16")
+    assert code == 0, err
+    assert io.read_parameters(out / "a_x4.png")["vae_dtype"] == "float16"
+    code, _, err = run(capsys, images / "a.png", "-o", tmp_path / "out32", *WEIGHTS, *FAST)
+    assert code == 0, err
+    assert io.read_parameters(tmp_path / "out32" / "a_x4.png")["vae_dtype"] == "float32"
+
+
 def test_skip_existing(images, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, err = run(capsys, images / "a.png", "-o", out, *WEIGHTS, *FAST)

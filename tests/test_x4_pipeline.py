@@ -350,3 +350,24 @@ def test_pipeline_color_fix_option():
     expected = ((CF.color_fix(raw, img * 2 - 1, "wavelet") + 1) / 2).clamp(0, 1)
     torch.testing.assert_close(r.images, expected, rtol=0, atol=1e-6)
     assert r.parameters["color_fix"] == "wavelet"
+
+
+def test_half_precision_decode_falls_back_to_fp32_when_not_finite():
+    """vae_dtype=fp16: an ordinary latent decodes in fp16 (close to fp32, no warning); a latent whose fp16 decode
+    overflows (x 1e5: beyond fp16's 65504 after post_quant_conv) is decoded again in fp32 -- exactly the fp32 result,
+    finite, with one warning per sample -- instead of a NaN / black image. The VAE module itself is not converted."""
+    m = model()
+    z = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0)) * 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out16 = decode(m, z, vae_dtype=torch.float16)
+    ref = decode(m, z)
+    assert next(m.vae.parameters()).dtype == torch.float32
+    assert 0 < (out16 - ref).abs().max() < 2e-2
+    big = torch.cat([z[:1], z[1:] * 1e5])
+    with pytest.warns(RuntimeWarning, match="float16 VAE decode of sample 1 is not finite") as caught:
+        out = decode(m, big, vae_dtype=torch.float16)
+    assert len(caught) == 1 and torch.isfinite(out).all()
+    assert torch.equal(out[1:], decode(m, big[1:]))
+    r = upscale_x4(m, low_res(5), token_ids(), steps=2, seed=1, vae_dtype=torch.float16, progress=False)
+    assert r.parameters["vae_dtype"] == "float16" and torch.isfinite(r.images).all()

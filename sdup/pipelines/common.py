@@ -25,6 +25,7 @@ import math
 import os
 import random
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -612,26 +613,48 @@ def pad_to_multiple(x: Tensor, m: int, pad_mode: str | None, what: str = "image"
 
 @torch.inference_mode()
 def decode_scaled(vae, latents: Tensor, scale_factor: float, *, vae_tile: int | None = None, vae_overlap: int = 8,
-                  progress: bool = False) -> Tensor:
+                  progress: bool = False, vae_dtype: torch.dtype = torch.float32) -> Tensor:
     """Scaled latents (B, C, h, w) -> the VAE decoder's output in [-1, 1] (not clamped), float32 on the CPU.
 
-    The VAE runs in fp32 whatever its stored dtype (a half-precision VAE is upcast for the call only), one sample at
-    a time. ``vae_tile``: decode in latent tiles with ``tiling.tiled_decode`` (exact, bounded memory; a
-    half-precision VAE is converted to fp32 in place for it)."""
+    One sample at a time, in ``vae_dtype`` whatever the VAE's stored dtype (a VAE stored in another dtype is cast for
+    the call only). fp32 is the default: the x4 VAE overflows in fp16. fp16 / bf16 (less memory and time on a GPU):
+    a sample whose half-precision decode is not finite is decoded again in fp32, with a warning, instead of becoming
+    a black image. ``vae_tile``: decode in latent tiles with ``tiling.tiled_decode`` (exact, bounded memory; always
+    fp32: a half-precision VAE is converted to fp32 in place for it)."""
     p = next(vae.parameters())
-    run = vae.decode
     if vae_tile:
         from .tiling import tiled_decode
         if p.dtype != torch.float32:
             vae.float()
-        run = lambda z: tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, progress=progress)  # noqa: E731
-    elif p.dtype != torch.float32:
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in vae.state_dict().items()}
-        run = lambda z: _decode_with(vae, state, z)  # noqa: E731
+        vae_dtype = torch.float32
+        fp32 = lambda z: tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, progress=progress)  # noqa: E731
+    else:
+        fp32 = _decoder_in(vae, torch.float32)
+    half = _decoder_in(vae, vae_dtype) if vae_dtype != torch.float32 else None
     out = []
-    for z in latents.float().split(1):
-        out.append(run((z / scale_factor).to(p.device, torch.float32)).float().cpu())
+    for i, z in enumerate(latents.float().split(1)):
+        z = (z / scale_factor).to(p.device, torch.float32)
+        x = half(z.to(vae_dtype)) if half is not None else None
+        if x is not None and not torch.isfinite(x).all():
+            warnings.warn(f"sdup: the {str(vae_dtype).replace('torch.', '')} VAE decode of sample {i} is not finite; "
+                          "decoded again in fp32", RuntimeWarning, stacklevel=2)
+            x = None
+        out.append((fp32(z) if x is None else x).float().cpu())
     return torch.cat(out)
+
+
+def _decoder_in(vae, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """``vae.decode`` computing in ``dtype``: the module itself when it is stored so, else casted copies of its
+    parameters (made on the first call, the module untouched)."""
+    if next(vae.parameters()).dtype == dtype:
+        return vae.decode
+    state = {}
+
+    def run(z):
+        if not state:
+            state.update({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in vae.state_dict().items()})
+        return _decode_with(vae, state, z)
+    return run
 
 
 def _decode_with(vae, state: dict, z: Tensor) -> Tensor:

@@ -77,9 +77,10 @@ def _unet_net(unet) -> Callable:
 
 
 @torch.inference_mode()
-def decode_latents(model, latents: Tensor) -> Tensor:
-    """Scaled latents -> images in [0, 1] (``common.decode_scaled``: VAE in fp32, one sample at a time), on the CPU."""
-    return ((decode_scaled(model.vae, latents, model.scale_factor) + 1) / 2).clamp(0, 1)
+def decode_latents(model, latents: Tensor, vae_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Scaled latents -> images in [0, 1] (``common.decode_scaled``: VAE in fp32 by default, one sample at a time), on
+    the CPU."""
+    return ((decode_scaled(model.vae, latents, model.scale_factor, vae_dtype=vae_dtype) + 1) / 2).clamp(0, 1)
 
 
 @torch.inference_mode()
@@ -88,7 +89,8 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
             height: int = 512, width: int = 512, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
             eta: float | None = None, seed: int | Sequence[int] | None = 42,
             generator: torch.Generator | Sequence[torch.Generator] | None = None, batch_size: int | None = None,
-            x_T: Tensor | None = None, callback: Callable[[dict], None] | None = None,
+            x_T: Tensor | None = None, vae_dtype: torch.dtype = torch.float32,
+            callback: Callable[[dict], None] | None = None,
             progress: bool = True) -> Result:
     """Generate images from text with an SD 1.x / 2.x ``LoadedModel``.
 
@@ -138,13 +140,14 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
     latents, grid = run_sampler(spec, CFG(_unet_net(model.unet), float(guidance)), model.schedule, model.prediction,
                                 x_T, steps, eta=eta, extra_args=extra, generators=generators, callback=callback,
                                 progress=progress)
-    images = decode_latents(model, latents)
+    images = decode_latents(model, latents, vae_dtype)
 
     params = {
         "pipeline": "txt2img", "sdup_version": __version__, "model": str(model.source), "family": model.family,
         "prediction": model.prediction, "sampler": spec.name, "steps": steps, "guidance": float(guidance),
         "eta": eta, "height": height, "width": width, "batch_size": batch, "scale_factor": model.scale_factor,
         "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
+        "vae_dtype": str(vae_dtype).replace("torch.", ""),
     }
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
                    negative_prompt=(negative_prompt, negative_embeds))

@@ -157,11 +157,12 @@ def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=N
 
 
 def decode_latents(vae, latents: Tensor, scale_factor: float = 0.18215, *, vae_tile: int | None = None,
-                   vae_overlap: int = 8, progress: bool = False, clamp: bool = True) -> Tensor:
+                   vae_overlap: int = 8, progress: bool = False, clamp: bool = True,
+                   vae_dtype: torch.dtype = torch.float32) -> Tensor:
     """Scaled latents -> images on the CPU, in [0, 1] (``clamp=False``: the raw decoder output in [-1, 1], not clamped):
-    ``common.decode_scaled`` (the VAE in fp32, one sample at a time, ``vae_tile``: exact tiled decode)."""
+    ``common.decode_scaled`` (the VAE in fp32 by default, one sample at a time, ``vae_tile``: exact tiled decode)."""
     x = decode_scaled(_vae_module(vae), latents, scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
-                      progress=progress)
+                      progress=progress, vae_dtype=vae_dtype)
     return ((x + 1) / 2).clamp(0, 1) if clamp else x
 
 
@@ -319,7 +320,7 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
                        x_T: Tensor | None = None, noise_level: float = 0.0, noise_aug: str = "gaussian",
                        mask_padding: bool = False, sample_posterior: bool = True, pad_mode: str | None = "replicate",
                        tile: int | None = None, tile_overlap: int = 16, vae_tile: int | None = None,
-                       vae_overlap: int = 8, color_fix_mode: str = "none",
+                       vae_overlap: int = 8, vae_dtype: torch.dtype = torch.float32, color_fix_mode: str = "none",
                        callback: Callable[[dict], None] | None = None, progress: bool = True,
                        decode: bool = True) -> Result:
     """Upscale SD latents (or an image through the SD VAE) 2x with an sd-x2-latent-upscaler ``LoadedModel``.
@@ -455,7 +456,7 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
     images = None
     if decode:
         images = decode_latents(vae_module, out, scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
-                                progress=progress, clamp=False)
+                                progress=progress, clamp=False, vae_dtype=vae_dtype)
         if color_fix_mode != "none":
             ref = 2 * image.float() - 1 if image is not None else decode_latents(vae_module, low, scale_factor,
                                                                                  clamp=False)
@@ -474,7 +475,8 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
         "sigmas": [round(float(v), 6) for v in sigmas],
     }
     if images is not None:
-        params.update(height=images.shape[-2], width=images.shape[-1], color_fix=color_fix_mode)
+        params.update(height=images.shape[-2], width=images.shape[-1], color_fix=color_fix_mode,
+                      vae_dtype=str(vae_dtype).replace("torch.", ""))
     if image is not None and any(padding):
         params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
     if tile or vae_tile:

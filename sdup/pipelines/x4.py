@@ -113,11 +113,13 @@ def unet_multiple(model) -> int:
 
 
 @torch.inference_mode()
-def decode(model, latents: Tensor, vae_tile: int | None = None, vae_overlap: int = 8, progress: bool = False) -> Tensor:
+def decode(model, latents: Tensor, vae_tile: int | None = None, vae_overlap: int = 8, progress: bool = False,
+           vae_dtype: torch.dtype = torch.float32) -> Tensor:
     """Scaled latents (B, 4, h, w) -> images (B, 3, 4h, 4w) in [-1, 1] (not clamped), float32 on the CPU: the model's
-    VAE in fp32 (``common.decode_scaled``; the x4 VAE overflows in half precision)."""
+    VAE in fp32 by default (``common.decode_scaled``; the x4 VAE overflows in half precision: a non-finite fp16
+    decode is redone in fp32)."""
     return decode_scaled(model.vae, latents, model.scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
-                         progress=progress)
+                         progress=progress, vae_dtype=vae_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,6 +222,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                x_T: Tensor | None = None, aug_noise: Tensor | None = None, image_range=(0, 1),
                pad_mode: str | None = "replicate", color_fix_mode: str = "none", tile: int | None = None,
                tile_overlap: int = 32, vae_tile: int | None = None, vae_overlap: int = 8,
+               vae_dtype: torch.dtype = torch.float32,
                callback: Callable[[dict], None] | None = None, progress: bool = True) -> Result:
     """Upscale low-res images 4x with a stable-diffusion-x4-upscaler ``LoadedModel`` (see the module docstring).
 
@@ -296,7 +299,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                                 x_T.float().to(device), steps, eta=eta, extra_args=dict(cond=cond, uncond=uncond),
                                 generators=generators, callback=callback, progress=progress)
 
-    out = decode(model, latents, vae_tile, vae_overlap, progress)[..., : 4 * h, : 4 * w]  # [-1, 1], cropped to 4h x 4w
+    out = decode(model, latents, vae_tile, vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w]  # [-1, 1], cropped to 4h x 4w
     if color_fix_mode != "none":
         out = color_fix(out, low, color_fix_mode)
     images = ((out + 1) / 2).clamp(0, 1)
@@ -306,6 +309,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
         "prediction": model.prediction, "sampler": spec.name, "steps": steps, "guidance": float(guidance), "eta": eta,
         "input_size": [h, w], "output_size": [4 * h, 4 * w], "batch_size": batch, "scale_factor": model.scale_factor,
         "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""), "color_fix": color_fix_mode,
+        "vae_dtype": str(vae_dtype).replace("torch.", ""),
     }
     lv = levels.tolist()
     if len(set(lv)) == 1:
