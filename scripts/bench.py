@@ -5,6 +5,8 @@
     python scripts/bench.py --models sd14-unet x4-unet --runs 5 --markdown docs/bench.md
     python scripts/bench.py --models sd14-unet --dtype bf16   # both implementations in bf16 (+ sdup fp32 for the ratio)
     python scripts/bench.py --models vae-f4-decode-2048 --memory   # x4 VAE to 2048^2: sdup tiled vs diffusers
+    python scripts/bench.py --models sd14-unet --ablation    # + sdup without its CPU fast paths, same run
+    python scripts/bench.py --models sd14-unet --compile     # sdup's UNet through torch.compile
 
 For each case both implementations get identical weights (diffusers' random init, converted with sdup's key tables),
 the outputs are checked to agree, then they are timed **interleaved** (sdup, diffusers, sdup, ... after one warm-up
@@ -13,11 +15,13 @@ GFLOP/s come from torch's FlopCounterMode on sdup's forward; "ceiling" is the fr
 matmul rate measured at start (a 4096^2 x 4096^2 torch.mm). --memory measures each implementation's peak RSS during
 its forward in a separate process (the peak is reset after building, via /proc/self/clear_refs; diffusers gets an
 address-space limit, --mem-limit-gb, so a model that needs hundreds of GiB fails cleanly instead of taking the
-machine). Not a test: it needs several GB of RAM and minutes of CPU; run it on demand.
+machine). sdup runs as scripts/upscale.py runs it: q/k/v fused (sdup.optimize.fuse_qkv), small fp32 maps' convs
+off oneDNN (sdup.nn.Conv2d); --ablation adds a column without both. Not a test: it needs several GB of RAM and minutes of CPU; run it on demand.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import resource
@@ -34,20 +38,43 @@ sys.path.insert(0, str(ROOT))
 from sdup.checkpoints import diffusers as dfs  # noqa: E402
 from sdup.models.unet import UNet  # noqa: E402
 from sdup.models.vae import AutoencoderKL  # noqa: E402
+from sdup.nn import layers  # noqa: E402
 from sdup.optimize import fuse_qkv  # noqa: E402
 
 CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
 SD21_UNET = dict(CONFIGS[SD1]["unet"], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPTIONS = {"compile": False}  # --compile: sdup's UNet forwards through torch.compile (set in main / child)
+OPTIONS = {"compile": False, "ablation": False}  # --compile / --ablation (set in main / child)
 
 
-def prepared(module):
-    """sdup's module as scripts/upscale.py runs it (q/k/v already fused by the builders), compiled with --compile."""
+def prepared(module, dtype):
+    """sdup's module as scripts/upscale.py runs it: q/k/v fused, in ``dtype``, compiled with --compile. With
+    --ablation also the plain module (unfused, oneDNN for every conv: sdup.nn.Conv2d's small-map path off)."""
+    plain = copy.deepcopy(module).to(dtype) if OPTIONS["ablation"] else None
+    fuse_qkv(module)
+    module = module.to(dtype)
     if OPTIONS["compile"]:
         module.forward = torch.compile(module.forward, dynamic=True)
-    return module
+    return module, plain
+
+
+def without_small_map_convs(fn):
+    def run():
+        saved, layers.SMALL_MAP_POSITIONS = layers.SMALL_MAP_POSITIONS, -1
+        try:
+            return fn()
+        finally:
+            layers.SMALL_MAP_POSITIONS = saved
+    return run
+
+
+def impls(mine, ref, plain, *args, **kwargs):
+    """{"sdup": fn, "diffusers": fn[, "sdup plain": fn]} calling each module on the same inputs."""
+    fns = {"sdup": lambda: mine(*args, **kwargs), "diffusers": ref}
+    if plain is not None:
+        fns["sdup plain"] = without_small_map_convs(lambda: plain(*args, **kwargs))
+    return fns
 
 
 def cfg(repo, comp):
@@ -60,14 +87,13 @@ def unet_case(dcfg, h, w, batch=2, dtype=torch.float32):
     c = dfs.unet_config(dict(ref.config))
     mine = UNet(c).eval()
     mine.load_state_dict(dfs.unet_keymap(c, mine.state_dict()).to_sdup(ref.state_dict()))
-    fuse_qkv(mine)  # what scripts/upscale.py does after loading
-    mine, ref = prepared(mine.to(dtype)), ref.to(dtype)
+    (mine, plain), ref = prepared(mine, dtype), ref.to(dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.in_channels, h, w, generator=g).to(dtype)
     t = torch.full((batch,), 500)
     ctx = torch.randn(batch, 77, c.context_dim, generator=g).to(dtype)
     y = torch.full((batch,), 20) if c.num_classes else None
-    return (lambda: mine(x, t, ctx, y=y)), (lambda: ref(x, t, encoder_hidden_states=ctx, class_labels=y).sample)
+    return impls(mine, lambda: ref(x, t, encoder_hidden_states=ctx, class_labels=y).sample, plain, x, t, ctx, y=y)
 
 
 def kunet_case(h, w, batch=2, dtype=torch.float32):
@@ -78,14 +104,14 @@ def kunet_case(h, w, batch=2, dtype=torch.float32):
     c = KUNetConfig.from_diffusers(dict(ref.config))
     mine = KUNet(c).eval()
     mine.load_state_dict(kunet_diffusers_keymap(c).to_sdup(ref.state_dict()))
-    fuse_qkv(mine)
-    mine, ref = prepared(mine.to(dtype)), ref.to(dtype)
+    (mine, plain), ref = prepared(mine, dtype), ref.to(dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 8, h, w, generator=g).to(dtype)
     c_noise = torch.full((batch,), 0.5)
     cond = torch.randn(batch, 896, generator=g).to(dtype)
     ctx = torch.randn(batch, 77, 768, generator=g).to(dtype)
-    return (lambda: mine(x, c_noise, cond, ctx)), (lambda: ref(x, c_noise, encoder_hidden_states=ctx, timestep_cond=cond).sample)
+    return impls(mine, lambda: ref(x, c_noise, encoder_hidden_states=ctx, timestep_cond=cond).sample, plain,
+                 x, c_noise, cond, ctx)
 
 
 def vae_decode_case(repo, h, w, dtype=torch.float32, tiled=False):
@@ -97,8 +123,8 @@ def vae_decode_case(repo, h, w, dtype=torch.float32, tiled=False):
     z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0))
     if tiled:  # the only way sdup decodes this size (exact tiling, whole-image GroupNorm statistics)
         from sdup.pipelines.tiling import tiled_decode
-        return (lambda: tiled_decode(mine, z, tile=128, overlap=8)), (lambda: ref.decode(z).sample)
-    return (lambda: mine.decode(z)), (lambda: ref.decode(z).sample)
+        return {"sdup": lambda: tiled_decode(mine, z, tile=128, overlap=8), "diffusers": lambda: ref.decode(z).sample}
+    return {"sdup": lambda: mine.decode(z), "diffusers": lambda: ref.decode(z).sample}
 
 
 CASES = {  # name: (label, builder(dtype), default)
@@ -155,9 +181,9 @@ def _vm_hwm() -> int:
 def child(name: str, impl: str, dtype: str, limit_gb: float) -> None:
     """--memory worker: build the case, drop the other implementation, reset the peak, run one forward, print JSON."""
     torch.set_grad_enabled(False)
-    mine, ref = CASES[name][1](DTYPES[dtype])
-    fn = mine if impl == "sdup" else ref
-    del mine, ref
+    fns = CASES[name][1](DTYPES[dtype])
+    fn = fns[impl]
+    del fns
     gc.collect()
     if impl == "diffusers" and limit_gb > 0:
         cur = resource.getrlimit(resource.RLIMIT_AS)
@@ -197,13 +223,15 @@ def main(argv=None):
                    help="bf16: both in bf16, plus sdup fp32 for the bf16 speed-up (UNet cases)")
     p.add_argument("--compile", action="store_true",
                    help="sdup's UNets through torch.compile (inductor, dynamic shapes); the first call compiles")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time sdup without its CPU fast paths (no fused q/k/v, oneDNN for every conv)")
     p.add_argument("--memory", action="store_true", help="also peak RSS of each implementation (separate processes)")
     p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space limit of the diffusers process")
     p.add_argument("--markdown", "--out", dest="markdown", help="also write the markdown table here")
     p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    OPTIONS["compile"] = args.compile
+    OPTIONS.update(compile=args.compile, ablation=args.ablation)
     if args.child:
         child(*args.child, args.dtype, args.mem_limit_gb)
         return 0
@@ -216,6 +244,8 @@ def main(argv=None):
     if args.dtype == "bf16":
         cols.insert(3, "sdup fp32 s")
         cols.insert(4, "fp32/bf16")
+    if args.ablation:
+        cols += ["sdup plain s", "plain/sdup"]
     if args.memory:
         cols += ["sdup peak", "diffusers peak"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -223,28 +253,31 @@ def main(argv=None):
     for name in args.models:
         label, make, _ = CASES[name]
         torch.manual_seed(0)
+        tiled = name == "vae-f4-decode-2048"  # diffusers cannot: 256 GiB of attention logits
         with torch.inference_mode():
-            mine, ref = make(dtype)
+            fns = make(dtype)
             t0 = time.perf_counter()
-            a = mine()
+            a = fns["sdup"]()
             first = time.perf_counter() - t0
             print(f"  {name}: first sdup call {first:.1f} s", flush=True)
-            b = ref() if name != "vae-f4-decode-2048" else None  # diffusers cannot: 256 GiB of attention logits
-            diff = f"{(a.float() - b.float()).abs().max().item():.1e}" if b is not None else "n/a"
-            fns = {"sdup": mine} if b is None else {"sdup": mine, "diffusers": ref}
-            if args.dtype == "bf16" and name.endswith("unet"):
-                torch.manual_seed(0)
-                mine32, _ = make(torch.float32)
-                fns["sdup32"] = mine32
-            runs = args.runs
-            t = interleaved(fns, runs) if b is not None else {"sdup": first}
-            gflops = flops(mine) / 1e9 if name != "vae-f4-decode-2048" else None
+            if tiled:
+                t, diff, gflops = {"sdup": first}, "n/a", None
+            else:
+                diffs = {k: (fn().float() - a.float()).abs().max().item() for k, fn in fns.items() if k != "sdup"}
+                diff = f"{diffs['diffusers']:.1e}"
+                if args.dtype == "bf16" and name.endswith("unet"):
+                    torch.manual_seed(0)
+                    fns["sdup fp32"] = make(torch.float32)["sdup"]
+                t = interleaved(fns, args.runs)
+                gflops = flops(fns["sdup"]) / 1e9
         row = [label, f"{t['sdup']:.2f}", f"{t['diffusers']:.2f}" if "diffusers" in t else "n/a (see peak)"]
         if args.dtype == "bf16":
-            row += [f"{t['sdup32']:.2f}" if "sdup32" in t else "", f"{t['sdup32'] / t['sdup']:.2f}" if "sdup32" in t else ""]
+            row += [f"{t['sdup fp32']:.2f}", f"{t['sdup fp32'] / t['sdup']:.2f}"] if "sdup fp32" in t else ["", ""]
         row += [f"{t['sdup'] / t['diffusers']:.2f}" if "diffusers" in t else "",
                 f"{gflops / t['sdup']:.0f}" if gflops else "", f"{gflops / t['sdup'] / ceiling:.0%}" if gflops else "", diff]
-        del mine, ref, fns
+        if args.ablation:
+            row += [f"{t['sdup plain']:.2f}", f"{t['sdup plain'] / t['sdup']:.2f}"] if "sdup plain" in t else ["", ""]
+        del fns
         gc.collect()
         if args.memory:
             row += [peak_memory(name, "sdup", args), peak_memory(name, "diffusers", args)]

@@ -31,6 +31,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
 
 
 SMALL_MAP_POSITIONS = 512  # see Conv2d
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3 has no is_compiling
 
 
 class Conv2d(nn.Conv2d):
@@ -44,9 +45,9 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = x.shape[0] * x.shape[-2] * x.shape[-1] // (self.stride[0] * self.stride[1])
-        if (positions > SMALL_MAP_POSITIONS or x.device.type != "cpu" or x.dtype != torch.float32
-                or not torch.backends.mkldnn.enabled or torch.compiler.is_compiling()):
+        if _compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.enabled:
+            return super().forward(x)
+        if x.shape[0] * x.shape[-2] * x.shape[-1] // (self.stride[0] * self.stride[1]) > SMALL_MAP_POSITIONS:
             return super().forward(x)
         torch.backends.mkldnn.enabled = False
         try:

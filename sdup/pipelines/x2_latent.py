@@ -476,7 +476,7 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
     }
     if images is not None:
         params.update(height=images.shape[-2], width=images.shape[-1], color_fix=color_fix_mode,
-                      vae_dtype=str(vae_dtype).replace("torch.", ""))
+                      vae_dtype="float32" if vae_tile else str(vae_dtype).replace("torch.", ""))  # tiled: fp32
     if image is not None and any(padding):
         params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
     if tile or vae_tile:

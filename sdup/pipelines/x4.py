@@ -309,7 +309,7 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
         "prediction": model.prediction, "sampler": spec.name, "steps": steps, "guidance": float(guidance), "eta": eta,
         "input_size": [h, w], "output_size": [4 * h, 4 * w], "batch_size": batch, "scale_factor": model.scale_factor,
         "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""), "color_fix": color_fix_mode,
-        "vae_dtype": str(vae_dtype).replace("torch.", ""),
+        "vae_dtype": "float32" if vae_tile else str(vae_dtype).replace("torch.", ""),  # tiled decodes: fp32
     }
     lv = levels.tolist()
     if len(set(lv)) == 1:
