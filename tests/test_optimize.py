@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import sdup
 from helpers import FIXTURES, assert_parity
-from sdup.optimize import compile_model
+from sdup.optimize import compile_model, fuse_qkv
 
 SD1 = FIXTURES / "sd1"
 
@@ -21,7 +21,7 @@ def sd1():
 
 @pytest.mark.slow
 def test_compiled_unet_and_decoder_match_eager():
-    """torch.compile (inductor, dynamic shapes) of the UNet and VAE decoder forwards: the fixture within 1e-5, and a
+    """torch.compile (inductor, dynamic shapes) of the fused UNet and the VAE decoder forwards: the fixture within 1e-5, and a
     second latent size / timestep runs without error (dynamic=True)."""
     m = sd1()
     d = load_file(SD1 / "unet_forward.safetensors")
@@ -29,6 +29,7 @@ def test_compiled_unet_and_decoder_match_eager():
         eager = m.unet(d["in.x"], d["in.timesteps"], d["in.context"])
         z = torch.randn(1, 4, 12, 16)
         eager_img = m.vae.decode(z)
+        fuse_qkv(m)  # as scripts/upscale.py: fused q/k/v, then compiled
         compile_model(m)
         t0 = time.time()
         got = m.unet(d["in.x"], d["in.timesteps"], d["in.context"])
