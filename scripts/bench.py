@@ -9,8 +9,8 @@
     python scripts/bench.py --models sd14-unet --compile     # sdup's UNet through torch.compile
 
 For each case both implementations get identical weights (diffusers' random init, converted with sdup's key tables),
-the outputs are checked to agree, then they are timed **interleaved** (sdup, diffusers, sdup, ... after one warm-up
-each; median of --runs) under torch.inference_mode with a fixed thread count, so a busy machine slows both alike.
+the outputs are checked to agree, then they are timed **interleaved** (the order rotating each round, after one
+warm-up each; median of --runs) under torch.inference_mode with a fixed thread count, so a busy machine slows both alike.
 GFLOP/s come from torch's FlopCounterMode on sdup's forward; "ceiling" is the fraction of this CPU's fp32 (or bf16)
 matmul rate measured at start (a 4096^2 x 4096^2 torch.mm). --memory measures each implementation's peak RSS during
 its forward in a separate process (the peak is reset after building, via /proc/self/clear_refs; diffusers gets an
@@ -45,7 +45,7 @@ CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
 SD21_UNET = dict(CONFIGS[SD1]["unet"], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPTIONS = {"compile": False, "ablation": False}  # --compile / --ablation (set in main / child)
+OPTIONS = {"compile": False, "freeze": False, "ablation": False}  # --compile / --ablation (set in main / child)
 
 
 def prepared(module, dtype):
@@ -55,7 +55,8 @@ def prepared(module, dtype):
     fuse_qkv(module)
     module = module.to(dtype)
     if OPTIONS["compile"]:
-        module.forward = torch.compile(module.forward, dynamic=True)
+        from sdup.optimize import compile_model
+        compile_model(module, freeze=OPTIONS["freeze"])
     return module, plain
 
 
@@ -154,13 +155,15 @@ def _time(fn) -> float:
 
 
 def interleaved(fns: dict, runs: int) -> dict:
-    """Median seconds per callable, timed in turns (a, b, a, b, ...) after one warm-up each."""
+    """Median seconds per callable, timed in turns after one warm-up each; the order rotates every round
+    (a, b, b, a, a, b, ... for two) so that neither always runs first."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     times = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
-            times[k].append(_time(fn))
+    for i in range(runs):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            times[k].append(_time(fns[k]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -204,7 +207,7 @@ def child(name: str, impl: str, dtype: str, limit_gb: float) -> None:
 
 def peak_memory(name: str, impl: str, args) -> str:
     cmd = [sys.executable, __file__, "--child", name, impl, "--dtype", args.dtype, "--threads", str(args.threads),
-           "--mem-limit-gb", str(args.mem_limit_gb)] + (["--compile"] if args.compile else [])
+           "--mem-limit-gb", str(args.mem_limit_gb)] + (["--compile"] if args.compile else []) + (["--freeze"] if args.freeze else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -223,6 +226,8 @@ def main(argv=None):
                    help="bf16: both in bf16, plus sdup fp32 for the bf16 speed-up (UNet cases)")
     p.add_argument("--compile", action="store_true",
                    help="sdup's UNets through torch.compile (inductor, dynamic shapes); the first call compiles")
+    p.add_argument("--freeze", action="store_true",
+                   help="with --compile: inductor freezing (weights as constants, pre-packed; static shapes)")
     p.add_argument("--ablation", action="store_true",
                    help="also time sdup without its CPU fast paths (no fused q/k/v, oneDNN for every conv)")
     p.add_argument("--memory", action="store_true", help="also peak RSS of each implementation (separate processes)")
@@ -231,13 +236,13 @@ def main(argv=None):
     p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    OPTIONS.update(compile=args.compile, ablation=args.ablation)
+    OPTIONS.update(compile=args.compile, freeze=args.freeze, ablation=args.ablation)
     if args.child:
         child(*args.child, args.dtype, args.mem_limit_gb)
         return 0
     dtype = DTYPES[args.dtype]
     ceiling = matmul_ceiling(dtype)
-    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{', sdup compiled' if args.compile else ''}, "
+    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{(', sdup compiled' + (' (frozen)' if args.freeze else '')) if args.compile else ''}, "
             f"CPU; median of {args.runs} interleaved "
             f"runs; {args.dtype} matmul ceiling {ceiling:.0f} GFLOP/s (4096^2 torch.mm)")
     cols = ["model", "sdup s", "diffusers s", "sdup/diffusers", "sdup GFLOP/s", "of ceiling", "max abs diff"]
