@@ -258,7 +258,7 @@ def main(argv=None):
     for name in args.models:
         label, make, _ = CASES[name]
         torch.manual_seed(0)
-        tiled = name == "vae-f4-decode-2048"  # diffusers cannot: 256 GiB of attention logits
+        tiled = name == "vae-f4-decode-2048"  # tens of minutes per decode: sdup timed once, diffusers in --memory only
         with torch.inference_mode():
             fns = make(dtype)
             t0 = time.perf_counter()

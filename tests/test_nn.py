@@ -65,21 +65,34 @@ def test_groupnorm32_computes_in_fp32():
 
 @pytest.mark.parametrize("shape,stride", [((2, 24, 8, 8), 1), ((1, 24, 30, 20), 1), ((3, 24, 16, 12), 2)])
 def test_conv2d_small_map_path_matches_nn_conv2d(shape, stride, monkeypatch):
-    """sdup's Conv2d bypasses oneDNN for small fp32 CPU maps (here: the first and third shapes): same output as
-    nn.Conv2d within fp32 rounding, the global oneDNN switch restored afterwards, even when the conv raises."""
+    """sdup's Conv2d runs small fp32 CPU maps (here: the first and third shapes) through the im2col kernel instead of
+    nn.Conv2d's default: the same output within fp32 rounding, the same gradients, oneDNN's global switch untouched,
+    a wrong input still a RuntimeError."""
     import sdup.nn.layers as L
-    seen = []
+    default_calls = []
     real = torch.nn.Conv2d.forward
-    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: (seen.append(torch.backends.mkldnn.enabled),
-                                                                     real(self, x))[1])
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: (default_calls.append(1), real(self, x))[1])
     g = torch.Generator().manual_seed(0)
     conv = L.Conv2d(24, 16, 3, stride=stride, padding=1)
-    ref = torch.nn.functional.conv2d
-    x = torch.randn(*shape, generator=g)
-    with torch.no_grad():
-        assert_parity(conv(x), ref(x, conv.weight, conv.bias, stride=stride, padding=1))
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    with torch.enable_grad():  # other test modules switch autograd off when they are imported
+        out = conv(x)
+        ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1)
+        grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+        ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
+    assert_parity(out, ref)
     small = shape[0] * shape[2] * shape[3] // stride ** 2 <= L.SMALL_MAP_POSITIONS
-    assert seen == [not small] and torch.backends.mkldnn.enabled
+    assert default_calls == ([] if small else [1]) and torch.backends.mkldnn.enabled
+    for got, want in zip(grads, ref_grads):
+        assert_parity(got, want)
     with pytest.raises(RuntimeError):
         conv(torch.randn(2, 5, 8, 8))  # wrong channel count
-    assert torch.backends.mkldnn.enabled
+
+
+def test_conv2d_small_map_path_keeps_grouped_and_dilated_convs_on_the_default():
+    import sdup.nn.layers as L
+    x = torch.randn(2, 8, 8, 8)
+    for conv in (L.Conv2d(8, 8, 3, padding=1, groups=2), L.Conv2d(8, 8, 3, padding=2, dilation=2),
+                 L.Conv2d(8, 8, 3, padding="same"), L.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")):
+        with torch.no_grad():
+            assert_parity(conv(x), torch.nn.Conv2d.forward(conv, x))

@@ -36,7 +36,8 @@ _compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d``, except that fp32 convolutions on the CPU with few output positions (batch x H x W <= 512:
-    the 8x8 and 16x16 levels of the UNets) skip oneDNN for PyTorch's im2col + BLAS path.
+    the 8x8 and 16x16 levels of the UNets) skip oneDNN for PyTorch's im2col + BLAS kernel (``_slow_conv2d_forward``,
+    what ``nn.Conv2d`` itself runs with oneDNN switched off; called directly, so no global switch is touched).
 
     oneDNN's fp32 kernels starve on such maps: measured on a 2-core AVX2 CPU, a 1280->1280 3x3 at 8x8, batch 2 took
     72 ms with oneDNN and 39 ms without (2560->1280: 194 vs 94 ms); from about 1024 positions on oneDNN is as fast
@@ -45,15 +46,13 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.enabled:
+        if _compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
             return super().forward(x)
-        if x.shape[0] * x.shape[-2] * x.shape[-1] // (self.stride[0] * self.stride[1]) > SMALL_MAP_POSITIONS:
+        plain = self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros" \
+            and not isinstance(self.padding, str)
+        if not plain or x.shape[0] * x.shape[-2] * x.shape[-1] // (self.stride[0] * self.stride[1]) > SMALL_MAP_POSITIONS:
             return super().forward(x)
-        torch.backends.mkldnn.enabled = False
-        try:
-            return super().forward(x)
-        finally:
-            torch.backends.mkldnn.enabled = True
+        return torch.ops.aten._slow_conv2d_forward(x, self.weight, self.kernel_size, self.bias, self.stride, self.padding)
 
 
 class GroupNorm32(nn.GroupNorm):
