@@ -39,13 +39,13 @@ from sdup.checkpoints import diffusers as dfs  # noqa: E402
 from sdup.models.unet import UNet  # noqa: E402
 from sdup.models.vae import AutoencoderKL  # noqa: E402
 from sdup.nn import layers  # noqa: E402
-from sdup.optimize import fuse_qkv  # noqa: E402
+from sdup.optimize import compile_model, fuse_qkv  # noqa: E402
 
 CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
 SD21_UNET = dict(CONFIGS[SD1]["unet"], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPTIONS = {"compile": False, "freeze": False, "ablation": False}  # --compile / --ablation (set in main / child)
+OPTIONS = {"compile": False, "freeze": False, "ablation": False}  # --compile / --freeze / --ablation (set in main / child)
 
 
 def prepared(module, dtype):
@@ -55,7 +55,6 @@ def prepared(module, dtype):
     fuse_qkv(module)
     module = module.to(dtype)
     if OPTIONS["compile"]:
-        from sdup.optimize import compile_model
         compile_model(module, freeze=OPTIONS["freeze"])
     return module, plain
 
@@ -235,6 +234,8 @@ def main(argv=None):
     p.add_argument("--markdown", "--out", dest="markdown", help="also write the markdown table here")
     p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.freeze and not args.compile:
+        p.error("--freeze only applies with --compile")
     torch.set_num_threads(args.threads)
     OPTIONS.update(compile=args.compile, freeze=args.freeze, ablation=args.ablation)
     if args.child:
@@ -242,7 +243,8 @@ def main(argv=None):
         return 0
     dtype = DTYPES[args.dtype]
     ceiling = matmul_ceiling(dtype)
-    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{(', sdup compiled' + (' (frozen)' if args.freeze else '')) if args.compile else ''}, "
+    compiled = (", sdup compiled (frozen)" if args.freeze else ", sdup compiled") if args.compile else ""
+    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{compiled}, "
             f"CPU; median of {args.runs} interleaved "
             f"runs; {args.dtype} matmul ceiling {ceiling:.0f} GFLOP/s (4096^2 torch.mm)")
     cols = ["model", "sdup s", "diffusers s", "sdup/diffusers", "sdup GFLOP/s", "of ceiling", "max abs diff"]
