@@ -166,9 +166,17 @@ def interleaved(fns: dict, runs: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _slow_conv2d_flops(x_shape, w_shape, kernel_size, bias, stride, padding, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._slow_conv2d_forward`` (sdup.nn.Conv2d's small-map path). torch registers that op with the
+    formula of ``aten.convolution``, whose arguments differ (no ``transposed``), and FlopCounterMode then raises."""
+    from torch.utils.flop_counter import conv_flop_count
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    mapping = {torch.ops.aten._slow_conv2d_forward: _slow_conv2d_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
 
