@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import sdup
-from helpers import FIXTURES, SAMPLER_TOL, assert_parity, randomize_
+from helpers import FIXTURES, SAMPLER_TOL, assert_parity, assert_within_ulps, randomize_
 from sdup.diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas
 from sdup.models.latent_upscaler import KUNet
 from sdup.pipelines.x2_latent import (encode_x2_prompts, padding_mask, read_latents, upscale_latents_x2, x2_sigmas)
@@ -48,10 +48,11 @@ def stacked(d, prefix):
 @pytest.mark.parametrize("name,guidance", [("pipeline_nocfg", 1.0), ("pipeline_cfg9", 9.0)])
 def test_pipeline_fixture(name, guidance):
     d = fixture(name)
-    sig, ts = discrete_sigmas(diffusers_alphas_cumprod(), 10)
-    assert torch.equal(x2_sigmas(10, "diffusers", model()), d["out.sigmas"])
-    assert torch.equal(ts.float(), d["out.timesteps"])
-    assert float(d["out.init_noise_sigma"]) == float(d["out.sigmas"][0])
+    sigmas, ts = x2_sigmas(10, "diffusers", model()), discrete_sigmas(diffusers_alphas_cumprod(), 10)[1]
+    # made on another CPU, whose torch float32 sqrt (MKL) may round differently: one rounded call apart at most
+    assert_within_ulps(sigmas, d["out.sigmas"], 1, name)
+    assert torch.equal(ts.float(), d["out.timesteps"])  # integers 999, 888, ..., 0: exact on any machine
+    assert float(d["out.init_noise_sigma"]) == float(d["out.sigmas"][0])  # both the fixture's: max() is an element
     neg = {}
     if guidance != 1:
         neg = dict(negative_embeds=d["in.negative_prompt_embeds"],
@@ -65,7 +66,7 @@ def test_pipeline_fixture(name, guidance):
     errs = [assert_parity(x, ref, SAMPLER_TOL, f"{name} step {i}")
             for i, (x, ref) in enumerate(zip(steps, stacked(d, "out.step_latents")))]
     errs.append(assert_parity(out.latents, d["out.latents"], SAMPLER_TOL, f"{name} latents"))
-    assert out.parameters["sigmas"] == [round(float(s), 6) for s in d["out.sigmas"]]
+    assert out.parameters["sigmas"] == [round(float(s), 6) for s in sigmas]
     print(f"x2 {name}: max|Δ| over steps {max(errs[:-1]):.2e}, final {errs[-1]:.2e} "
           f"(max|ref| {d['out.latents'].abs().max():.2f})")
 

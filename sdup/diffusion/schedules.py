@@ -8,12 +8,18 @@ Plain functions on 1-D tensors.  Conventions:
 * sigma (k-diffusion / diffusers "VE" view): ``sigma_t = sqrt((1 - ac_t) / ac_t)``, ``x_ve = x_vp * sqrt(sigma^2 + 1)``.
 * Grids returned for sampling are in *visiting order* (descending noise); sigma grids carry the final
   sigma (0 by default) so that ``len(sigmas) == steps + 1``.
+* Grids that diffusers computes with NumPy (``np.linspace`` timesteps, ``np.interp`` sigmas) are computed here with
+  the same NumPy calls, and the float32 tables with the same torch ops: on one machine the two agree bit for bit.
+  Across machines they need not: torch's CPU ``sqrt`` (also behind ``x ** 0.5``) and ``exp``/``log`` call Intel
+  MKL's vector math, which is not correctly rounded and picks its code path from the CPU model, so a float32 grid
+  made on one CPU can differ from another's by one ulp in some elements.
 """
 from __future__ import annotations
 
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -218,9 +224,9 @@ def spaced_timesteps(n: int, spacing: str = "linspace", T: int = 1000, steps_off
     """
     if spacing == "linspace":
         if dpm_solver:
-            ts = torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
-        else:  # diffusers computes this one in float32
-            ts = torch.linspace(0, T - 1, n, dtype=torch.float32).double().flip(0)
+            ts = torch.from_numpy(np.linspace(0, T - 1, n + 1).round()).flip(0)[:-1]
+        else:  # diffusers rounds this one to float32
+            ts = torch.from_numpy(np.linspace(0, T - 1, n, dtype=np.float32)).double().flip(0)
     elif spacing == "leading":
         if dpm_solver:
             ts = (torch.arange(n + 1, dtype=torch.float64) * (T // (n + 1))).flip(0)[:-1]
@@ -228,19 +234,16 @@ def spaced_timesteps(n: int, spacing: str = "linspace", T: int = 1000, steps_off
             ts = (torch.arange(n, dtype=torch.float64) * (T // n)).flip(0)
         ts = ts + steps_offset
     elif spacing == "trailing":
-        ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
+        ts = torch.from_numpy(np.arange(T, 0, -T / n).round() - 1)
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r} (linspace, leading, trailing)")
     return ts
 
 
 def interp_sigmas(sigmas_train: Tensor, timesteps: Tensor) -> Tensor:
-    """``np.interp(t, arange(T), sigmas)``: sigma at fractional timesteps, linear in sigma (diffusers), float64."""
-    s = sigmas_train.double().cpu()
-    t = timesteps.double().cpu().clamp(0, len(s) - 1)
-    lo = t.floor().long().clamp(max=len(s) - 2)
-    w = t - lo
-    return (1 - w) * s[lo] + w * s[lo + 1]
+    """Sigma at fractional timesteps, linear in sigma between the training sigmas (diffusers' ``np.interp``), float64."""
+    s = sigmas_train.double().cpu().numpy()
+    return torch.from_numpy(np.interp(timesteps.double().cpu().numpy(), np.arange(len(s)), s))
 
 
 def discrete_sigmas(alphas_cumprod: Tensor, n: int, spacing: str = "linspace", steps_offset: int = 0, *,
