@@ -11,3 +11,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def no_grad():
+    """Autograd off while one module's forward-only tests run, and back on afterwards (a module-level
+    ``torch.set_grad_enabled(False)`` would switch it off for every module collected after it)."""
+    with torch.no_grad():
+        yield

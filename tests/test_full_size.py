@@ -12,8 +12,7 @@ from sdup.checkpoints import diffusers as dfs
 from sdup.models.unet import UNet
 from sdup.models.vae import AutoencoderKL
 
-pytestmark = pytest.mark.slow
-torch.set_grad_enabled(False)
+pytestmark = [pytest.mark.usefixtures("no_grad"), pytest.mark.slow]
 CONFIGS = json.loads((MANIFESTS / "diffusers_configs.json").read_text())["configs"]
 SD1, X4 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler"
 

@@ -16,7 +16,8 @@ from sdup.models.latent_upscaler import KUNet, KUNetConfig, kunet_diffusers_conf
 from sdup.nn import use_attention_backend
 from sdup.optimize import fuse_qkv
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")  # forward-only tests (conftest.py)
+
 LU = FIXTURES / "latent_upscaler"
 UNET_DIR = LU / "diffusers" / "unet"
 

@@ -13,7 +13,8 @@ from sdup.checkpoints import CheckpointError, KeyMismatch
 from sdup.checkpoints.export import ldm_state_dict, save_diffusers, save_ldm
 from sdup.checkpoints.io import read_state_dict
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")  # forward-only tests (conftest.py)
+
 CKPT = {f: FIXTURES / f / "model.ckpt" for f in ("sd1", "x4")}
 YAML = {f: FIXTURES / f / "config.yaml" for f in ("sd1", "x4")}
 

@@ -75,11 +75,11 @@ def test_conv2d_small_map_path_matches_nn_conv2d(shape, stride, monkeypatch):
     g = torch.Generator().manual_seed(0)
     conv = L.Conv2d(24, 16, 3, stride=stride, padding=1)
     x = torch.randn(*shape, generator=g, requires_grad=True)
-    with torch.enable_grad():  # other test modules switch autograd off when they are imported
-        out = conv(x)
-        ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1)
-        grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
-        ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
+    assert torch.is_grad_enabled()  # no test module may switch autograd off for the others (conftest.no_grad)
+    out = conv(x)
+    ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
     assert_parity(out, ref)
     small = shape[0] * shape[2] * shape[3] // stride ** 2 <= L.SMALL_MAP_POSITIONS
     assert default_calls == ([] if small else [1]) and torch.backends.mkldnn.enabled

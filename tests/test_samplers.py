@@ -17,8 +17,8 @@ from sdup.diffusion.schedules import (ddim_parameters, ddim_timesteps, diffusers
                                       init_noise_sigma, karras_sigmas, ldm_buffers, ldm_linear_betas, q_sample,
                                       respaced_betas, schedule_betas, space_timesteps)
 
-torch.set_grad_enabled(False)
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices inside diffusers
+pytestmark = [pytest.mark.usefixtures("no_grad"),  # forward-only tests (conftest.py)
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # numpy 2 notices inside diffusers
 SCHEDULE_TOL = dict(rtol=1e-6, atol=1e-7)
 GRID_ULPS = 1                  # one rounded library call (sqrt) apart between machines
 LDM_VS_DIFFUSERS_RTOL = 2e-5   # two different alphas_cumprod tables (measured up to 9.1e-6: x4, 25-50 steps)

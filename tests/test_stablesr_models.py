@@ -20,7 +20,8 @@ from sdup.models.unet import UNet, UNetConfig
 from sdup.models.vae import AutoencoderKL, VAEConfig
 from sdup.nn import use_attention_backend
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")  # forward-only tests (conftest.py)
+
 SSR = FIXTURES / "stablesr"
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import assert_parity
 from sdup.checkpoints.hf_clip import (HF_CLIP_IGNORABLE, hf_clip_ignorable, hf_clip_keymap, openclip_ignorable,
                                       openclip_keymap)
 from sdup.checkpoints.keymap import KeyMismatch
@@ -16,12 +17,6 @@ DATA = Path(__file__).parent / "data"
 FIX = DATA / "fixtures"
 CKPT_PREFIX = {"sd1": "cond_stage_model.transformer.", "x4": "cond_stage_model.model.",
                "stablesr": "cond_stage_model.model."}
-
-
-def close(out, ref, tol=1e-5):
-    err = (out - ref).abs().max().item()
-    assert err <= tol * max(1.0, ref.abs().max().item()), f"max|diff| {err:.3g}"
-    return err
 
 
 def text_weights(family: str) -> dict:
@@ -60,10 +55,10 @@ def test_fixture_parity(family, cfg, source, layout):
     fx = load_file(FIX / family / "text_encoder.safetensors")
     with torch.no_grad():
         out = model(fx["in.input_ids"])
-    errs = {"context": close(out.context, fx["out.last_hidden_state"])}
+    errs = {"context": assert_parity(out.context, fx["out.last_hidden_state"])}
     if family == "latent_upscaler":  # x2: pre-LN hidden states + pooled
-        errs["hidden_pre_ln"] = close(out.hidden_pre_ln, fx["out.prompt_embeds"])
-        errs["pooled"] = close(out.pooled, fx["out.pooled"])
+        errs["hidden_pre_ln"] = assert_parity(out.hidden_pre_ln, fx["out.prompt_embeds"])
+        errs["pooled"] = assert_parity(out.pooled, fx["out.pooled"])
     print(family, source, errs)
 
 
@@ -118,13 +113,13 @@ def test_parity_with_transformers(act, layers):
     with torch.no_grad():
         o = ref(input_ids=ids, output_hidden_states=True)
         out = model(ids)
-    close(out.context, o.last_hidden_state)
-    close(out.hidden_pre_ln, o.hidden_states[-1])
-    close(out.pooled, o.pooler_output)
+    assert_parity(out.context, o.last_hidden_state)
+    assert_parity(out.hidden_pre_ln, o.hidden_states[-1])
+    assert_parity(out.pooled, o.pooler_output)
     # batch independence: row by row equals the batch
     with torch.no_grad():
         single = torch.cat([model(ids[i:i + 1]).context for i in range(3)])
-    close(single, out.context, tol=1e-6)
+    assert_parity(single, out.context, 1e-6, "row by row vs batch")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer

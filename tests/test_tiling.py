@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import randomize_
+from helpers import assert_parity, randomize_
 from sdup.diffusion import samplers as S
 from sdup.diffusion.denoisers import CFG, DiffusionWrapper, DiscreteDenoiser
 from sdup.diffusion.schedules import ldm_linear_betas
@@ -29,16 +29,8 @@ from sdup.models.vae import AutoencoderKL, VAEConfig
 from sdup.pipelines.tiling import (TiledModel, auto_tile, estimate_vae_bytes, gaussian_weights, needs_tiling,
                                    tile_grid, tiled_decode, tiled_encode)
 
-torch.set_grad_enabled(False)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: single-threaded (conftest.py)
-
-
-EXACT_TOL = 1e-5  # the project's forward criterion: max|diff| <= 1e-5 * max(1, max|ref|)
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).abs().max() / max(1.0, ref.abs().max().item())).item()
+pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")  # forward-only, tiny models: one thread (conftest.py)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,16 +193,16 @@ def test_tiled_decode_matches_decode(ch_mult):
     ref = vae.decode(z)
     one = tiled_decode(vae, z)                                          # 64 >= 28: one tile
     assert tiled_decode.last_info["tiles"] == 1
-    assert rel_err(one, ref) <= EXACT_TOL
+    assert_parity(one, ref, what="one tile")
     errs = {}
     for kw in [dict(tile=8, overlap=2), dict(tile=(6, 10), overlap=(0, 3)),
                dict(tile=8, overlap=2, store_bytes=0),                   # always recompute from the mid output
                dict(tile=7, overlap=3, store_bytes=64 << 10)]:           # partly kept, partly recomputed
         out = tiled_decode(vae, z, **kw)
         assert tiled_decode.last_info["tiles"] > 10
-        errs[str(kw)] = rel_err(out, ref)
-    # exact halos + whole-image GroupNorm statistics: only float summation order differs (~1e-6 measured)
-    assert max(errs.values()) <= EXACT_TOL, errs
+        # exact halos + whole-image GroupNorm statistics: only float summation order differs (~1e-6 measured)
+        errs[str(kw)] = assert_parity(out, ref, what=str(kw))
+    print(f"tiled decode vs decode: max|Δ| {max(errs.values()):.1e}")
 
 
 @pytest.mark.parametrize("ch_mult", [(1, 1, 1), (1, 2, 2)])
@@ -220,7 +212,8 @@ def test_tiled_encode_matches_encode(ch_mult):
     post = vae.encode(img)
     for kw in [dict(), dict(tile=32, overlap=8), dict(tile=(24, 40), overlap=(8, 0), store_bytes=0)]:
         tp = tiled_encode(vae, img, **kw)
-        assert rel_err(tp.mean, post.mean) <= EXACT_TOL and rel_err(tp.logvar, post.logvar) <= EXACT_TOL
+        assert_parity(tp.mean, post.mean, what=f"mean {kw}")
+        assert_parity(tp.logvar, post.logvar, what=f"logvar {kw}")
     with pytest.raises(ValueError, match="divisible"):
         tiled_encode(vae, img[..., :90, :])
 
@@ -312,6 +305,7 @@ def run_mem(mode):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # RSS depends on the allocator and the kernel; 30 s
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
 def test_tiled_decode_peak_memory():
     tiled = run_mem("tiled")
@@ -319,5 +313,6 @@ def test_tiled_decode_peak_memory():
     print(f"\npeak RSS above baseline: tiled {tiled['peak'] / 2**20:.0f} MiB ({tiled['seconds']:.1f} s), "
           f"untiled {untiled['peak'] / 2**20:.0f} MiB ({untiled['seconds']:.1f} s)")
     assert tiled["finite"] and tiled["shape"] == [1, 3, 512, 512]
-    assert untiled["peak"] > 2 << 30             # 16384 tokens: 1 GiB of logits + 1 GiB of softmax
-    assert tiled["peak"] < 256 << 20             # mid maps 2 MiB, output 3 MiB, store 32 MiB, tiles, chunked logits
+    assert untiled["peak"] > 1 << 30             # 16384 tokens: 1 GiB of fp32 logits (math backend), + softmax
+    # mid maps 2 MiB, output 3 MiB, store 32 MiB, tiles, chunked logits: measured 88 MiB against 2077 MiB
+    assert tiled["peak"] < min(512 << 20, untiled["peak"] / 4)

@@ -16,15 +16,14 @@ from sdup.checkpoints.export import save_diffusers
 from sdup.pipelines import common
 from sdup.pipelines.txt2img import Result, txt2img
 
-torch.set_grad_enabled(False)
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.usefixtures("no_grad"),  # forward-only tests (conftest.py)
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 ROOT = Path(__file__).resolve().parents[1]
 CKPT, YAML = FIXTURES / "sd1" / "model.ckpt", FIXTURES / "sd1" / "config.yaml"
 H, W = 48, 64                          # latent 6 x 8: the tiny UNet downsamples once (needs multiples of 2)
 PROMPT_IDS = [[254, 10, 20, 30, 255], [254, 77, 255]]   # tiny vocabulary (256): 254 / 255 = start / end
 SD1_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                      steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
-results: dict = {}  # measured errors, printed at the end of the module (pytest -s)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_text_encoder_matches_transformers(model, folder):
     ids = common.token_ids(model, PROMPT_IDS + [""])
     assert ids.shape == (3, 77) and ids[2, :3].tolist() == [254, 255, 255]  # "" = [bos, eos, pad...] everywhere
     err = assert_parity(embeddings(model, ids), ref(ids).last_hidden_state, what="text encoder")
-    results["text encoder"] = err
+    print(f"text encoder vs transformers: max|Δ| = {err:.2e}")
 
 
 CASES = [("ddim", "DDIMScheduler", {}), ("plms", "PNDMScheduler", {}), ("euler", "EulerDiscreteScheduler", {}),
@@ -109,7 +108,8 @@ def test_pipeline_matches_diffusers(model, folder, sampler, scheduler, opts, sci
     assert out.images.shape == (2, 3, H, W) and out.latents.shape == (2, 4, H // 8, W // 8)
     assert 0.05 < ((ref > 0) & (ref < 1)).float().mean()  # not all clamped: the comparison means something
     assert_parity(out.latents, final["latents"], SAMPLER_TOL, f"{sampler} latents vs {scheduler}")
-    results[f"{sampler} {opts or ''}"] = assert_parity(out.images, ref, SAMPLER_TOL, f"{sampler} vs {scheduler}")
+    err = assert_parity(out.images, ref, SAMPLER_TOL, f"{sampler} vs {scheduler}")
+    print(f"{sampler} {opts or ''} vs {scheduler}: max|Δ| = {err:.2e} (images in [0, 1])")
     # the same run from token ids (the pipeline encodes the prompt and "" itself)
     again = txt2img(model, PROMPT_IDS, height=H, width=W, steps=10, sampler=sampler, x_T=latents,
                     seed=[100, 101], progress=False, **opts)
@@ -129,7 +129,8 @@ def test_v_prediction_matches_diffusers(folder, sampler, scheduler):
                guidance_scale=5.0, latents=latents, output_type="pt").images
     out = txt2img(model, prompt_embeds=cond, negative_embeds=uncond, height=H, width=W, steps=8, sampler=sampler,
                   guidance=5.0, x_T=latents, progress=False)
-    results[f"v {sampler}"] = assert_parity(out.images, ref, SAMPLER_TOL, f"v {sampler} vs {scheduler}")
+    err = assert_parity(out.images, ref, SAMPLER_TOL, f"v {sampler} vs {scheduler}")
+    print(f"v-prediction {sampler} vs {scheduler}: max|Δ| = {err:.2e} (images in [0, 1])")
     eps = txt2img(sdup.load(CKPT, config=YAML), prompt_embeds=cond, negative_embeds=uncond, height=H, width=W, steps=8,
                   sampler=sampler, guidance=5.0, x_T=latents, progress=False)
     assert (eps.images - out.images).abs().max() > 1e-3  # the parameterisation matters
@@ -344,8 +345,3 @@ def test_script_errors(tmp_path, args, msg):
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and msg in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
-
-
-def test_report_errors():
-    if results:
-        print("\nmax |sdup - diffusers| (images in [0, 1]):", json.dumps({k: f"{v:.2e}" for k, v in results.items()}))

@@ -16,7 +16,8 @@ from sdup.models.vae import AutoencoderKL, VAEConfig
 from sdup.nn import TransformerBlock, use_attention_backend
 from sdup.optimize import fuse_qkv
 
-torch.set_grad_enabled(False)
+pytestmark = pytest.mark.usefixtures("no_grad")  # forward-only tests (conftest.py)
+
 
 
 def ldm_params(family):

@@ -18,8 +18,8 @@ from sdup.diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas
 from sdup.models.latent_upscaler import KUNet
 from sdup.pipelines.x2_latent import (encode_x2_prompts, padding_mask, read_latents, upscale_latents_x2, x2_sigmas)
 
-torch.set_grad_enabled(False)
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.usefixtures("no_grad"),  # forward-only tests (conftest.py)
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 LU = FIXTURES / "latent_upscaler"
 DIFFUSERS = LU / "diffusers"
 h, w = 8, 12          # low-res latent (fixture size); output latent 16x24

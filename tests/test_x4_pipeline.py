@@ -18,8 +18,8 @@ from sdup.pipelines.common import encode_prompts
 from sdup.pipelines.x4 import (decode, low_res_buffers, noise_augment, unet_input, unet_multiple, upscale_x4,
                                x4_network)
 
-torch.set_grad_enabled(False)
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.usefixtures("no_grad"),  # forward-only tests (conftest.py)
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 X4 = FIXTURES / "x4"
 H, W = 16, 24
 
