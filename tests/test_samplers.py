@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,8 +15,8 @@ from helpers import FIXTURES, SAMPLER_TOL, assert_parity, assert_within_ulps, ul
 from sdup.diffusion import samplers as S
 from sdup.diffusion.denoisers import CFG, CompVisDenoiser, DiffusionWrapper, DiscreteDenoiser, KarrasDenoiser
 from sdup.diffusion.schedules import (ddim_parameters, ddim_timesteps, diffusers_alphas_cumprod, discrete_sigmas,
-                                      init_noise_sigma, karras_sigmas, ldm_buffers, ldm_linear_betas, q_sample,
-                                      respaced_betas, schedule_betas, space_timesteps)
+                                      init_noise_sigma, interp_sigmas, karras_sigmas, ldm_buffers, ldm_linear_betas,
+                                      q_sample, respaced_betas, schedule_betas, space_timesteps)
 
 pytestmark = [pytest.mark.usefixtures("no_grad"),  # forward-only tests (conftest.py)
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # numpy 2 notices inside diffusers
@@ -390,6 +391,18 @@ def test_sigma_grids_equal_diffusers_on_one_machine(name, family, spacing):
         sigmas, ts = discrete_sigmas(sched.alphas_cumprod, n, spacing, 1, dpm_solver=name.startswith("DPM"))
         assert torch.equal(sigmas, sched.sigmas.float()), (n, ulp_distance(sigmas, sched.sigmas))
         assert torch.equal(ts, sched.timesteps.double()), n
+
+
+def test_sigma_grid_within_one_ulp_of_correctly_rounded_sqrt():
+    """What another CPU may compute: torch's CPU sqrt is MKL's vector sqrt, not correctly rounded, and MKL picks
+    its code path from the CPU model. A grid from IEEE (correctly rounded) numpy sqrt stands in for such a CPU: on
+    an AMD Zen 4, 4 of the 11 elements of the x2 fixture's grid then differ by one ulp, the symptom seen on a Xeon."""
+    ac = diffusers_alphas_cumprod()
+    ieee = torch.from_numpy(np.sqrt(((1 - ac) / ac).numpy()))
+    for n in (10, 25):
+        ours, ts = discrete_sigmas(ac, n)
+        other = torch.cat([interp_sigmas(ieee, ts), torch.zeros(1, dtype=torch.float64)]).float()
+        assert_within_ulps(ours, other, GRID_ULPS, f"{n} steps")
 
 
 def test_karras_sigmas_match_diffusers():
