@@ -10,11 +10,11 @@ and ``logit_scale`` are not (upstream code loads with ``strict=False`` and recom
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write
 from . import diffusers as dfs
 from . import ldm
 from .loader import LoadedModel
@@ -56,20 +56,14 @@ def ldm_state_dict(model: LoadedModel) -> dict:
     return _cpu(out)
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    tmp.replace(path)
-
-
 def save_ldm(model: LoadedModel, path: str | Path) -> None:
     path = Path(path)
     sd = ldm_state_dict(model)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        _atomic(path, lambda p: save_file(sd, str(p)))
+        atomic_write(path, lambda p: save_file(sd, str(p)))
     else:
-        _atomic(path, lambda p: torch.save({"state_dict": sd}, p))
+        atomic_write(path, lambda p: torch.save({"state_dict": sd}, p))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,9 +113,6 @@ def save_diffusers(model: LoadedModel, folder: str | Path) -> None:
     from .hf_clip import hf_clip_keymap
     if model.family not in PIPELINES and model.family != "vae":
         raise ValueError(f"{model.family} has no diffusers layout (diffusers has no StableSR): use the ldm or sdup format")
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     parts = {}
     if model.unet is not None:
         sd = model.unet.state_dict()
@@ -140,23 +131,24 @@ def save_diffusers(model: LoadedModel, folder: str | Path) -> None:
     if model.text_encoder is not None:
         cfg = model.configs["text_encoder"]
         parts["text_encoder"] = (hf_clip_keymap(cfg).to_ext(model.text_encoder.state_dict()), text_diffusers_config(cfg), "model")
-    for comp, (sd, cfg, stem) in parts.items():
-        (tmp / comp).mkdir(parents=True)
-        save_file(_cpu(sd), str(tmp / comp / f"{stem}.safetensors"))
-        (tmp / comp / "config.json").write_text(json.dumps(cfg, indent=2))
-    if model.family in PIPELINES:
-        index = {"_class_name": PIPELINES[model.family], **{c: ["diffusers" if c != "text_encoder" else "transformers",
-                 parts[c][1].get("_class_name", "CLIPTextModel")] for c in parts}}
-        if model.family == "x4":
-            index["max_noise_level"] = model.schedule.get("max_noise_level", 350)
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        pred = {"eps": "epsilon", "v": "v_prediction", "sample": "sample"}.get(model.prediction, "epsilon")
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-            "_class_name": "EulerDiscreteScheduler" if model.family == "x2" else "DDIMScheduler",
-            "beta_start": model.schedule["linear_start"], "beta_end": model.schedule["linear_end"],
-            "beta_schedule": "scaled_linear", "num_train_timesteps": model.schedule.get("timesteps", 1000),
-            "prediction_type": pred, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+
+    def fill(tmp: Path) -> None:
+        for comp, (sd, cfg, stem) in parts.items():
+            (tmp / comp).mkdir(parents=True)
+            save_file(_cpu(sd), str(tmp / comp / f"{stem}.safetensors"))
+            (tmp / comp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if model.family in PIPELINES:
+            index = {"_class_name": PIPELINES[model.family], **{c: ["diffusers" if c != "text_encoder" else "transformers",
+                     parts[c][1].get("_class_name", "CLIPTextModel")] for c in parts}}
+            if model.family == "x4":
+                index["max_noise_level"] = model.schedule.get("max_noise_level", 350)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            pred = {"eps": "epsilon", "v": "v_prediction", "sample": "sample"}.get(model.prediction, "epsilon")
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+                "_class_name": "EulerDiscreteScheduler" if model.family == "x2" else "DDIMScheduler",
+                "beta_start": model.schedule["linear_start"], "beta_end": model.schedule["linear_end"],
+                "beta_schedule": "scaled_linear", "num_train_timesteps": model.schedule.get("timesteps", 1000),
+                "prediction_type": pred, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}, indent=2))
+
+    atomic_write(folder, fill, folder=True)

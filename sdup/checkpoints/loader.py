@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..fileio import atomic_write
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from . import diffusers as dfs
@@ -435,9 +436,7 @@ def save_sdup(model: LoadedModel, path: str | Path) -> None:
     consts = {"prediction": model.prediction, "scale_factor": model.scale_factor, "schedule": model.schedule,
               "sft_channels": model.configs.get("sft_channels")}
     meta = {"sdup_family": model.family, "sdup_configs": json.dumps(configs), "sdup_constants": json.dumps(consts)}
-    tmp = Path(str(path) + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _load_sdup(name: str, sd: dict, meta: dict, b: _Build) -> LoadedModel:

@@ -35,25 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_write  # noqa: F401  (re-exported: pipelines write through it)
+
 Tensor = torch.Tensor
 PARAMETERS_KEY = "parameters"  # PNG text keyword holding the JSON parameters
 
 # ------------------------------------------------------------------------------------------------
 # files
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in the destination folder, then rename it to ``path``
-    (``os.replace`` is atomic on one file system). On any error the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def output_paths(out: str | Path, n: int, stem: str = "sample", suffix: str = ".png",

@@ -29,8 +29,8 @@ Writing
     JPEG / WebP: 8 bits (16-bit inputs are rounded, with a note); parameters (ASCII JSON) in the EXIF
     ImageDescription tag (0x010E). JPEG has no alpha: it is dropped with a note. WebP keeps alpha.
     No sidecar files are written. ``read_parameters(path)`` reads the JSON back from any of these.
-    Every write goes to ``.NAME.partial`` in the destination folder and is renamed at the end, so an
-    interrupted run never leaves a half-written output.
+    Every write goes through ``sdup.fileio.atomic_write`` (a temporary name of its own, renamed at the end), so an
+    interrupted run never leaves a half-written output, and of two runs writing one output the last to finish wins.
 """
 from __future__ import annotations
 

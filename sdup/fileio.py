@@ -1,0 +1,69 @@
+"""Whole files or nothing: every file or folder sdup writes (images, latents, checkpoints, converted folders) goes
+through ``atomic_write``.
+
+The content is written under a temporary name that belongs to this one call (``.NAME.<pid>-<random>.partial``, in the
+destination's folder, so the final rename stays on one file system) and renamed onto the destination at the end.
+So a reader never sees a half-written file, an interrupted write leaves nothing behind, and two processes writing
+the same path never share a temporary file: each rename puts one writer's complete output in place, and the last
+writer to finish wins.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+
+def temporary_name(path: Path) -> Path:
+    """A sibling name no other writer uses (the process id and 48 random bits)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any], *, folder: bool = False) -> Path:
+    """Call ``write(tmp)`` on a fresh temporary name next to ``path``, then rename it onto ``path``.
+
+    ``folder=True``: ``tmp`` is an empty folder to fill; an existing folder at ``path`` is swapped out and removed
+    only once the new one is in place. On any error or interruption (KeyboardInterrupt, or SystemExit from a
+    SIGTERM handler such as the CLI's) the temporary file or folder is removed and the exception propagates."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    old = None
+    try:
+        if folder:
+            tmp.mkdir(parents=True)
+        write(tmp)
+        if folder and path.exists():
+            old = temporary_name(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the previous folder back
+            old = None
+        raise
+    finally:
+        if old is not None:
+            _remove(old)
+    return path
+
+
+def can_create(path: str | Path) -> None:
+    """Raise ``OSError`` now unless a file can be created at ``path`` (its folders are created): the check a long
+    job runs before any work, instead of failing at its final write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = temporary_name(path)
+    try:
+        probe.touch(exist_ok=False)
+    finally:
+        probe.unlink(missing_ok=True)

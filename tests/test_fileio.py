@@ -1,0 +1,93 @@
+"""sdup.fileio.atomic_write: whole files or nothing, one temporary file per writer, last complete writer wins."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sdup.fileio import atomic_write, can_create
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from sdup.fileio import atomic_write
+    target, tag, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    start = Path(sys.argv[4])
+    while not start.exists():           # both writers begin together
+        time.sleep(0.001)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            for i in range(12):          # a slow write in pieces, as an image encoder does
+                f.write(f"{tag} {i}\\n")
+                f.flush()
+                time.sleep(0.0005)
+
+    for _ in range(rounds):
+        atomic_write(target, write)
+    print("ok")
+""")
+
+
+def test_two_processes_never_mix_one_file(tmp_path):
+    target, start = tmp_path / "out.txt", tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(target), tag, "40", str(start)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in "AB"]
+    start.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-500:] for r in results]
+    lines = target.read_text().splitlines()
+    tags = {line.split()[0] for line in lines}
+    assert len(lines) == 12 and len(tags) == 1, lines           # one writer's complete file, never a mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "out.txt"]  # no temporary file left
+
+
+def test_failed_or_interrupted_write_leaves_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+
+    def failing(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_folders_are_swapped_whole(tmp_path):
+    target = tmp_path / "sub" / "model"
+
+    def fill(tag):
+        def write(tmp):
+            (tmp / "unet").mkdir()
+            (tmp / "unet" / "w.txt").write_text(tag)
+        return write
+
+    atomic_write(target, fill("one"), folder=True)
+    atomic_write(target, fill("two"), folder=True)
+    assert (target / "unet" / "w.txt").read_text() == "two"
+
+    def broken(tmp):
+        (tmp / "half").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken, folder=True)
+    assert (target / "unet" / "w.txt").read_text() == "two" and [p.name for p in target.parent.iterdir()] == ["model"]
+
+
+def test_can_create(tmp_path):
+    can_create(tmp_path / "new" / "deeper" / "o.png")       # folders are created, nothing else is left
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        can_create(blocker / "o.png")                        # a file where a folder should be
