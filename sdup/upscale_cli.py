@@ -60,6 +60,7 @@ def fail(msg: str):
 
 def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .pipelines.common import SAMPLER_NAMES
+    from .pipelines.upscale_io import MAX_PIXELS
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs (quote globs)")
     p.add_argument("-o", "--output", default=None,
                    help=f"output file (one input: NAME.png/.jpg/.webp/.tif) or folder (default {DEFAULT_OUTPUT})")
@@ -116,6 +117,8 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "tiled decodes and StableSR's CFW decoder always run in fp32)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="wrap the UNet in torch.compile")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help=f"refuse input images above N pixels before decoding them (default {MAX_PIXELS:,}; 0 = no limit)")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output file already exists")
     p.add_argument("--dry-run", action="store_true",
                    help="print output sizes, the tile plan and a peak-memory estimate; needs no weights, writes nothing")
@@ -159,6 +162,8 @@ def check_args(args) -> None:
         tile = args.tile or DEFAULT_TILE
         if args.tile_overlap < 0 or args.tile_overlap >= tile:
             fail(f"--tile-overlap must be in 0..{tile - 1} (less than the tile), got {args.tile_overlap}")
+    if args.max_pixels < 0:
+        fail(f"--max-pixels must be >= 0 (0 = no limit), got {args.max_pixels}")
     if not 0 <= args.seed < 2 ** 63:
         fail(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.config and not Path(args.config).is_file():
@@ -309,7 +314,7 @@ def latents_shape(path: Path) -> tuple[int, ...]:
         fail(f"{path}: not a readable latents file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
-def plan_items(inputs: list[Path], family: str | None) -> list[Item]:
+def plan_items(inputs: list[Path], family: str | None, max_pixels: int | None = None) -> list[Item]:
     """Header pass over every input (before any work): readable, and latents only for x2."""
     from .pipelines import upscale_io as io
     items = []
@@ -327,7 +332,7 @@ def plan_items(inputs: list[Path], family: str | None) -> list[Item]:
                 items.append(Item(path, (8 * shape[2], 8 * shape[3]), name, i, (shape[2], shape[3])))
         else:
             try:
-                items.append(Item(path, io.image_size(path), path))
+                items.append(Item(path, io.image_size(path, max_pixels), path))
             except io.UpscaleIOError as e:
                 fail(str(e))
     return items
@@ -650,7 +655,7 @@ def cmd_upscale(args) -> int:
             fail(f"--noise-level must be an integer in 0..{top} for the x4 upscaler, got {args.noise_level:g}")
 
     # header pass: every input readable (and of the right kind) before any work
-    items = plan_items(inputs, family)
+    items = plan_items(inputs, family, args.max_pixels)
     try:
         outputs = io.plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
     except io.UpscaleIOError as e:
@@ -719,7 +724,7 @@ def cmd_upscale(args) -> int:
             path = it.path
             img = None
             if it.index is None:
-                img = io.read_image(path)
+                img = io.read_image(path, args.max_pixels)
                 for n in img.notes:
                     io.note(n)
                 if min(img.size) < lo:

@@ -460,3 +460,53 @@ def test_stablesr_dry_run_with_weights(tmp_path, capsys):
     assert code == 0, err
     assert "(768x512)" in stdout and "sampler ddpm, steps 200" in stdout and "dec_w 0.5" in stdout
     assert "latent tiles 2" in stdout and not (tmp_path / "o").exists()  # 64 x 96 latent, 64-px tiles, overlap 32
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header announces width x height but whose pixel data is garbage: reading it whole fails, so
+    anything that succeeds on it read the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not zlib") + chunk(b"IEND", b""))
+    return path
+
+
+def test_huge_image_is_one_line_before_decoding(tmp_path, capsys):
+    """20000 x 20000 (400 megapixels): refused from the header, with the count and the option that allows it, in a
+    dry run too; --max-pixels raises the limit (the garbage pixel data then fails as unreadable, still one line)."""
+    huge = png_header_only(tmp_path / "huge.png", 20000, 20000)
+    out = tmp_path / "out"
+    for extra in ([], ["--dry-run"]):
+        assert_one_line_error(*run(capsys, huge, "-o", out, *WEIGHTS, *FAST, *extra),
+                              ["huge.png: 20000x20000 is 400 megapixels", "--max-pixels 400000000"], out)
+    assert_one_line_error(*run(capsys, huge, "-o", out, *WEIGHTS, *FAST, "--max-pixels", "400000000"),
+                          ["huge.png: not a readable"], out)
+    Image.fromarray(rgb(16, 24)).save(tmp_path / "small.jpg")  # through Pillow: the same limit
+    assert_one_line_error(*run(capsys, tmp_path / "small.jpg", "-o", out, *WEIGHTS, *FAST, "--max-pixels", "300"),
+                          ["small.jpg: 24x16", "--max-pixels 384"], out)
+    assert_one_line_error(*run(capsys, tmp_path / "small.jpg", "-o", out, *WEIGHTS, "--max-pixels", "-1"),
+                          ["--max-pixels must be >= 0"], out)
+
+
+def test_dry_run_reads_headers_only(tmp_path, capsys):
+    """The plan and the memory estimate come from the header: a 12000 x 8000 PNG whose pixel data is garbage plans
+    fine (a decode would fail), and nothing is written."""
+    big = png_header_only(tmp_path / "big.png", 12000, 8000)
+    code, stdout, err = run(capsys, big, "-o", tmp_path / "out", "--model", "x4", "--dry-run")
+    assert code == 0, err
+    assert "big.png (12000x8000) -> " in stdout and "(48000x32000)" in stdout and not (tmp_path / "out").exists()
+    assert err == ""  # no Pillow warning either
+
+
+def test_animated_input_notes_first_frame(tmp_path, capsys):
+    frames = [Image.fromarray(rgb(16, 16, s)).convert("P") for s in (1, 2, 3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    code, _, err = run(capsys, tmp_path / "anim.gif", "-o", tmp_path / "o.png", *WEIGHTS, *FAST)
+    assert code == 0, err
+    assert "anim.gif: animated (3 frames): only the first frame is upscaled" in err
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.size == (64, 64)

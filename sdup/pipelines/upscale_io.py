@@ -38,6 +38,7 @@ import glob
 import json
 import struct
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -56,6 +57,8 @@ _FORMAT_EXT = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
 _GLOB_CHARS = set("*?[")
 JPEG_QUALITY = 95
 EXIF_IMAGE_DESCRIPTION = 0x010E
+EXIF_ORIENTATION = 0x0112
+MAX_PIXELS = 100_000_000  # inputs above 100 megapixels are refused unless the caller raises the limit (--max-pixels)
 
 
 class UpscaleIOError(ValueError):
@@ -229,29 +232,56 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
 
 
-def read_image(path: str | Path) -> InputImage:
-    """Read one image (see the module docstring). Unreadable files raise ``UpscaleIOError`` (one line)."""
-    path = Path(path)
+def check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse an image above ``max_pixels`` (None or 0: no limit) before its pixels are decoded."""
+    if max_pixels and width * height > max_pixels:
+        raise UpscaleIOError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the limit of "
+                             f"{max_pixels / 1e6:g} (pass --max-pixels {width * height} to allow it)")
+
+
+@contextmanager
+def open_image(path: Path, max_pixels: int | None = MAX_PIXELS):
+    """``PIL.Image.open`` with ``check_pixels`` in place of Pillow's own decompression-bomb limit (a traceback)."""
+    from PIL import Image
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as img:
+            check_pixels(path, *img.size, max_pixels)
+            yield img
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _header(path: Path) -> bytes:
     if not path.is_file():
         raise UpscaleIOError(f"{path}: no such image file")
     try:
         with open(path, "rb") as fh:
-            head = fh.read(32)
+            return fh.read(32)
     except OSError as e:
         raise UpscaleIOError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> InputImage:
+    """Read one image (see the module docstring). Unreadable files raise ``UpscaleIOError`` (one line)."""
+    path = Path(path)
+    head = _header(path)
     notes: list[str] = []
     try:
         if _png_bit_depth(head) is not None:
             bits = 16 if _png_bit_depth(head) == 16 else 8
-            t = load_image(path, alpha=True)
+            with open_image(path, max_pixels):  # the size check; Pillow's own limit stays off while decoding
+                t = load_image(path, alpha=True)
             return _split(path, t, bits, notes)
-        from PIL import Image, ImageOps, UnidentifiedImageError
+        from PIL import ImageOps, UnidentifiedImageError
         try:
-            with Image.open(path) as img:
+            with open_image(path, max_pixels) as img:
+                if getattr(img, "is_animated", False):
+                    notes.append(f"{path.name}: animated ({img.n_frames} frames): only the first frame is upscaled")
                 if img.format == "TIFF":
                     arr = _read_tiff16(img)
                     if arr is not None:
-                        orientation = int(img.getexif().get(0x0112, 1) or 1)
+                        orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
                         arr = _orient(arr, orientation)
                         t = torch.from_numpy(arr.astype(np.float32) / 65535.0).permute(2, 0, 1).contiguous()
                         return _split(path, t, 16, notes)
@@ -262,7 +292,7 @@ def read_image(path: str | Path) -> InputImage:
                 img = ImageOps.exif_transpose(img)
                 img.load()
                 t = pil_to_tensor(img, alpha=True)
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise UpscaleIOError(f"{path}: not a readable image ({_first_line(e)})") from None
         return _split(path, t, bits, notes)
     except UpscaleIOError:
@@ -381,8 +411,7 @@ def read_parameters(path: str | Path) -> dict | None:
         head = fh.read(8)
     if head == b"\x89PNG\r\n\x1a\n":
         return read_png_parameters(path)
-    from PIL import Image
-    with Image.open(path) as img:
+    with open_image(Path(path), None) as img:  # outputs may be larger than any input limit
         text = img.getexif().get(EXIF_IMAGE_DESCRIPTION)
         if text is None and img.format == "TIFF":
             text = img.tag_v2.get(270)
@@ -425,14 +454,16 @@ def dry_run_report(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) after EXIF orientation, reading the header only (PNG / anything Pillow opens lazily)."""
+def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
+    """(H, W) after EXIF orientation, from the header alone: no pixel is decoded (a PNG's EXIF is read only when it
+    comes before the pixel data, where Pillow finds it without decoding)."""
     path = Path(path)
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
     try:
-        with Image.open(path) as img:
+        with open_image(path, max_pixels) as img:
             w, h = img.size
-            if int(img.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8):
+            header_exif = img.format != "PNG" or "exif" in img.info
+            if header_exif and int(img.getexif().get(EXIF_ORIENTATION, 1) or 1) in (5, 6, 7, 8):
                 w, h = h, w
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UpscaleIOError(f"{path}: not a readable image ({_first_line(e)})") from None
@@ -441,4 +472,4 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 __all__ = ["IMAGE_EXTENSIONS", "FORMATS", "UpscaleIOError", "InputImage", "expand_inputs", "plan_outputs",
            "output_format", "read_image", "write_image", "upscale_alpha", "read_parameters", "encode_tiff16",
-           "dry_run_report", "image_size", "format_bytes"]
+           "dry_run_report", "image_size", "format_bytes", "MAX_PIXELS", "check_pixels", "open_image"]
