@@ -155,4 +155,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sdup.fileio import sigterm_as_interrupt
+    with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C: no temporary file left behind
+        sys.exit(main())

@@ -1,7 +1,8 @@
 """``python -m sdup`` — command-line entry points (inspect, convert, upscale).
 
 User mistakes (missing files, unsupported or corrupt checkpoints, bad options) end in one clear
-line on stderr and exit code 2, never a traceback.
+line on stderr and exit code 2, never a traceback; ``inspect`` also exits 2 when the checkpoint has a problem or
+missing / unexpected keys.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from .checkpoints.detect import FAMILY_NAMES
 from .checkpoints.io import CheckpointError
 from .checkpoints.keymap import KeyMismatch
+from .fileio import Terminated, sigterm_as_interrupt
 from .upscale_cli import UPSCALE_DOC, add_upscale_arguments, cmd_upscale, upscale_main  # noqa: E402
 
 
@@ -31,7 +33,7 @@ def cmd_inspect(args) -> int:
     print(f"family:    {FAMILY_NAMES.get(det.family, det.family)}")
     if error:
         print(f"problem:   {error}")
-        return 1
+        return 2
     if model.prediction:
         print(f"prediction: {model.prediction}   latent scale: {model.scale_factor}")
     rep = model.report
@@ -50,7 +52,20 @@ def cmd_inspect(args) -> int:
                 print(f"  ... {len(mm[label]) - args.max_keys} more {label} in {what}")
     total = sum(len(m["missing"]) + len(m["unexpected"]) for m in bad.values())
     print("keys:      all consumed, none missing" if not total else f"keys:      {total} missing/unexpected (see above)")
-    return 1 if total else 0
+    absent = _absent_components(path, model)
+    if absent:
+        print(f"missing:   {', '.join(absent)} (listed in model_index.json, not in the folder)")
+    return 2 if total or absent else 0
+
+
+def _absent_components(path: Path, model) -> list[str]:
+    """The parts of a diffusers pipeline folder that its model_index.json names but that could not be loaded."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return []
+    import json
+    listed = json.loads(index.read_text())
+    return [c for c in ("unet", "vae", "text_encoder") if c in listed and c not in model.components()]
 
 
 def cmd_convert(args) -> int:
@@ -102,7 +117,12 @@ def main(argv=None) -> int:
         return upscale_main(argv[1:], prog="python -m sdup upscale")
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with sigterm_as_interrupt():
+            return args.fn(args)
+    except KeyboardInterrupt as e:
+        print(f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)",
+              file=sys.stderr)
+        return 2
     except KeyMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

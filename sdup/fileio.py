@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,3 +70,24 @@ def can_create(path: str | Path) -> None:
         probe.touch(exist_ok=False)
     finally:
         probe.unlink(missing_ok=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so that a write in progress cleans up as it does on Ctrl-C."""
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While active (in the main thread), SIGTERM raises ``Terminated`` instead of killing the process outright,
+    which would leave a temporary file behind; the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

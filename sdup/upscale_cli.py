@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .fileio import Terminated, sigterm_as_interrupt
+
 UPSCALE_DOC = __doc__
 MODELS = ("auto", "x4", "x2", "stablesr")
 SCALES = {"x4": 4, "x2": 2, "stablesr": 4}
@@ -119,7 +121,8 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--compile", action="store_true", help="wrap the UNet in torch.compile")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse input images above N pixels before decoding them (default {MAX_PIXELS:,}; 0 = no limit)")
-    p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output file already exists")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose output file already exists (an empty file does not count)")
     p.add_argument("--dry-run", action="store_true",
                    help="print output sizes, the tile plan and a peak-memory estimate; needs no weights, writes nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -674,7 +677,7 @@ def cmd_upscale(args) -> int:
             row = dict(input=str(it.path) + (f"[{it.index}]" if it.index is not None else ""), output=str(out),
                        in_size=(h, w), out_size=(scale * h, scale * w), **plan,
                        peak_bytes=estimate_peak_bytes(meta, lat, plan, args.dtype, settings["guidance"]))
-            if args.skip_existing and out.exists():
+            if args.skip_existing and io.is_done(out):
                 row["skip"] = "output exists"
             rows.append(row)
         print(io.dry_run_report(rows))
@@ -688,9 +691,9 @@ def cmd_upscale(args) -> int:
     import torch
     device = _device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    todo = [(it, o) for it, o in zip(items, outputs) if not (args.skip_existing and o.exists())]
+    todo = [(it, o) for it, o in zip(items, outputs) if not (args.skip_existing and io.is_done(o))]
     for it, o in zip(items, outputs):
-        if args.skip_existing and o.exists():
+        if args.skip_existing and io.is_done(o):
             print(f"skip {it.path}{f'[{it.index}]' if it.index is not None else ''} ({o} exists)")
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
@@ -759,8 +762,8 @@ def cmd_upscale(args) -> int:
             raise
         fail(f"out of memory upscaling {path} ({str(e).splitlines()[0][:120]}); try a smaller --tile / --vae-tile "
              "(see --dry-run for the estimate) or --dtype fp16")
-    except KeyboardInterrupt:
-        fail("interrupted (no partial output written)")
+    except KeyboardInterrupt as e:
+        fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)")
     return 0
 
 
@@ -771,4 +774,5 @@ def _latents_source(path: Path):
 
 def upscale_main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    return cmd_upscale(args)
+    with sigterm_as_interrupt():
+        return cmd_upscale(args)

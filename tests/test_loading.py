@@ -1,5 +1,6 @@
 """sdup.load / convert / inspect on the tiny fixture checkpoints: formats, round trips, EMA, errors."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -255,3 +256,12 @@ def test_bare_diffusers_vae_folder():
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     det, meta, error = sdup.checkpoints.loader.inspect(folder)
     assert det.family == "vae" and error is None and meta.vae is not None
+
+
+def test_cli_inspect_names_missing_components_and_exits_2(tmp_path):
+    """A diffusers folder without vae/: inspect names the absent part and exits 2 (like every user-facing problem)."""
+    r = run_cli("convert", CKPT["x4"], tmp_path / "x4", "--config", YAML["x4"])
+    assert r.returncode == 0, r.stderr
+    shutil.rmtree(tmp_path / "x4" / "vae")
+    r = run_cli("inspect", tmp_path / "x4")
+    assert r.returncode == 2 and "missing:   vae (listed in model_index.json, not in the folder)" in r.stdout, r.stdout

@@ -510,3 +510,51 @@ def test_animated_input_notes_first_frame(tmp_path, capsys):
     assert "anim.gif: animated (3 frames): only the first frame is upscaled" in err
     with Image.open(tmp_path / "o.png") as im:
         assert im.size == (64, 64)
+
+
+def test_unknown_output_extension_and_empty_existing_output(images, tmp_path, capsys):
+    out = tmp_path / "o.xyz"
+    assert_one_line_error(*run(capsys, images / "a.png", "-o", out, *WEIGHTS, *FAST),
+                          ["-o", "o.xyz", "'.xyz' is not an output image format"], out)
+    assert not out.exists()
+    folder = tmp_path / "results.v2"  # an existing folder keeps working, whatever its name
+    folder.mkdir()
+    (folder / "a_x4.png").write_bytes(b"")  # an empty file is no finished output: --skip-existing redoes it
+    code, stdout, err = run(capsys, images / "a.png", "-o", folder, *WEIGHTS, *FAST, "--skip-existing")
+    assert code == 0 and "skip" not in stdout, err
+    with Image.open(folder / "a_x4.png") as im:
+        assert im.size == (96, 64)
+
+
+SIGTERM_RUN = """
+import sys, time
+from sdup.pipelines import common, upscale_io
+real = common.atomic_write
+
+def slow_atomic_write(path, write, **kw):
+    def slow(tmp):
+        write(tmp)
+        print("writing", flush=True)
+        time.sleep(60)
+    return real(path, slow, **kw)
+
+common.atomic_write = upscale_io.atomic_write = slow_atomic_write
+from sdup.upscale_cli import upscale_main
+sys.exit(upscale_main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_final_write_leaves_nothing(images, tmp_path):
+    import signal
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", SIGTERM_RUN, str(images / "a.png"), "-o", str(out), *map(str, WEIGHTS),
+                          *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    for line in p.stdout:  # the temporary file exists now
+        if line.startswith("writing"):
+            break
+    assert list(out.iterdir()), "the write should be under way"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and err.strip().splitlines()[-1] == "error: terminated (no partial output written)", err
+    assert list(out.iterdir()) == []

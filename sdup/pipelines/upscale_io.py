@@ -137,7 +137,19 @@ def output_format(path: Path, fmt: str | None) -> str:
 
 
 def _is_file_target(out: Path) -> bool:
-    return out.suffix.lower() in _EXT_FORMAT and not out.is_dir()
+    """``-o`` names a file when it has an image extension and is no existing folder; another extension is refused
+    (``o.xyz`` would otherwise silently become a folder)."""
+    if out.is_dir() or not out.suffix:
+        return False
+    if out.suffix.lower() not in _EXT_FORMAT:
+        raise UpscaleIOError(f"-o {out}: {out.suffix!r} is not an output image format ({', '.join(_EXT_FORMAT)}); "
+                             f"give an image file name or a folder name without an extension")
+    return True
+
+
+def is_done(path: Path) -> bool:
+    """An output that ``--skip-existing`` skips: a non-empty file (an empty file is no finished output)."""
+    return path.is_file() and path.stat().st_size > 0
 
 
 def plan_outputs(inputs: Sequence[Path], output: str | Path, scale: int, fmt: str | None = None) -> list[Path]:
@@ -472,4 +484,4 @@ def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[i
 
 __all__ = ["IMAGE_EXTENSIONS", "FORMATS", "UpscaleIOError", "InputImage", "expand_inputs", "plan_outputs",
            "output_format", "read_image", "write_image", "upscale_alpha", "read_parameters", "encode_tiff16",
-           "dry_run_report", "image_size", "format_bytes", "MAX_PIXELS", "check_pixels", "open_image"]
+           "dry_run_report", "image_size", "format_bytes", "MAX_PIXELS", "check_pixels", "open_image", "is_done"]
