@@ -291,6 +291,9 @@ def test_output_paths_and_samplers(tmp_path):
     assert common.sample_seeds(5, 3) == [5, 6, 7] and len(common.sample_seeds(None, 2)) == 2
     assert common.discrete_timesteps(50).tolist()[:3] == [981, 961, 941]
     assert common.discrete_timesteps(3).tolist() == [667, 334, 1]  # diffusers "leading"; CompVis fails here
+    assert common.discrete_timesteps(999)[0] == 999 and common.discrete_timesteps(501)[0] == 501  # one step per t
+    with pytest.raises(ValueError, match=r"steps must be in 1\.\.999"):
+        common.discrete_timesteps(1000)  # would end at t = 1000, past the schedule
 
 
 # ------------------------------------------------------------------------------------------------ script

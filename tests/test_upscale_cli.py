@@ -172,7 +172,7 @@ def test_dry_run_without_weights_writes_nothing(images, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_weights", "missing_weights", "wrong_model", "wrong_family", "not_upscaler",
-                                  "unreadable", "noise_level", "too_small", "no_match", "file_for_many"])
+                                  "unreadable", "noise_level", "too_small", "no_match", "file_for_many", "ddim_1000"])
 def test_errors(case, images, tmp_path, capsys):
     out = tmp_path / "out"
     args, msg = {
@@ -188,6 +188,7 @@ def test_errors(case, images, tmp_path, capsys):
         "too_small": ([images / "tiny.png", *WEIGHTS, *FAST], ["tiny.png: 4x6", "minimum 8x8"]),
         "no_match": ([str(images / "*.webp"), *WEIGHTS], ["*.webp: nothing matches"]),
         "file_for_many": ([images, *WEIGHTS, "--dry-run"], ["names a file", "2 inputs"]),
+        "ddim_1000": ([images / "a.png", *WEIGHTS, "--quiet", "--steps", "1000"], ["steps must be in 1..999"]),
     }[case]
     if case == "unreadable":
         (images / "bad.png").write_bytes(b"this is not a PNG at all")

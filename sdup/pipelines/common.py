@@ -440,10 +440,11 @@ def discrete_timesteps(steps: int, T: int = 1000, offset: int = 1) -> Tensor:
     This is the first ``steps`` entries of the LDM uniform grid (``ddim_timesteps``) = diffusers' "leading"
     spacing with ``steps_offset=1``: identical to CompVis whenever its grid has exactly ``steps`` entries
     (10, 20, 25, 50, 100, 200, 250, 500, 1000, ...). For other counts CompVis runs a few extra steps (75 -> 77) or
-    fails (3, 9, ...: it would index t = 1000); sdup, like diffusers, runs exactly ``steps``."""
+    fails (3, 9, ...: it would index t = 1000); sdup, like diffusers, runs exactly ``steps``. At most ``T - offset``
+    steps (999): with one step per timestep the grid would end at t = T, past the schedule."""
     from ..diffusion.schedules import spaced_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    if not 1 <= steps <= T - offset:
+        raise ValueError(f"steps must be in 1..{T - offset} for this sampler, got {steps}")
     return spaced_timesteps(steps, "leading", T, offset).long()
 
 
