@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .fileio import Terminated, sigterm_as_interrupt
+from .fileio import Terminated, can_create, sigterm_as_interrupt
 
 UPSCALE_DOC = __doc__
 MODELS = ("auto", "x4", "x2", "stablesr")
@@ -698,6 +698,11 @@ def cmd_upscale(args) -> int:
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
         return 0
+    for _, out in todo:  # an unwritable output fails now, not after the sampling
+        try:
+            can_create(out)
+        except OSError as e:
+            fail(f"{out}: cannot write the output there ({e.strerror or e})")
     model = _load(args.weights, args.config, device, dtype)
     if family == "x2":
         _attach_vae(model, args, device)

@@ -559,3 +559,21 @@ def test_sigterm_during_the_final_write_leaves_nothing(images, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and err.strip().splitlines()[-1] == "error: terminated (no partial output written)", err
     assert list(out.iterdir()) == []
+
+
+def test_unwritable_output_fails_before_loading_the_model(images, tmp_path, capsys, monkeypatch):
+    """The output location is tried (folders created, a file written and removed) before any weight is read."""
+    import sdup.upscale_cli as U
+    loads = []
+    monkeypatch.setattr(U, "_load", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output folder should be")
+    out = blocker / "sub"
+    assert_one_line_error(*run(capsys, images / "a.png", "-o", out / "o.png", *WEIGHTS, *FAST),
+                          ["o.png: cannot write the output there"], tmp_path / "none")
+    if os.geteuid() != 0:  # root writes through permission bits: only the file-as-folder case applies there
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert_one_line_error(*run(capsys, images / "a.png", "-o", ro / "o.png", *WEIGHTS, *FAST),
+                              ["o.png: cannot write the output there", "ermission denied"], ro)
+    assert loads == []
