@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                                                                         str(tmp), metadata=meta))
             print(f"wrote {args.latents_out}")
     except KeyMismatch as e:
-        fail(" ".join(str(e).split()))
+        fail(e.one_line())
     except (CheckpointError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

@@ -542,7 +542,7 @@ def _load(path: str, config: str | None, device: str, dtype):
     try:
         return sdup.load(path, config=config, device=device, dtype=dtype)
     except KeyMismatch as e:
-        fail(" ".join(str(e).split()))
+        fail(e.one_line())
     except (CheckpointError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

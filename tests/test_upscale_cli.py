@@ -172,7 +172,8 @@ def test_dry_run_without_weights_writes_nothing(images, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_weights", "missing_weights", "wrong_model", "wrong_family", "not_upscaler",
-                                  "unreadable", "noise_level", "too_small", "no_match", "file_for_many", "ddim_1000"])
+                                  "unreadable", "noise_level", "too_small", "no_match", "file_for_many", "ddim_1000",
+                                  "config_other_family", "config_other_size"])
 def test_errors(case, images, tmp_path, capsys):
     out = tmp_path / "out"
     args, msg = {
@@ -189,13 +190,19 @@ def test_errors(case, images, tmp_path, capsys):
         "no_match": ([str(images / "*.webp"), *WEIGHTS], ["*.webp: nothing matches"]),
         "file_for_many": ([images, *WEIGHTS, "--dry-run"], ["names a file", "2 inputs"]),
         "ddim_1000": ([images / "a.png", *WEIGHTS, "--quiet", "--steps", "1000"], ["steps must be in 1..999"]),
+        "config_other_family": ([images, "--weights", X4 / "model.ckpt", "--config", FIXTURES / "sd1" / "config.yaml"],
+                                ["the YAML describes LatentDiffusion (sd1 / sd2)", "weights look like x4"]),
+        "config_other_size": ([images, "--weights", X4 / "model.ckpt", "--config", ROOT / "configs" / "x4-upscaling.yaml",
+                               "--quiet"], ["520 missing and 40 unexpected key(s), e.g. missing input_blocks", "inspect"]),
     }[case]
     if case == "unreadable":
         (images / "bad.png").write_bytes(b"this is not a PNG at all")
     if case == "too_small":
         Image.fromarray(rgb(6, 4)).save(images / "tiny.png")
     target = ["-o", out / "one.png"] if case == "file_for_many" else ["-o", out]
-    assert_one_line_error(*run(capsys, *args, *target), msg, out)
+    code, stdout, err = run(capsys, *args, *target)
+    assert_one_line_error(code, stdout, err, msg, out)
+    assert len(err) < 400, err  # a sentence, not a page of keys
 
 
 def test_corrupt_image_data_fails_before_any_output(images, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -45,13 +46,23 @@ def safetensors_header(path: str | Path) -> tuple[dict, dict]:
     return header, meta
 
 
+def _load_failure(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in plain words."""
+    text = str(e)
+    blocked = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", text)
+    if blocked:
+        return (f"holds Python objects ({blocked.group(1) or blocked.group(2)}) besides tensors, which sdup refuses "
+                f"to unpickle for safety: it is not a plain weights checkpoint")
+    if isinstance(e, (EOFError, zipfile.BadZipFile)) or "zip archive" in text or "EOF" in text:
+        return "truncated or corrupt torch checkpoint (the file ends early or its zip structure is damaged)"
+    return "not a loadable checkpoint (neither a torch zip / pickle of tensors nor a safetensors file)"
+
+
 def _torch_load(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # pickle / zip errors come in many types: report the first line only
-        kind = "truncated or corrupt" if isinstance(e, (EOFError, RuntimeError, zipfile.BadZipFile)) else "unreadable"
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        raise CheckpointError(f"{path}: {kind} torch checkpoint ({first})") from None
+    except Exception as e:  # pickle / zip errors come in many types and torch's text suggests the unsafe way out
+        raise CheckpointError(f"{path}: {_load_failure(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model_ema"), dict):  # k-diffusion: {"model_ema": {...}, ...}

@@ -83,7 +83,7 @@ class KeyMismatch(ValueError):
     """Missing or unexpected keys; the message lists them."""
 
     def __init__(self, what: str, missing: Sequence[str], unexpected: Sequence[str]):
-        self.missing, self.unexpected = list(missing), list(unexpected)
+        self.what, self.missing, self.unexpected = what, list(missing), list(unexpected)
         lines = [f"{what}: {len(self.missing)} missing and {len(self.unexpected)} unexpected key(s)"]
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             for k in keys[:20]:
@@ -91,6 +91,13 @@ class KeyMismatch(ValueError):
             if len(keys) > 20:
                 lines.append(f"  ... and {len(keys) - 20} more {label}")
         super().__init__("\n".join(lines))
+
+    def one_line(self, sample: int = 2) -> str:
+        """The counts and a few keys of each kind, for a one-line error."""
+        parts = [f"{label} {', '.join(keys[:sample])}{', ...' if len(keys) > sample else ''}"
+                 for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)) if keys]
+        return (f"{self.what}: {len(self.missing)} missing and {len(self.unexpected)} unexpected key(s), e.g. "
+                f"{'; '.join(parts)} (a checkpoint of another family or size? `python -m sdup inspect` lists them)")
 
 
 def _match(key: str, prefix: str) -> bool:

@@ -42,11 +42,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "stablesr_cfw_vae": dict(scale_factor=0.18215),
     "vae": dict(scale_factor=0.18215),
 }
-LDM_TARGETS = {  # upstream YAML ``model.target`` class name -> family
-    "LatentDiffusion": None,  # sd1 or sd2: decided by the text encoder
-    "LatentUpscaleDiffusion": "x4",
-    "LatentDiffusionSRTextWT": "stablesr", "LatentDiffusionSRTextWTFFHQ": "stablesr",
-    "AutoencoderKLResi": "stablesr_cfw_vae", "AutoencoderKL": "vae",
+LDM_TARGETS = {  # upstream YAML ``model.target`` class name -> the families it can describe
+    "LatentDiffusion": ("sd1", "sd2"),  # which one: decided by the text encoder
+    "LatentUpscaleDiffusion": ("x4",),
+    "LatentDiffusionSRTextWT": ("stablesr",), "LatentDiffusionSRTextWTFFHQ": ("stablesr",),
+    "AutoencoderKLResi": ("stablesr_cfw_vae",), "AutoencoderKL": ("vae",),
 }
 
 
@@ -71,6 +71,18 @@ class LoadedModel:
 
 # ------------------------------------------------------------------------------------------------
 # building modules
+
+def _check_shapes(module: nn.Module, sd: dict) -> None:
+    """One line instead of torch's page of size mismatches: the configured architecture (a YAML for another size
+    of model, say) does not fit the weights."""
+    own = module.state_dict()
+    bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{type(module).__name__}: {len(bad)} tensors have other shapes than the configured "
+                              f"model, e.g. {k}: {tuple(sd[k].shape)} in the weights, {tuple(own[k].shape)} configured "
+                              f"(a --config for another size or family of model?)")
+
 
 class _Build:
     """Per-load settings: device/dtype, strictness, and the report being filled.
@@ -97,6 +109,7 @@ class _Build:
         a module without one is built normally instead."""
         with torch.device("meta"):
             module = factory()
+        _check_shapes(module, sd)
         module.load_state_dict(sd, strict=self.strict, assign=True)
         if self.device.type != "meta":
             for m in module.modules():
@@ -188,8 +201,9 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
     params = (yaml or {}).get("params", {})
     if yaml is not None:
         target = yaml.get("target", "").rsplit(".", 1)[-1]
-        if target in LDM_TARGETS and LDM_TARGETS[target] not in (None, family):
-            raise CheckpointError(f"{name}: the YAML describes {target} but the weights look like {family}")
+        if target in LDM_TARGETS and family not in LDM_TARGETS[target]:
+            raise CheckpointError(f"{name}: the YAML describes {target} ({' / '.join(LDM_TARGETS[target])}) but the "
+                                  f"weights look like {family}: pass the YAML of this checkpoint's family")
     out = LoadedModel(family=family, source=name, report=b.report)
     if family in ("stablesr_cfw_vae", "vae"):
         return _load_vae_only(out, sd, params, b)
