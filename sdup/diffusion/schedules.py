@@ -1,4 +1,4 @@
-"""Noise schedules and timestep / sigma grids (SPEC §1.1, §1.6, §5.6; fixtures README pitfalls 7, 8, 10, 11).
+"""Noise schedules and timestep / sigma grids of the upstream code (CompVis, SAI, StableSR) and of diffusers.
 
 Plain functions on 1-D tensors.  Conventions:
 
