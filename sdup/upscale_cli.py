@@ -440,12 +440,12 @@ def _settings(args, model, family: str) -> dict:
     """Per-family defaults filled in and checked (one line + exit 2 on a bad value)."""
     if family == "x2":
         from .pipelines import x2_latent as X2
-        s = dict(steps=args.steps or X2.DEFAULTS["steps"], sampler=args.sampler or X2.DEFAULTS["sampler"],
-                 guidance=args.guidance if args.guidance is not None else X2.DEFAULTS["guidance"],
-                 noise_level=args.noise_level if args.noise_level is not None else X2.DEFAULTS["noise_level"],
-                 schedule=args.schedule or X2.DEFAULTS["schedule"])
-        if s["sampler"] not in X2.SIGMA_SAMPLERS:
-            fail(f"--sampler {s['sampler']}: the x2 latent upscaler takes {', '.join(X2.SIGMA_SAMPLERS)} (a "
+        s = dict(steps=args.steps or X2.DEFAULTS.steps, sampler=args.sampler or X2.DEFAULTS.sampler,
+                 guidance=args.guidance if args.guidance is not None else X2.DEFAULTS.guidance,
+                 noise_level=args.noise_level if args.noise_level is not None else X2.DEFAULTS.noise_level,
+                 schedule=args.schedule or X2.DEFAULTS.schedule)
+        if s["sampler"] not in X2.SAMPLERS:
+            fail(f"--sampler {s['sampler']}: the x2 latent upscaler takes {', '.join(X2.SAMPLERS)} (a "
                  "Karras-preconditioned denoiser on a sigma grid)")
         if not s["noise_level"] >= 0 or not math.isfinite(s["noise_level"]):
             fail(f"--noise-level must be >= 0 for the x2 upscaler, got {s['noise_level']:g}")
@@ -473,9 +473,9 @@ def _settings(args, model, family: str) -> dict:
     from .pipelines import x4 as X4
     if args.schedule:
         fail(f"--schedule is an option of the x2 latent upscaler, not of {family}")
-    s = dict(steps=args.steps or X4.DEFAULTS["steps"], sampler=args.sampler or "ddim",
-             guidance=args.guidance if args.guidance is not None else X4.DEFAULTS["guidance"],
-             noise_level=args.noise_level if args.noise_level is not None else X4.DEFAULTS["noise_level"])
+    s = dict(steps=args.steps or X4.DEFAULTS.steps, sampler=args.sampler or X4.DEFAULTS.sampler,
+             guidance=args.guidance if args.guidance is not None else X4.DEFAULTS.guidance,
+             noise_level=args.noise_level if args.noise_level is not None else X4.DEFAULTS.noise_level)
     top = X4.max_noise_level(model)
     if not 0 <= s["noise_level"] <= top or float(s["noise_level"]) != int(s["noise_level"]):
         fail(f"--noise-level must be an integer in 0..{top} for the x4 upscaler, got {s['noise_level']:g}")
