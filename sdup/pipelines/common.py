@@ -470,6 +470,17 @@ def check_finite(name: str, value) -> float:
     return value
 
 
+def prompt_rows(prompt, batch: int):
+    """One prompt (text, or token ids as (L,) / (1, L)) repeated for the batch; other prompts as given."""
+    rows = [prompt] if isinstance(prompt, str) else prompt
+    if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
+        rows = list(rows) * batch
+    if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
+            and batch > 1:
+        rows = rows.reshape(1, -1).expand(batch, -1)
+    return rows
+
+
 def prompt_context(model, text, embeds, batch: int, what: str) -> Tensor:
     """(batch, 77, D) fp32 context from text / token ids, or from precomputed embeddings."""
     if embeds is not None:
@@ -477,13 +488,7 @@ def prompt_context(model, text, embeds, batch: int, what: str) -> Tensor:
             raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
         e = embeds[None] if embeds.ndim == 2 else embeds
     else:
-        rows = [text] if isinstance(text, str) else text
-        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
-            rows = list(rows) * batch
-        if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
-                and batch > 1:
-            rows = rows.reshape(1, -1).expand(batch, -1)
-        e = encode_prompts(model, rows)
+        e = encode_prompts(model, prompt_rows(text, batch))
     if e.shape[0] == 1 and batch > 1:
         e = e.expand(batch, -1, -1)
     if e.shape[0] != batch:
@@ -610,7 +615,7 @@ def decode_scaled(vae, latents: Tensor, scale_factor: float, *, vae_tile: int | 
         z = (z / scale_factor).to(p.device, torch.float32)
         x = half(z.to(vae_dtype)) if half is not None else None
         if x is not None and not torch.isfinite(x).all():
-            warnings.warn(f"sdup: the {str(vae_dtype).replace('torch.', '')} VAE decode of sample {i} is not finite; "
+            warnings.warn(f"sdup: the {dtype_name(vae_dtype)} VAE decode of sample {i} is not finite; "
                           "decoded again in fp32", RuntimeWarning, stacklevel=2)
             x = None
         out.append((fp32(z) if x is None else x).float().cpu())

@@ -17,6 +17,23 @@ What it computes (CompVis ``scripts/txt2img.py`` / diffusers ``StableDiffusionPi
 4. image = clamp((vae.decode(x_0 / scale_factor) + 1) / 2, 0, 1); the VAE runs in fp32, one sample at a time.
 
 Step by step: ``job = prepare_txt2img(...)``, ``latents = sample(job)``, ``finish(job, latents)``.
+
+Arguments of ``prepare_txt2img`` (and of the wrapper, which takes the same):
+    prompt / negative_prompt: a string (shared by the batch), a list of strings (one per sample), or token ids
+        ((L,) / (B, L) int tensor or lists, start/end tokens included; for encoders without a BPE tokenizer).
+        The negative prompt is the unconditional input of classifier-free guidance ("" = the reference).
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
+    height, width: image size (multiples of 8; of 64 for SD's 3-times-downsampling UNet).
+    steps: sampler steps (UNet evaluations, x2 with guidance; PLMS does one extra on its first step).
+    sampler: ddim (the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (good images in ~20 steps).
+    guidance: classifier-free guidance scale; 1 disables it (one UNet call per step, no negative prompt).
+    eta: DDIM stochasticity (default 0) / Euler-ancestral noise scale (default 1); not accepted by the others.
+    seed: base seed (sample i uses seed + i) or one seed per sample; None draws a random one (recorded).
+    generator: one torch.Generator per sample instead of seeds (a single one is shared by the batch).
+    batch_size: images to generate (default: the number of prompts, else 1).
+    x_T: start noise (B, C, H/8, W/8) with unit variance instead of drawing it (the generators still drive
+        the per-step noise).
+    callback: called after every step with dict(i, t, sigma, x, x0_pred) (see ``sdup.diffusion.samplers``).
 """
 from __future__ import annotations
 
@@ -88,24 +105,8 @@ def prepare_txt2img(model, prompt: str | Sequence[str] | Tensor | None = None,
             x_T: Tensor | None = None, vae_dtype: torch.dtype = torch.float32,
             callback: Callable[[dict], None] | None = None,
             progress: bool = True) -> Job:
-    """The text-to-image ``Job`` for an SD 1.x / 2.x ``LoadedModel`` (``txt2img`` = ``finish(job, sample(job))``).
-
-    prompt / negative_prompt: a string (shared by the batch), a list of strings (one per sample), or token ids
-        ((L,) / (B, L) int tensor or lists, start/end tokens included; for encoders without a BPE tokenizer).
-        The negative prompt is the unconditional input of classifier-free guidance ("" = the reference).
-    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
-    height, width: image size (multiples of 8; of 64 for SD's 3-times-downsampling UNet).
-    steps: sampler steps (UNet evaluations, x2 with guidance; PLMS does one extra on its first step).
-    sampler: ddim (the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (good images in ~20 steps).
-    guidance: classifier-free guidance scale; 1 disables it (one UNet call per step, no negative prompt).
-    eta: DDIM stochasticity (default 0) / Euler-ancestral noise scale (default 1); not accepted by the others.
-    seed: base seed (sample i uses seed + i) or one seed per sample; None draws a random one (recorded).
-    generator: one torch.Generator per sample instead of seeds (a single one is shared by the batch).
-    batch_size: images to generate (default: the number of prompts, else 1).
-    x_T: start noise (B, C, H/8, W/8) with unit variance instead of drawing it (the generators still drive
-        the per-step noise).
-    callback: called after every step with dict(i, t, sigma, x, x0_pred) (see ``sdup.diffusion.samplers``).
-    """
+    """The text-to-image ``Job`` for an SD 1.x / 2.x ``LoadedModel``: the arguments are in the module docstring;
+    ``txt2img`` = ``finish(job, sample(job))``."""
     _check_model(model)
     spec = get_sampler(sampler)
     eta = spec.resolve_eta(eta)

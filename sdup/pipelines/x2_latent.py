@@ -52,6 +52,34 @@ offered there too), the exponential sigma grid above, noise level 0, padding mas
 Guidance: sdup's one rule (guidance runs for every scale != 1, ``job.guided``); ``guidance_rule="diffusers"`` skips it
 for every scale <= 1 as diffusers does.
 Step by step: ``job = prepare_x2(...)``, ``latents = sample(job)``, ``finish(job, latents)`` (``sdup.pipelines.job``).
+
+Arguments of ``prepare_x2`` (and of the wrapper, which takes the same):
+    latents: (B, 4, h, w) scaled SD 1.x / 2.x latents (the latent contract, module docstring); or
+    image: (B, 3, H, W) in [0, 1], encoded with ``vae`` (or the model's own vae/). Exactly one of the two.
+    vae: an SD VAE (LoadedModel or sdup AutoencoderKL) for encoding / decoding; default the model's vae/.
+    prompt / negative_prompt: text or token ids (as txt2img); the prompt should describe the image ("" works).
+    prompt_embeds + pooled_prompt_embeds (+ negative_embeds + negative_pooled_embeds): precomputed text features
+        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text. ``prompt_mask`` /
+        ``negative_mask`` (B, 77) go with them when ``mask_padding``.
+    steps, sampler (euler | euler_a | lms | dpmpp_2m), schedule (diffusers | original | karras) or sigmas (an
+        explicit grid, visiting order, final 0 or not): see the module docstring.
+    guidance: CFG scale on D; 1 runs the conditional half only (``job.guided``; ``guidance_rule="diffusers"``: any
+        scale <= 1 does, as diffusers); 0 also replaces a text prompt by "" (diffusers).
+    eta: Euler-ancestral noise scale (default 1).
+    seed / generator: one generator per sample (seed + i); x_T: (B, 4, 2h, 2w) unit-variance start noise.
+    noise_level: the original's low-res noise augmentation s (needs the k-diffusion checkpoint for s > 0);
+        noise_aug: "gaussian" (L + s N) or "fake" (L sqrt(s^2 + 1)).
+    mask_padding: mask the text padding tokens as the original model did (diffusers does not).
+    sample_posterior: image path: VAE posterior sample (diffusers / original) or its mean.
+    pad_mode: image path: an image whose sides are not multiples of 8 * ``latent_multiple`` (32 for the real
+        model) is padded bottom / right ("replicate" | "reflect") and the output cropped back to exactly 2H x 2W;
+        None raises instead. Latents are never padded (the latent contract).
+    tile, tile_overlap: run the K-UNet on overlapping tiles of the 2x latent (``tiling.TiledModel``, Gaussian
+        blending every step; one tile covering the latent = the untiled run); vae_tile, vae_overlap: decode with
+        ``tiling.tiled_decode`` (exact, bounded memory).
+    color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the input image (latents path: to
+        the VAE decode of the low-res latents).
+    callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
 """
 from __future__ import annotations
 
@@ -65,8 +93,8 @@ from dataclasses import dataclass
 from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import SIGMA_SAMPLERS, get_sampler, randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
-from .common import (Result, check_finite, check_int, decode_latents, dtype_name, pad_to_multiple, record_prompts,
-                     resolve_generators, token_ids)
+from .common import (Result, check_finite, check_int, decode_latents, dtype_name, pad_to_multiple, prompt_rows,
+                     record_prompts, resolve_generators, token_ids)
 from .job import (Job, base_parameters, check_color_fix, finish, guided, sample, start_noise, tile_parameters,
                   tiled)
 
@@ -211,13 +239,7 @@ def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_paddi
         if mask is not None:
             mask = (mask[None] if mask.ndim == 1 else mask).float()
     else:
-        rows = [prompt] if isinstance(prompt, str) else prompt
-        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
-            rows = list(rows) * batch
-        if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
-                and batch > 1:
-            rows = rows.reshape(1, -1).expand(batch, -1)
-        ctx, pooled, mask = encode_x2_prompts(model, rows)
+        ctx, pooled, mask = encode_x2_prompts(model, prompt_rows(prompt, batch))
     out = []
     for name, t in (("embeddings", ctx), ("pooled", pooled), ("mask", mask)):
         if t is not None:
@@ -307,54 +329,18 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                vae_overlap: int = 8, vae_dtype: torch.dtype = torch.float32, color_fix_mode: str = "none",
                callback: Callable[[dict], None] | None = None, progress: bool = True,
                decode: bool = True, guidance_rule: str = "sdup") -> Job:
-    """The x2 ``Job`` for SD latents (or an image through the SD VAE) and an sd-x2-latent-upscaler ``LoadedModel``
-    (``upscale_latents_x2`` = ``finish(job, sample(job))``).
-
-    latents: (B, 4, h, w) scaled SD 1.x / 2.x latents (the latent contract, module docstring); or
-    image: (B, 3, H, W) in [0, 1], encoded with ``vae`` (or the model's own vae/). Exactly one of the two.
-    vae: an SD VAE (LoadedModel or sdup AutoencoderKL) for encoding / decoding; default the model's vae/.
-    prompt / negative_prompt: text or token ids (as txt2img); the prompt should describe the image ("" works).
-    prompt_embeds + pooled_prompt_embeds (+ negative_embeds + negative_pooled_embeds): precomputed text features
-        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text. ``prompt_mask`` /
-        ``negative_mask`` (B, 77) go with them when ``mask_padding``.
-    steps, sampler (euler | euler_a | lms | dpmpp_2m), schedule (diffusers | original | karras) or sigmas (an
-        explicit grid, visiting order, final 0 or not): see the module docstring.
-    guidance: CFG scale on D; 1 runs the conditional half only (``job.guided``; ``guidance_rule="diffusers"``: any
-        scale <= 1 does, as diffusers); 0 also replaces a text prompt by "" (diffusers).
-    eta: Euler-ancestral noise scale (default 1).
-    seed / generator: one generator per sample (seed + i); x_T: (B, 4, 2h, 2w) unit-variance start noise.
-    noise_level: the original's low-res noise augmentation s (needs the k-diffusion checkpoint for s > 0);
-        noise_aug: "gaussian" (L + s N) or "fake" (L sqrt(s^2 + 1)).
-    mask_padding: mask the text padding tokens as the original model did (diffusers does not).
-    sample_posterior: image path: VAE posterior sample (diffusers / original) or its mean.
-    pad_mode: image path: an image whose sides are not multiples of 8 * ``latent_multiple`` (32 for the real
-        model) is padded bottom / right ("replicate" | "reflect") and the output cropped back to exactly 2H x 2W;
-        None raises instead. Latents are never padded (the latent contract).
-    tile, tile_overlap: run the K-UNet on overlapping tiles of the 2x latent (``tiling.TiledModel``, Gaussian
-        blending every step; one tile covering the latent = the untiled run); vae_tile, vae_overlap: decode with
-        ``tiling.tiled_decode`` (exact, bounded memory).
-    color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the input image (latents path: to
-        the VAE decode of the low-res latents).
-    callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
-    """
-    _check_x2(model, sampler, eta, steps, guidance, noise_level, noise_aug, color_fix_mode, latents, image)
+    """The x2 ``Job`` for SD latents (or an image through the SD VAE) and an sd-x2-latent-upscaler ``LoadedModel``:
+    the arguments are in the module docstring; ``upscale_latents_x2`` = ``finish(job, sample(job))``."""
+    check_options(model, sampler=sampler, steps=steps, guidance=guidance, noise_level=noise_level, eta=eta,
+                  noise_aug=noise_aug, color_fix_mode=color_fix_mode, schedule=schedule if sigmas is None else "diffusers")
+    if (latents is None) == (image is None):
+        raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
     unet, spec = model.unet, get_sampler(sampler)
     eta, use_cfg = spec.resolve_eta(eta), guided(guidance, guidance_rule)
-    if prompt_embeds is not None:
-        prompt = None
-    elif guidance == 0:  # diffusers: guidance_scale == 0 replaces the prompt by ""
-        prompt = ""
-    elif prompt is None:
-        raise ValueError("give a prompt (text or token ids; \"\" is fine) or prompt_embeds + pooled_prompt_embeds")
-    vae_module = _vae_module(vae) if vae is not None else getattr(model, "vae", None)
-    if (decode or image is not None) and vae_module is None:
-        raise ValueError("no VAE: this x2 model has no vae/ folder; pass vae= an SD 1.x / 2.x VAE (e.g. "
-                         "sdup.load('sd-v1-4.ckpt')) or use latents with decode=False")
-    in_hw, padding = None, (0, 0)
-    if image is not None:
-        image, in_hw, padding = _x2_image(image, vae_module, unet, pad_mode)
-    source = latents if latents is not None else image
-    batch = 1 if source.ndim == 3 else source.shape[0]
+    prompt = _x2_prompt(prompt, prompt_embeds, guidance)
+    vae_module = _x2_vae(model, vae, decode or image is not None)
+    image, in_hw, padding = _x2_image(image, vae_module, unet, pad_mode)
+    batch = image.shape[0] if image is not None else 1 if latents.ndim == 3 else latents.shape[0]
     scale_factor = float(getattr(model, "scale_factor", 0.18215))
     seeds, generators = resolve_generators(seed, generator, batch)
     p = next(unet.parameters())
@@ -378,25 +364,36 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                   input="image" if image is not None else "latents",
                   sample_posterior=bool(sample_posterior) if image is not None else None,
                   low_res_size=list(low.shape[-2:]), latent_size=list(shape[-2:]), scale_factor=scale_factor)
+    record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
+                   negative_prompt=(negative_prompt, negative_embeds))
     job = Job(spec, den, x_T, sigmas.to(p.device), extra, float(sigmas[0]), spec.options(eta), generators, callback,
               progress, net if tile else None, parameters=params)
     if decode:
         _x2_decoding(job, vae_module, scale_factor, image, in_hw, low, color_fix_mode, vae_tile, vae_overlap, vae_dtype)
-    if any(padding):
-        params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
-    if tile_parameters(job.tiler, vae_tile, vae_overlap):
-        params["tiling"] = tile_parameters(job.tiler, vae_tile, vae_overlap)
-    record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
-                   negative_prompt=(negative_prompt, negative_embeds))
+    _x2_layout_parameters(params, padding, pad_mode, job.tiler, vae_tile, vae_overlap)
     return job
 
 
-def _check_x2(model, sampler, eta, steps, guidance, noise_level, noise_aug, color_fix_mode, latents, image) -> None:
-    check_x2_model(model)
+def _x2_layout_parameters(params: dict, padding, pad_mode, tiler, vae_tile, vae_overlap) -> None:
+    if any(padding):
+        params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
+    if tile_parameters(tiler, vae_tile, vae_overlap):
+        params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
+
+
+def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,
+                  guidance: float = DEFAULTS.guidance, noise_level: float = DEFAULTS.noise_level, eta: float | None = None,
+                  noise_aug: str = "gaussian", color_fix_mode: str = "none", schedule: str = DEFAULTS.schedule) -> None:
+    """The options that need no input checked (ValueError); ``prepare_x2`` and the CLI (before loading any weights:
+    ``model`` None) use it."""
+    if model is not None:
+        check_x2_model(model)
     spec = get_sampler(sampler)
     if spec.discrete:
-        raise ValueError(f"the x2 latent upscaler is a Karras-preconditioned denoiser: use a sigma sampler "
-                         f"({', '.join(SAMPLERS)}), not {spec.name}")
+        raise ValueError(f"sampler {spec.name}: the x2 latent upscaler is a Karras-preconditioned denoiser, use a "
+                         f"sigma sampler ({', '.join(SAMPLERS)})")
+    if schedule not in SCHEDULES + ("kdiffusion", "exponential"):
+        raise ValueError(f"unknown sigma schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
     spec.resolve_eta(eta)
     check_int("steps", steps)
     check_finite("guidance", guidance)
@@ -405,17 +402,36 @@ def _check_x2(model, sampler, eta, steps, guidance, noise_level, noise_aug, colo
         raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
     if noise_aug not in NOISE_AUG:
         raise ValueError(f"noise_aug must be one of {NOISE_AUG}, got {noise_aug!r}")
-    if noise_level > 0 and model.unet.noise_aug_features is None:
+    if noise_level > 0 and model is not None and model.unet.noise_aug_features is None:
         raise ValueError("noise_level > 0 (the original's low-res noise augmentation) needs the low_res_noise_embed "
                          "weights, which only the original k-diffusion checkpoint (model_ema) contains; the diffusers "
                          "folder hard-codes noise level 0")
     check_color_fix(color_fix_mode)
-    if (latents is None) == (image is None):
-        raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
+
+
+def _x2_prompt(prompt, prompt_embeds, guidance: float):
+    if prompt_embeds is not None:
+        return None
+    if guidance == 0:  # diffusers: guidance_scale == 0 replaces the prompt by ""
+        return ""
+    if prompt is None:
+        raise ValueError("give a prompt (text or token ids; \"\" is fine) or prompt_embeds + pooled_prompt_embeds")
+    return prompt
+
+
+def _x2_vae(model, vae, needed: bool):
+    """The VAE module: ``vae`` (checked) or the model's own vae/; a ValueError when needed and there is none."""
+    module = _vae_module(vae) if vae is not None else getattr(model, "vae", None)
+    if needed and module is None:
+        raise ValueError("no VAE: this x2 model has no vae/ folder; pass vae= an SD 1.x / 2.x VAE (e.g. "
+                         "sdup.load('sd-v1-4.ckpt')) or use latents with decode=False")
+    return module
 
 
 def _x2_image(image, vae_module, unet, pad_mode):
-    """(padded image (B, 3, H', W') in [0, 1], its size before padding, (pad_h, pad_w))."""
+    """(padded image (B, 3, H', W') in [0, 1], its size before padding, (pad_h, pad_w)); no image: (None, None, (0, 0))."""
+    if image is None:
+        return None, None, (0, 0)
     if not isinstance(image, Tensor) or not image.is_floating_point() or image.ndim not in (3, 4) \
             or image.shape[-3] != 3:
         raise ValueError(f"image must be a float tensor (B, 3, H, W) in [0, 1], got "

@@ -39,6 +39,27 @@ Memory: the f=4 VAE decoder's mid-block attention runs over all h*w latent posit
 input gives 262144 positions), so large inputs need ``vae_tile`` (``tiling.tiled_decode``, exact) and ``tile``
 (the UNet on latent tiles, ``tiling.TiledModel``).
 Step by step: ``job = prepare_x4(...)``, ``latents = sample(job)``, ``finish(job, latents)`` (``sdup.pipelines.job``).
+
+Arguments of ``prepare_x4`` (and of the wrapper, which takes the same):
+    image: (B, 3, h, w) / (3, h, w) float tensor in [0, 1] (``image_range=(-1, 1)`` for [-1, 1] input), a PIL
+        image, or a list of those; RGB only (an alpha channel raises ValueError).
+    prompt / negative_prompt: a string (shared), one string per image, or token ids ((L,) / (B, L) int tensor or
+        lists, start/end tokens included -- needed for encoders without a BPE tokenizer). "" = no text.
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
+    noise_level: low-res noise augmentation level, 0..max_noise_level (350), int or one per image. More noise
+        = the model invents more detail and follows the input less.
+    steps, sampler, guidance, eta: as in ``txt2img`` (ddim | plms | ddpm | euler | euler_a | lms | dpmpp_2m);
+        guidance is applied to the v output; 1 disables it.
+    seed / generator: per-image seeds (seed + i) or torch generators (see step 3 of the module docstring).
+    x_T: start latent (B, 4, h', w') with unit variance, aug_noise: augmentation noise (B, 3, h', w'), both at the
+        padded size h', w' (= h, w when no padding is needed); given ones are not drawn.
+    pad_mode: "replicate" (default) / "reflect" padding to the UNet's multiple, or None to require it.
+    color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the (un-augmented) low-res input.
+    tile, tile_overlap: run the UNet on overlapping latent tiles (``tiling.TiledModel`` under CFG; the tile is rounded
+        down to the UNet's multiple); vae_tile, vae_overlap: decode with ``tiling.tiled_decode``. Same random numbers;
+        a tile covering the latent gives the untiled result.
+    callback: called after every step with dict(i, t, sigma, x, x0_pred) (latents at the padded size).
+    ``upscale_x4`` = ``finish(job, sample(job))``: ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``.
 """
 from __future__ import annotations
 
@@ -90,8 +111,9 @@ def low_res_buffers(schedule: dict) -> dict[str, Tensor]:
                             float(schedule.get("noise_linear_end", 0.02)), int(schedule.get("noise_timesteps", 1000)))
 
 
-def max_noise_level(model) -> int:
-    return int(model.schedule.get("max_noise_level", 350))
+def max_noise_level(model=None) -> int:
+    """The largest noise_level (350 for the official model; None: that default)."""
+    return int(model.schedule.get("max_noise_level", 350)) if model is not None else 350
 
 
 def noise_augment(image: Tensor, noise_level, noise: Tensor, schedule: dict) -> Tensor:
@@ -152,7 +174,7 @@ def _noise_levels(noise_level, batch: int, top: int) -> Tensor:
         except TypeError:
             raise ValueError(f"noise_level must be an integer in 0..{top}, got {v!r}") from None
         if not 0 <= v <= top:
-            raise ValueError(f"noise_level must be in 0..{top} (the model's max_noise_level), got {v}")
+            raise ValueError(f"noise_level must be an integer in 0..{top} (the model's max_noise_level), got {v}")
         out.append(v)
     if len(out) == 1:
         out = out * batch
@@ -189,34 +211,10 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                tile_overlap: int = 32, vae_tile: int | None = None, vae_overlap: int = 8,
                vae_dtype: torch.dtype = torch.float32,
                callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
-    """The x4 ``Job`` for low-res images and a stable-diffusion-x4-upscaler ``LoadedModel`` (module docstring).
-
-    image: (B, 3, h, w) / (3, h, w) float tensor in [0, 1] (``image_range=(-1, 1)`` for [-1, 1] input), a PIL
-        image, or a list of those; RGB only (an alpha channel raises ValueError).
-    prompt / negative_prompt: a string (shared), one string per image, or token ids ((L,) / (B, L) int tensor or
-        lists, start/end tokens included -- needed for encoders without a BPE tokenizer). "" = no text.
-    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
-    noise_level: low-res noise augmentation level, 0..max_noise_level (350), int or one per image. More noise
-        = the model invents more detail and follows the input less.
-    steps, sampler, guidance, eta: as in ``txt2img`` (ddim | plms | ddpm | euler | euler_a | lms | dpmpp_2m);
-        guidance is applied to the v output; 1 disables it.
-    seed / generator: per-image seeds (seed + i) or torch generators (see step 3 of the module docstring).
-    x_T: start latent (B, 4, h', w') with unit variance, aug_noise: augmentation noise (B, 3, h', w'), both at the
-        padded size h', w' (= h, w when no padding is needed); given ones are not drawn.
-    pad_mode: "replicate" (default) / "reflect" padding to the UNet's multiple, or None to require it.
-    color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the (un-augmented) low-res input.
-    tile, tile_overlap: run the UNet on overlapping latent tiles (``tiling.TiledModel`` under CFG; the tile is rounded
-        down to the UNet's multiple); vae_tile, vae_overlap: decode with ``tiling.tiled_decode``. Same random numbers;
-        a tile covering the latent gives the untiled result.
-    callback: called after every step with dict(i, t, sigma, x, x0_pred) (latents at the padded size).
-    ``upscale_x4`` = ``finish(job, sample(job))``: ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``.
-    """
-    _check_model(model)
-    spec = get_sampler(sampler)
-    eta = spec.resolve_eta(eta)
-    steps = check_int("steps", steps)
-    check_finite("guidance", guidance)
-    check_color_fix(color_fix_mode)
+    """The x4 ``Job`` for low-res images and a stable-diffusion-x4-upscaler ``LoadedModel``: the arguments are in
+    the module docstring; ``upscale_x4`` = ``finish(job, sample(job))``."""
+    spec, eta = check_options(model, sampler=sampler, steps=steps, guidance=guidance, eta=eta, noise_level=noise_level,
+                              color_fix_mode=color_fix_mode)
     if prompt is not None and prompt_embeds is not None:
         if not (isinstance(prompt, str) and prompt == ""):
             raise ValueError("give either prompt or prompt_embeds, not both")
@@ -256,6 +254,24 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                callback, progress, tiler,
                decode=lambda z: decode(model, z, vae_tile, vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w],
                color_fix=color_fix_mode, color_ref=low, parameters=params)
+
+
+def check_options(model=None, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,
+                  guidance: float = DEFAULTS.guidance, eta: float | None = None,
+                  noise_level: int | Sequence[int] | Tensor = DEFAULTS.noise_level, color_fix_mode: str = "none"):
+    """The options that need no image checked (ValueError) -> (sampler row, eta); ``prepare_x4`` and the CLI (before
+    loading any weights: ``model`` None) use it."""
+    if model is not None:
+        _check_model(model)
+    spec = get_sampler(sampler)
+    eta = spec.resolve_eta(eta)
+    check_int("steps", steps)
+    check_finite("guidance", guidance)
+    check_color_fix(color_fix_mode)
+    count = noise_level.numel() if isinstance(noise_level, Tensor) else \
+        len(noise_level) if isinstance(noise_level, (list, tuple)) else 1
+    _noise_levels(noise_level, count, max_noise_level(model))
+    return spec, eta
 
 
 def _start(model, padded: Tensor, levels: Tensor, generators, aug_noise, x_T, device) -> tuple[Tensor, Tensor]:
