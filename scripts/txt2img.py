@@ -19,13 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdup.pipelines.common import SAMPLER_NAMES  # noqa: E402  (light: no torch model code yet)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse would also print the usage)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+from sdup.diffusion.samplers import SAMPLER_NAMES  # noqa: E402  (light: no model code yet)
+from sdup.upscale_cli import Parser, add_prompt_arguments, fail, parse_ids  # noqa: E402  (one-line errors, token ids: as the upscale CLI)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,14 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file (.ckpt / .safetensors) or diffusers folder; see weights/README.md")
     p.add_argument("--config", help="upstream YAML for non-standard checkpoints (e.g. configs/sd2-inference-v.yaml)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the detected parameterisation (SD 2.x 768-v: v)")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", help="the text prompt")
-    text.add_argument("--prompt-ids", metavar="IDS",
-                      help="the prompt as comma-separated token ids, start/end tokens included (models without a "
-                           "BPE tokenizer, e.g. the tiny test fixtures: 254,10,20,255)")
-    neg = p.add_mutually_exclusive_group()
-    neg.add_argument("--negative-prompt", default="", help='unconditional text for guidance (default "")')
-    neg.add_argument("--negative-prompt-ids", metavar="IDS", help="the negative prompt as token ids")
+    add_prompt_arguments(p, required=True)
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--sampler", default="ddim", type=str.lower, choices=SAMPLER_NAMES,
                    help="ddim (default, the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (fast: ~20 steps)")
@@ -64,23 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def parse_ids(text: str | None, what: str):
-    if text is None:
-        return None
-    try:
-        ids = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        fail(f"{what}: expected comma-separated integers, got {text!r}")
-    if not ids:
-        fail(f"{what}: no token ids given")
-    return ids
 
 
 def check_args(args) -> None:
@@ -114,7 +85,7 @@ def main(argv=None) -> int:
     from sdup.pipelines.txt2img import txt2img
 
     try:
-        common.resolve_eta(common.parse_sampler(args.sampler), args.eta)  # before loading gigabytes
+        common.parse_sampler(args.sampler).resolve_eta(args.eta)  # before loading gigabytes
         common.sample_seeds(args.seed, args.batch)
         paths = common.output_paths(args.out, args.batch, names=[f"txt2img-{args.seed + i}" for i in range(args.batch)])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +93,7 @@ def main(argv=None) -> int:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:
             fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
-        DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        DTYPES = common.DTYPES
         dtype = DTYPES[args.dtype]
         model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
         fuse_qkv(model)  # one q/k/v matmul per self-attention (sdup.optimize)

@@ -69,13 +69,13 @@ def _absent_components(path: Path, model) -> list[str]:
 
 
 def cmd_convert(args) -> int:
-    import torch
     from .checkpoints import load, save_sdup
     from .checkpoints.export import save_diffusers, save_ldm
+    from .pipelines.common import DTYPES
     out = Path(args.output)
     fmt = args.to or ("diffusers" if out.suffix == "" else "sdup" if out.name.endswith(".sdup.safetensors") else "ldm")
     model = load(args.input, config=args.config, ema=args.ema, variant=args.variant,
-                 dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+                 dtype=DTYPES[args.dtype])
     if fmt == "sdup":
         save_sdup(model, out)
     elif fmt == "ldm":

@@ -70,28 +70,9 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="output format (default: same as the input; PNG for formats that cannot be written)")
     p.add_argument("--model", choices=MODELS, default="auto", help="which upscaler (default: from the checkpoint)")
     p.add_argument("--weights", help="checkpoint file or diffusers folder (see weights/README.md)")
-    p.add_argument("--vae", metavar="PATH",
-                   help="x2: the SD 1.x / 2.x checkpoint or VAE (e.g. the sd-vae-ft-mse folder) that encodes images / "
-                        "decodes latents; needed for the original k-diffusion file, which has neither VAE nor text "
-                        "encoder (an SD 1.x checkpoint also supplies its CLIP ViT-L/14); default: the checkpoint's own. "
-                        "stablesr: the CFW autoencoder vqgan_cfw_00011.ckpt (without it: the plain SD VAE, no fusion)")
-    p.add_argument("--dec-w", type=float, default=None,
-                   help="stablesr: CFW fidelity weight 0..1 (default 0.5; 1 = closest to the input, 0 = most generated)")
-    p.add_argument("--scale", type=float, default=None, help="stablesr: upscaling factor (default 4; any value 1..16)")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="stablesr: the model's native size (default 512; 768 for the 768-v model): smaller inputs are "
-                        "upsampled to it and resized down at the end (the reference's --input_size)")
-    p.add_argument("--start", choices=["lr", "noise"], default=None,
-                   help="stablesr: start from the noised LR latent (default, the reference) or from pure noise")
+    _model_arguments(p)
     p.add_argument("--config", help="upstream YAML for non-standard checkpoints (official ones: configs/)")
-    text = p.add_mutually_exclusive_group()
-    text.add_argument("--prompt", default="", help='text describing the image (default "")')
-    text.add_argument("--prompt-ids", metavar="IDS",
-                      help="the prompt as comma-separated token ids, start/end tokens included (encoders without a "
-                           "BPE tokenizer, e.g. the tiny test fixtures)")
-    neg = p.add_mutually_exclusive_group()
-    neg.add_argument("--negative-prompt", default="", help='unconditional text for guidance (default "")')
-    neg.add_argument("--negative-prompt-ids", metavar="IDS", help="the negative prompt as token ids")
+    add_prompt_arguments(p, required=False)
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: x4 75, x2 75, stablesr 200 with ddpm / 50 with ddim; turbo: 4)")
     p.add_argument("--sampler", default=None, type=str.lower, choices=SAMPLER_NAMES,
@@ -129,6 +110,36 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     return p
 
 
+def add_prompt_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    """--prompt | --prompt-ids and --negative-prompt | --negative-prompt-ids (this CLI and scripts/txt2img.py)."""
+    text = p.add_mutually_exclusive_group(required=required)
+    text.add_argument("--prompt", default=None if required else "",
+                      help="the text prompt" if required else 'text describing the image (default "")')
+    text.add_argument("--prompt-ids", metavar="IDS",
+                      help="the prompt as comma-separated token ids, start/end tokens included (encoders without a "
+                           "BPE tokenizer, e.g. the tiny test fixtures: 254,10,20,255)")
+    neg = p.add_mutually_exclusive_group()
+    neg.add_argument("--negative-prompt", default="", help='unconditional text for guidance (default "")')
+    neg.add_argument("--negative-prompt-ids", metavar="IDS", help="the negative prompt as token ids")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of one upscaler only (--vae: x2 and StableSR; the rest StableSR)."""
+    p.add_argument("--vae", metavar="PATH",
+                   help="x2: the SD 1.x / 2.x checkpoint or VAE (e.g. the sd-vae-ft-mse folder) that encodes images / "
+                        "decodes latents; needed for the original k-diffusion file, which has neither VAE nor text "
+                        "encoder (an SD 1.x checkpoint also supplies its CLIP ViT-L/14); default: the checkpoint's own. "
+                        "stablesr: the CFW autoencoder vqgan_cfw_00011.ckpt (without it: the plain SD VAE, no fusion)")
+    p.add_argument("--dec-w", type=float, default=None,
+                   help="stablesr: CFW fidelity weight 0..1 (default 0.5; 1 = closest to the input, 0 = most generated)")
+    p.add_argument("--scale", type=float, default=None, help="stablesr: upscaling factor (default 4; any value 1..16)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="stablesr: the model's native size (default 512; 768 for the 768-v model): smaller inputs are "
+                        "upsampled to it and resized down at the end (the reference's --input_size)")
+    p.add_argument("--start", choices=["lr", "noise"], default=None,
+                   help="stablesr: start from the noised LR latent (default, the reference) or from pure noise")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=UPSCALE_DOC.splitlines()[0], epilog="\n".join(UPSCALE_DOC.splitlines()[1:]),
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,11 +163,7 @@ def parse_ids(text: str | None, what: str):
 
 
 def check_args(args) -> None:
-    """Everything that can be checked before touching the weights."""
-    if args.steps is not None and args.steps < 1:
-        fail(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        fail(f"--guidance must be a finite number, got {args.guidance}")
+    """The file and tiling arguments, before touching the weights (the pipeline options: ``_settings``)."""
     for name in ("tile", "vae_tile"):
         v = getattr(args, name)
         if v is not None and v != 0 and v < MIN_SIDE:
@@ -444,96 +451,90 @@ def _device(name: str | None) -> str:
     return device
 
 
+def _pick(value, default):
+    return default if value is None else value
+
+
 def _settings(args, model, family: str) -> dict:
-    """Per-family defaults filled in and checked (one line + exit 2 on a bad value)."""
+    """The pipeline options of the command line: the given values, else the pipeline's ``Defaults``; checked by the
+    pipeline's own ``check_options`` (``model`` None: before loading any weights), whose error becomes one line."""
     if family == "x2":
-        from .pipelines import x2_latent as X2
-        s = dict(steps=args.steps or X2.DEFAULTS["steps"], sampler=args.sampler or X2.DEFAULTS["sampler"],
-                 guidance=args.guidance if args.guidance is not None else X2.DEFAULTS["guidance"],
-                 noise_level=args.noise_level if args.noise_level is not None else X2.DEFAULTS["noise_level"],
-                 schedule=args.schedule or X2.DEFAULTS["schedule"])
-        if s["sampler"] not in X2.SIGMA_SAMPLERS:
-            fail(f"--sampler {s['sampler']}: the x2 latent upscaler takes {', '.join(X2.SIGMA_SAMPLERS)} (a "
-                 "Karras-preconditioned denoiser on a sigma grid)")
-        if not s["noise_level"] >= 0 or not math.isfinite(s["noise_level"]):
-            fail(f"--noise-level must be >= 0 for the x2 upscaler, got {s['noise_level']:g}")
-        if s["noise_level"] > 0 and getattr(model.unet, "noise_aug_features", None) is None:
-            fail("--noise-level > 0 needs the original k-diffusion checkpoint (its low_res_noise_embed); the diffusers "
-                 "folder of sd-x2-latent-upscaler hard-codes noise level 0")
-        return s
-    if family == "stablesr":
-        from .pipelines import stablesr as SR
+        from .pipelines import x2_latent as P
+        D = P.DEFAULTS
+        s = dict(steps=args.steps or D.steps, sampler=args.sampler or D.sampler, schedule=args.schedule or D.schedule,
+                 guidance=_pick(args.guidance, D.guidance), noise_level=_pick(args.noise_level, D.noise_level))
+        check = P.check_options
+    elif family == "stablesr":
+        from .pipelines import stablesr as P
         if args.noise_level is not None or args.schedule:
             fail("--noise-level / --schedule are not options of StableSR")
-        sampler = args.sampler or SR.DEFAULTS["sampler"]
-        if sampler not in SR.SAMPLERS:
-            fail(f"--sampler {sampler}: StableSR samples with {' or '.join(SR.SAMPLERS)} (the reference scripts)")
-        s = dict(sampler=sampler, steps=args.steps or (SR.DEFAULTS["steps"] if sampler == "ddpm" else 50),
-                 guidance=args.guidance if args.guidance is not None else
-                 (SR.DEFAULTS["guidance"] if sampler == "ddpm" else SR.DEFAULTS["ddim_guidance"]),
-                 dec_w=args.dec_w if args.dec_w is not None else SR.DEFAULTS["dec_w"],
-                 start=args.start or SR.DEFAULTS["start"], scale=args.scale or 4.0, input_size=args.input_size)
-        if args.input_size is not None and not 8 <= args.input_size <= 4096:
-            fail(f"--input-size must be in 8..4096, got {args.input_size}")
-        if s["steps"] > 1000:
-            fail(f"--steps must be at most 1000 for StableSR, got {s['steps']}")
-        return s
-    from .pipelines import x4 as X4
-    if args.schedule:
-        fail(f"--schedule is an option of the x2 latent upscaler, not of {family}")
-    s = dict(steps=args.steps or X4.DEFAULTS["steps"], sampler=args.sampler or "ddim",
-             guidance=args.guidance if args.guidance is not None else X4.DEFAULTS["guidance"],
-             noise_level=args.noise_level if args.noise_level is not None else X4.DEFAULTS["noise_level"])
-    top = X4.max_noise_level(model)
-    if not 0 <= s["noise_level"] <= top or float(s["noise_level"]) != int(s["noise_level"]):
-        fail(f"--noise-level must be an integer in 0..{top} for the x4 upscaler, got {s['noise_level']:g}")
-    s["noise_level"] = int(s["noise_level"])
+        D, sampler = P.DEFAULTS, args.sampler or P.DEFAULTS.sampler
+        s = dict(sampler=sampler, steps=D.steps_for(sampler, args.steps), guidance=D.guidance_for(sampler, args.guidance),
+                 dec_w=_pick(args.dec_w, D.dec_w), start=args.start or D.start, scale=args.scale or 4.0,
+                 input_size=args.input_size)
+        check = P.check_options
+    else:
+        from .pipelines import x4 as P
+        if args.schedule:
+            fail(f"--schedule is an option of the x2 latent upscaler, not of {family}")
+        D = P.DEFAULTS
+        level = _pick(args.noise_level, D.noise_level)
+        s = dict(steps=args.steps or D.steps, sampler=args.sampler or D.sampler, guidance=_pick(args.guidance, D.guidance),
+                 noise_level=int(level) if float(level).is_integer() else level)
+        check = P.check_options
+    try:
+        check(model, **s)
+    except ValueError as e:
+        fail(_flag_message(e))
     return s
 
 
-def run_x4(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
-    """One image through ``x4.upscale_x4``, tiled where the plan says so (latent tiles: ``tiling.TiledModel``;
-    VAE tiles: ``tiling.tiled_decode``)."""
-    from .pipelines.x4 import upscale_x4
-    return upscale_x4(model, img.rgb[None], prompt, negative, noise_level=settings["noise_level"], steps=settings["steps"],
-                      sampler=settings["sampler"], guidance=settings["guidance"], seed=args.seed,
-                      color_fix_mode=args.color_fix, tile=plan["tile"], tile_overlap=plan["overlap"],
-                      vae_tile=plan["vae_tile"], vae_overlap=plan["vae_overlap"], vae_dtype=_vae_dtype(args),
-                      progress=progress)
+def _flag_message(e: ValueError) -> str:
+    """A pipeline's message about one of its options, named as the command-line flag ("noise_level must ..." ->
+    "--noise-level must ...")."""
+    msg = str(e).splitlines()[0]
+    name = msg.split(" ", 1)[0]
+    flag = "--" + name.replace("_", "-")
+    return flag + msg[len(name):] if any(a.dest == name for a in build_parser()._actions) else msg
 
 
-def _vae_dtype(args):
-    import torch
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.vae_dtype]
+def job_x4(model, item: Item, img, common: dict):
+    """The x4 job of one image (latent tiles: ``tiling.TiledModel``; VAE tiles: ``tiling.tiled_decode``)."""
+    from .pipelines.x4 import prepare_x4
+    return prepare_x4(model, img.rgb[None], **common)
 
 
-def run_x2(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
-    """One image (VAE-encoded) or one sample of a latents file through ``x2_latent.upscale_latents_x2``."""
-    from .pipelines.x2_latent import upscale_latents_x2
+def job_x2(model, item: Item, img, common: dict):
+    """The x2 job of one image (VAE-encoded) or of one sample of a latents file."""
+    from .pipelines.x2_latent import prepare_x2
     if img is None:
         latents, _ = latents_file(item.path)
-        source = dict(latents=latents[item.index:item.index + 1])
-    else:
-        source = dict(image=img.rgb[None])
-    return upscale_latents_x2(model, prompt=prompt, negative_prompt=negative, vae=model.vae, steps=settings["steps"],
-                              sampler=settings["sampler"], schedule=settings["schedule"], guidance=settings["guidance"],
-                              noise_level=settings["noise_level"], seed=args.seed, color_fix_mode=args.color_fix,
-                              tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
-                              vae_overlap=plan["vae_overlap"], vae_dtype=_vae_dtype(args), progress=progress, **source)
+        return prepare_x2(model, latents[item.index:item.index + 1], vae=model.vae, **common)
+    return prepare_x2(model, image=img.rgb[None], vae=model.vae, **common)
 
 
-def run_stablesr(model, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
-    """One image through ``stablesr.upscale_stablesr`` (latent tiles as the reference canvas when large)."""
-    from .pipelines.stablesr import upscale_stablesr
-    return upscale_stablesr(model, getattr(model, "cfw_vae", None), img.rgb[None], prompt, negative,
-                            scale=settings["scale"], steps=settings["steps"], sampler=settings["sampler"],
-                            guidance=settings["guidance"], dec_w=settings["dec_w"], start=settings["start"],
-                            input_size=settings["input_size"],
-                            seed=args.seed, tile=plan["tile"], tile_overlap=plan["overlap"],
-                            color_fix_mode=args.color_fix, progress=progress)
+def job_stablesr(model, item: Item, img, common: dict):
+    """The StableSR job of one image (latent tiles as the reference canvas when large; no VAE tiles)."""
+    from .pipelines.stablesr import prepare_stablesr
+    for key in ("vae_tile", "vae_overlap", "vae_dtype"):
+        common.pop(key)
+    return prepare_stablesr(model, getattr(model, "cfw_vae", None), img.rgb[None], **common)
 
 
-RUNNERS = {"x4": run_x4, "x2": run_x2, "stablesr": run_stablesr}
+JOBS = {"x4": job_x4, "x2": job_x2, "stablesr": job_stablesr}
+
+
+def run_item(model, family: str, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
+    """prepare -> sample -> finish of one input, under ``torch.inference_mode()``."""
+    import torch
+    from .pipelines.common import DTYPES
+    from .pipelines.job import finish, sample
+    common = dict(settings, prompt=prompt, negative_prompt=negative, seed=args.seed, color_fix_mode=args.color_fix,
+                  tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
+                  vae_overlap=plan["vae_overlap"], vae_dtype=DTYPES[args.vae_dtype], progress=progress)
+    with torch.inference_mode():
+        job = JOBS[family](model, item, img, common)
+        return finish(job, sample(job))
 
 
 def _load(path: str, config: str | None, device: str, dtype):
@@ -605,57 +606,9 @@ def cmd_upscale(args) -> int:
         inputs = io.expand_inputs(args.inputs)
     except io.UpscaleIOError as e:
         fail(str(e))
-
-    # which model
-    if args.weights is None or not Path(args.weights).exists():
-        if not args.dry_run or args.weights is not None:
-            fail(missing_weights(args.model, args.weights))
-        family = "x4" if args.model == "auto" else args.model
-        if family not in IMPLEMENTED:
-            not_implemented(family)
-        if family == "stablesr" and not args.config:
-            fail("--dry-run for stablesr needs --weights (only the checkpoint's header is read) or its upstream YAML "
-                 "(--config v2-finetune_text_T_512.yaml)")
-        meta = meta_model_from_config(family, args.config)
-    else:
-        family = detect_family(args)
-        if family not in IMPLEMENTED:
-            not_implemented(family)
-        meta = None
-        if args.dry_run:
-            from .checkpoints.loader import inspect
-            _, meta, error = inspect(Path(args.weights), config=args.config)
-            if meta is None or meta.unet is None:
-                why = error or "no UNet: an incomplete diffusers folder?"
-                fail(f"{args.weights}: cannot build the model from its header ({why})")
-            if meta.vae is None and family == "x2":
-                meta.vae = meta_model_from_config("x2", None).vae  # decoded with --vae: the SD VAE
-            if meta.vae is None:
-                fail(f"{args.weights}: cannot build the model from its header (no VAE: an incomplete diffusers folder?)")
-    scale = SCALES[family]
-    if args.color_fix is None:
-        args.color_fix = "wavelet" if family == "stablesr" else "none"
-    if family == "stablesr" and args.scale is not None:
-        if not 1 <= args.scale <= 16:
-            fail(f"--scale must be in 1..16, got {args.scale:g}")
-        scale = args.scale
-    for name, value in (("--dec-w", args.dec_w), ("--scale", args.scale), ("--start", args.start),
-                        ("--input-size", args.input_size)):
-        if value is not None and family != "stablesr":
-            fail(f"{name} is an option of StableSR, not of the {family} upscaler")
-    if args.dec_w is not None and not 0 <= args.dec_w <= 1:
-        fail(f"--dec-w must be in 0..1, got {args.dec_w:g}")
-    if family == "stablesr" and args.vae_tile:
-        fail("--vae-tile: the StableSR CFW decoder fuses full-resolution encoder features and is not tiled")
-    if args.vae and family == "x4":
-        fail(f"--vae is an option of the x2 and stablesr upscalers (the {family} upscaler uses its own VAE)")
-    if meta is not None:
-        _settings(args, meta, family)
-    elif family == "x4" and args.noise_level is not None and not args.config:  # before loading gigabytes
-        from .checkpoints.loader import FAMILY_DEFAULTS
-        top = FAMILY_DEFAULTS["x4"]["max_noise_level"]
-        if not 0 <= args.noise_level <= top or args.noise_level != int(args.noise_level):
-            fail(f"--noise-level must be an integer in 0..{top} for the x4 upscaler, got {args.noise_level:g}")
+    family, meta = which_model(args)
+    scale = family_options(args, family)
+    _settings(args, meta, family)  # before loading gigabytes
 
     # header pass: every input readable (and of the right kind) before any work
     items = plan_items(inputs, family, args.max_pixels)
@@ -663,34 +616,8 @@ def cmd_upscale(args) -> int:
         outputs = io.plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
     except io.UpscaleIOError as e:
         fail(str(e))
-
     if args.dry_run:
-        settings = _settings(args, meta, family)
-        lo = min_side(meta, family)
-        rows = []
-        for it, out in zip(items, outputs):
-            h, w = it.size
-            if it.index is None and min(h, w) < lo:
-                fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
-            lat = latent_size(meta, family, (h, w), it.latent, scale, args.input_size)
-            plan = tile_settings(args, lat, family)
-            row = dict(input=str(it.path) + (f"[{it.index}]" if it.index is not None else ""), output=str(out),
-                       in_size=(h, w), out_size=(scale * h, scale * w), **plan,
-                       peak_bytes=estimate_peak_bytes(meta, lat, plan, args.dtype, settings["guidance"]))
-            if args.skip_existing and io.is_done(out):
-                row["skip"] = "output exists"
-            rows.append(row)
-        print(io.dry_run_report(rows))
-        extra = (f"dec_w {settings['dec_w']:g}, start {settings['start']}" if family == "stablesr"
-                 else f"noise level {settings['noise_level']:g}")
-        print(f"model: {family} from {meta.source} (meta device, nothing loaded); sampler {settings['sampler']}, steps "
-              f"{settings['steps']}, guidance {settings['guidance']}, {extra}, dtype {args.dtype}; dry run: nothing "
-              "written")
-        return 0
-
-    import torch
-    device = _device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        return dry_run(args, meta, family, scale, items, outputs)
     todo = [(it, o) for it, o in zip(items, outputs) if not (args.skip_existing and io.is_done(o))]
     for it, o in zip(items, outputs):
         if args.skip_existing and io.is_done(o):
@@ -703,7 +630,93 @@ def cmd_upscale(args) -> int:
             can_create(out)
         except OSError as e:
             fail(f"{out}: cannot write the output there ({e.strerror or e})")
-    model = _load(args.weights, args.config, device, dtype)
+    model = load_model(args, family)
+    settings = _settings(args, model, family)
+    lo = min_side(model, family)
+    for it, _ in todo:
+        h, w = it.size
+        if it.index is None and min(h, w) < lo:
+            fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
+    run_all(args, model, family, scale, todo, prompt, negative, settings, lo)
+    return 0
+
+
+def which_model(args):
+    """(family, meta model or None): from the checkpoint's header, or from the config for a weight-less --dry-run."""
+    if args.weights is None or not Path(args.weights).exists():
+        if not args.dry_run or args.weights is not None:
+            fail(missing_weights(args.model, args.weights))
+        family = "x4" if args.model == "auto" else args.model
+        if family not in IMPLEMENTED:
+            not_implemented(family)
+        if family == "stablesr" and not args.config:
+            fail("--dry-run for stablesr needs --weights (only the checkpoint's header is read) or its upstream YAML "
+                 "(--config v2-finetune_text_T_512.yaml)")
+        return family, meta_model_from_config(family, args.config)
+    family = detect_family(args)
+    if family not in IMPLEMENTED:
+        not_implemented(family)
+    if not args.dry_run:
+        return family, None
+    from .checkpoints.loader import inspect
+    _, meta, error = inspect(Path(args.weights), config=args.config)
+    if meta is None or meta.unet is None:
+        fail(f"{args.weights}: cannot build the model from its header ({error or 'no UNet: an incomplete diffusers folder?'})")
+    if meta.vae is None and family == "x2":
+        meta.vae = meta_model_from_config("x2", None).vae  # decoded with --vae: the SD VAE
+    if meta.vae is None:
+        fail(f"{args.weights}: cannot build the model from its header (no VAE: an incomplete diffusers folder?)")
+    return family, meta
+
+
+def family_options(args, family: str) -> float:
+    """Options that belong to another upscaler are refused; the colour fix default filled in. Returns the scale."""
+    if args.color_fix is None:
+        args.color_fix = "wavelet" if family == "stablesr" else "none"
+    for name, value in (("--dec-w", args.dec_w), ("--scale", args.scale), ("--start", args.start),
+                        ("--input-size", args.input_size)):
+        if value is not None and family != "stablesr":
+            fail(f"{name} is an option of StableSR, not of the {family} upscaler")
+    if family == "stablesr" and args.vae_tile:
+        fail("--vae-tile: the StableSR CFW decoder fuses full-resolution encoder features and is not tiled")
+    if args.vae and family == "x4":
+        fail(f"--vae is an option of the x2 and stablesr upscalers (the {family} upscaler uses its own VAE)")
+    return args.scale if family == "stablesr" and args.scale is not None else SCALES[family]
+
+
+def dry_run(args, meta, family: str, scale, items, outputs) -> int:
+    """Print output sizes, the tile plan and a memory estimate per input; nothing loaded, nothing written."""
+    from .pipelines import upscale_io as io
+    settings = _settings(args, meta, family)
+    lo = min_side(meta, family)
+    rows = []
+    for it, out in zip(items, outputs):
+        h, w = it.size
+        if it.index is None and min(h, w) < lo:
+            fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
+        lat = latent_size(meta, family, (h, w), it.latent, scale, args.input_size)
+        plan = tile_settings(args, lat, family)
+        row = dict(input=str(it.path) + (f"[{it.index}]" if it.index is not None else ""), output=str(out),
+                   in_size=(h, w), out_size=(scale * h, scale * w), **plan,
+                   peak_bytes=estimate_peak_bytes(meta, lat, plan, args.dtype, settings["guidance"]))
+        if args.skip_existing and io.is_done(out):
+            row["skip"] = "output exists"
+        rows.append(row)
+    print(io.dry_run_report(rows))
+    extra = (f"dec_w {settings['dec_w']:g}, start {settings['start']}" if family == "stablesr"
+             else f"noise level {settings['noise_level']:g}")
+    print(f"model: {family} from {meta.source} (meta device, nothing loaded); sampler {settings['sampler']}, steps "
+          f"{settings['steps']}, guidance {settings['guidance']}, {extra}, dtype {args.dtype}; dry run: nothing "
+          "written")
+    return 0
+
+
+def load_model(args, family: str):
+    """The weights (plus --vae), checked complete, with fused q/k/v and, with --compile, a compiled UNet."""
+    from .optimize import compile_model, fuse_qkv
+    from .pipelines.common import DTYPES
+    device = _device(args.device)
+    model = _load(args.weights, args.config, device, DTYPES[args.dtype])
     if family == "x2":
         _attach_vae(model, args, device)
     if family == "stablesr":
@@ -712,25 +725,22 @@ def cmd_upscale(args) -> int:
     if lacking:
         fail(f"{args.weights}: the checkpoint has no {' / '.join(lacking)} (an incomplete diffusers folder?); the "
              f"{family} upscaler needs UNet, VAE and text encoder")
-    settings = _settings(args, model, family)
-    lo = min_side(model, family)
-    for it, _ in todo:
-        h, w = it.size
-        if it.index is None and min(h, w) < lo:
-            fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
-    from .optimize import compile_model, fuse_qkv
     fuse_qkv(model)  # one q/k/v matmul per self-attention (the state dict is unchanged)
     if args.compile:
         compile_model(model, vae_decoder=False)  # UNet forward, dynamic shapes (tiles / sizes do not recompile)
+    return model
 
+
+def run_all(args, model, family: str, scale, todo, prompt, negative, settings: dict, lo: int) -> None:
+    """The loop: read, prepare -> sample -> finish, write; a user-facing failure ends in one line."""
     from tqdm import tqdm
+    from .pipelines import upscale_io as io
     progress = not args.quiet
-    run = RUNNERS[family]
     bar = tqdm(todo, desc="images", unit="img", disable=not progress or len(todo) < 2, file=sys.stderr)
+    path = None
     try:
         for it, out in bar:
-            path = it.path
-            img = None
+            path, img, size = it.path, None, it.size
             if it.index is None:
                 img = io.read_image(path, args.max_pixels)
                 for n in img.notes:
@@ -738,26 +748,10 @@ def cmd_upscale(args) -> int:
                 if min(img.size) < lo:
                     fail(f"{path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's minimum {lo}x{lo}")
                 size = img.size
-            else:
-                size = it.size
             plan = tile_settings(args, latent_size(model, family, size, it.latent, scale, args.input_size), family)
             t0 = time.time()
-            result = run(model, it, img, prompt, negative, settings, args, plan, progress)
-            params = result.sample_parameters(0)
-            params.pop("batch_index", None)
-            params.update(input=path.name, seed=args.seed, scale=scale, tiling=params.get("tiling", "off"),
-                          seconds=round(time.time() - t0, 2))
-            if img is not None:
-                params.update(input_bits=img.bits, alpha="upscaled separately (bicubic)" if img.alpha is not None else None)
-            else:
-                params.update(input_index=it.index, latents_source=_latents_source(path))
-            if args.vae:
-                params["vae"] = str(args.vae)
-            params = {k: v for k, v in params.items() if v is not None}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            io.write_image(out, result.images[0], img.alpha if img is not None else None,
-                           bits=img.bits if img is not None else 8, parameters=params)
-            print(f"wrote {out}")
+            result = run_item(model, family, it, img, prompt, negative, settings, args, plan, progress)
+            write_output(args, it, img, out, result, scale, time.time() - t0)
     except io.UpscaleIOError as e:
         fail(str(e))
     except (ValueError, OSError) as e:
@@ -769,7 +763,26 @@ def cmd_upscale(args) -> int:
              "(see --dry-run for the estimate) or --dtype fp16")
     except KeyboardInterrupt as e:
         fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)")
-    return 0
+
+
+def write_output(args, it: Item, img, out: Path, result, scale, seconds: float) -> None:
+    """The image with its parameters (what was run, the input and the time), written atomically."""
+    from .pipelines import upscale_io as io
+    params = result.sample_parameters(0)
+    params.pop("batch_index", None)
+    params.update(input=it.path.name, seed=args.seed, scale=scale, tiling=params.get("tiling", "off"),
+                  seconds=round(seconds, 2))
+    if img is not None:
+        params.update(input_bits=img.bits, alpha="upscaled separately (bicubic)" if img.alpha is not None else None)
+    else:
+        params.update(input_index=it.index, latents_source=_latents_source(it.path))
+    if args.vae:
+        params["vae"] = str(args.vae)
+    params = {k: v for k, v in params.items() if v is not None}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    io.write_image(out, result.images[0], img.alpha if img is not None else None,
+                   bits=img.bits if img is not None else 8, parameters=params)
+    print(f"wrote {out}")
 
 
 def _latents_source(path: Path):

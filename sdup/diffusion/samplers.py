@@ -1,4 +1,4 @@
-"""Samplers as free functions with ONE shared signature (k-diffusion style; SPEC §1.6, §5.6):
+"""Samplers as free functions with ONE shared signature (k-diffusion style), and the one table of them (``SAMPLERS``):
 
     x_0 = sample_<name>(model, x, steps, *, extra_args=None, callback=None, noise=None, generator=None,
                         disable=None, **options)
@@ -25,11 +25,22 @@
   ``torch.Generator`` or a list of them, one per sample (sample j drawn from ``generator[j]``: a sample does not
   depend on the batch it is in).  A step draws noise only when it adds noise (DDIM with eta > 0; DDPM and
   Euler-ancestral at every step but the last; diffusers draws in the same order).
-* ``disable``: disables the tqdm progress bar.  All samplers run under ``torch.inference_mode()``.
+* ``disable``: disables the tqdm progress bar.
+* Autograd: the samplers do not switch gradients off, so guidance / inversion research can backpropagate through a
+  run; callers that only sample (the pipeline entry points, the CLIs) wrap them in ``torch.inference_mode()``.
+
+Why two model contracts: DDIM / PLMS / DDPM are written on the discrete chain (alpha-bar tables at integer t, DDPM's
+posterior coefficients) and need eps and x0 at once; the k-diffusion samplers integrate an ODE / SDE in sigma and
+need only the denoised D(x, sigma).  ``DiscreteDenoiser`` and ``CompVisDenoiser`` give both views of one network.
+
+The registry: ``SAMPLERS[name]`` is a ``Sampler`` (the function and what it accepts); ``get_sampler(name)`` also
+takes the usual aliases (pndm, euler_ancestral, k_lms, dpm++_2m, ...).  A new sampler = a ``sample_<name>``
+function here plus one row in ``SAMPLERS``; every pipeline, ``sdup.pipelines.job.sample`` and the CLIs pick it up.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -97,7 +108,6 @@ def _ddim_tables(model, ts: list[int], eta: float, final_alpha_cumprod: float | 
     return a, a_prev, sig
 
 
-@torch.inference_mode()
 def sample_ddim(model, x: Tensor, timesteps, *, eta: float = 0.0, final_alpha_cumprod: float | None = None,
                 extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """DDIM (CompVis/SAI ``DDIMSampler``; diffusers ``DDIMScheduler(steps_offset=1, set_alpha_to_one=False)``).
@@ -116,7 +126,6 @@ def sample_ddim(model, x: Tensor, timesteps, *, eta: float = 0.0, final_alpha_cu
     return x
 
 
-@torch.inference_mode()
 def sample_plms(model, x: Tensor, timesteps, *, final_alpha_cumprod: float | None = None,
                 extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """PLMS (CompVis ``PLMSSampler``; diffusers ``PNDMScheduler(skip_prk_steps=True)`` for eps models).
@@ -149,7 +158,6 @@ def sample_plms(model, x: Tensor, timesteps, *, final_alpha_cumprod: float | Non
     return x
 
 
-@torch.inference_mode()
 def sample_ddpm(model, x: Tensor, timesteps=None, *, clip_denoised: bool = False,
                 extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """Ancestral DDPM (LDM ``p_sample_loop``): x0 from the model, posterior mean
@@ -199,7 +207,6 @@ def _denoise(model, x, sigma, extra_args):
     return model(x, sigma * x.new_ones([x.shape[0]], dtype=torch.float32), **extra_args)
 
 
-@torch.inference_mode()
 def sample_euler(model, x: Tensor, sigmas, *, extra_args=None, callback=None, noise=None,
                  generator: Generators = None, disable=None) -> Tensor:
     """Euler (Karras et al. Alg. 2 without churn): x += (x - D(x, s_i)) / s_i * (s_{i+1} - s_i)."""
@@ -219,7 +226,6 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return (sigma_to ** 2 - up ** 2) ** 0.5, up
 
 
-@torch.inference_mode()
 def sample_euler_ancestral(model, x: Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0, extra_args=None,
                            callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
     """Euler ancestral (k-diffusion; diffusers ``EulerAncestralDiscreteScheduler``): Euler to sigma_down, then
@@ -259,7 +265,6 @@ def lms_coefficient(order: int, sigmas: Sequence[float], i: int, j: int) -> floa
     return half * sum(w * basis(mid + half * node) for node, w in _gauss_legendre_4())
 
 
-@torch.inference_mode()
 def sample_lms(model, x: Tensor, sigmas, *, order: int = 4, extra_args=None, callback=None, noise=None,
                generator: Generators = None, disable=None) -> Tensor:
     """K-LMS (k-diffusion ``sample_lms``; diffusers ``LMSDiscreteScheduler``): linear multistep on d = (x - D)/s
@@ -277,7 +282,6 @@ def sample_lms(model, x: Tensor, sigmas, *, order: int = 4, extra_args=None, cal
     return x
 
 
-@torch.inference_mode()
 def sample_dpmpp_2m(model, x: Tensor, sigmas, *, extra_args=None, callback=None, noise=None,
                     generator: Generators = None, disable=None) -> Tensor:
     """DPM-Solver++(2M) (k-diffusion ``sample_dpmpp_2m``; diffusers ``DPMSolverMultistepScheduler`` defaults:
@@ -302,8 +306,57 @@ def sample_dpmpp_2m(model, x: Tensor, sigmas, *, extra_args=None, callback=None,
     return x
 
 
-SAMPLERS = {
-    "ddim": sample_ddim, "plms": sample_plms, "ddpm": sample_ddpm,
-    "euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "lms": sample_lms, "dpmpp_2m": sample_dpmpp_2m,
-}
-DISCRETE_SAMPLERS = ("ddim", "plms", "ddpm")
+# ------------------------------------------------------------------------------------------------
+# the registry
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One row of ``SAMPLERS``: a sampler function and its capabilities."""
+    name: str             # canonical name
+    fn: Callable          # sample_<name>
+    discrete: bool        # True: (eps, x0) = model(x, t) on integer timesteps; False: D(x, sigma) on a sigma grid
+    uses_eta: bool        # accepts eta (ddim: 0 = deterministic; euler_a: ancestral noise scale)
+    default_eta: float = 0.0
+    label: str = ""       # what the references call it
+
+    def resolve_eta(self, eta: float | None) -> float:
+        """eta for this sampler (None -> its default); a nonzero eta for a sampler without one is a ValueError."""
+        if eta is None:
+            return self.default_eta
+        if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        if eta and not self.uses_eta:
+            raise ValueError(f"eta applies to ddim and euler_a only; {self.name} is "
+                             + ("deterministic" if self.name != "ddpm" else "always fully stochastic"))
+        return float(eta)
+
+    def options(self, eta: float) -> dict:
+        """The keyword options this sampler takes beyond the shared signature."""
+        return {"eta": eta} if self.uses_eta else {}
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddim", sample_ddim, True, True, 0.0, "DDIM (CompVis DDIMSampler / diffusers DDIMScheduler)"),
+    Sampler("plms", sample_plms, True, False, 0.0, "PLMS (CompVis PLMSSampler / diffusers PNDMScheduler)"),
+    Sampler("ddpm", sample_ddpm, True, False, 0.0, "ancestral DDPM on the respaced chain"),
+    Sampler("euler", sample_euler, False, False, 0.0, "Euler (k-diffusion / EulerDiscreteScheduler)"),
+    Sampler("euler_a", sample_euler_ancestral, False, True, 1.0,
+            "Euler ancestral (k-diffusion / EulerAncestralDiscreteScheduler)"),
+    Sampler("lms", sample_lms, False, False, 0.0, "K-LMS (k-diffusion / LMSDiscreteScheduler)"),
+    Sampler("dpmpp_2m", sample_dpmpp_2m, False, False, 0.0, "DPM-Solver++(2M) (k-diffusion / DPMSolverMultistepScheduler)"),
+)}
+SAMPLER_NAMES = tuple(SAMPLERS)
+DISCRETE_SAMPLERS = tuple(n for n, s in SAMPLERS.items() if s.discrete)
+SIGMA_SAMPLERS = tuple(n for n, s in SAMPLERS.items() if not s.discrete)
+ALIASES = {"pndm": "plms", "k_euler": "euler", "euler_ancestral": "euler_a", "k_euler_a": "euler_a", "k_lms": "lms",
+           "dpm++_2m": "dpmpp_2m", "dpm++2m": "dpmpp_2m", "dpmsolver++": "dpmpp_2m"}
+
+
+def get_sampler(name: str) -> Sampler:
+    """Sampler name (case-insensitive; ``-`` and spaces read as ``_``; the aliases of ``ALIASES``) -> ``Sampler``."""
+    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
+    key = ALIASES.get(key, key)
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLER_NAMES)})")
+    return SAMPLERS[key]

@@ -15,8 +15,12 @@ Seeds
     sample_seeds(seed, n)             [seed, seed + 1, ...] (a random base seed when None)
     make_generators(seeds)            one CPU ``torch.Generator`` per sample: sample i does not depend on the batch
 Samplers
-    parse_sampler(name)               "ddim" | "plms" | "ddpm" | "euler" | "euler_a" | "lms" | "dpmpp_2m" (+ aliases)
-    run_sampler(spec, raw, ...)       drive an sdup sampler on a raw eps / v network with the reference grids
+    parse_sampler(name)               = ``sdup.diffusion.samplers.get_sampler`` (the one table: ``SAMPLERS``)
+    discrete_timesteps / sigma_grid   the reference grids (``job.ldm_grid`` builds the denoiser on them)
+Inputs and outputs
+    check_images(image, image_range)  tensors / PIL images -> (B, 3, h, w) in [-1, 1], with clear errors
+    decode_latents(vae, latents)      scaled latents -> images, the VAE in fp32 by default, one sample at a time
+    DTYPES, dtype_name                "fp32" | "fp16" | "bf16" <-> torch dtypes, and the name recorded
 """
 from __future__ import annotations
 
@@ -35,9 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.samplers import SAMPLER_NAMES as _SAMPLER_NAMES
+from ..diffusion.samplers import Sampler, get_sampler
 from ..fileio import atomic_write  # noqa: F401  (re-exported: pipelines write through it)
 
 Tensor = torch.Tensor
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # command-line names
 PARAMETERS_KEY = "parameters"  # PNG text keyword holding the JSON parameters
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +340,6 @@ def token_ids(model, prompts) -> Tensor:
     return ids
 
 
-@torch.inference_mode()
 def encode_prompts(model, prompts) -> Tensor:
     """Prompts (see ``token_ids``) -> the text encoder's ``.context`` (B, 77, D): last layer after the final
     LayerNorm for SD 1.x, penultimate layer + ln_final for SD 2.x (the encoder's config decides). Identical
@@ -386,52 +392,15 @@ def resolve_generators(seed, generator, batch: int) -> tuple[list[int] | None, o
     return None, generators
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    name: str          # canonical name
-    fn: Callable       # the sdup.diffusion.samplers function
-    discrete: bool     # True: DiscreteDenoiser + integer timesteps; False: CompVisDenoiser + sigma grid
-    uses_eta: bool     # accepts eta (ddim: 0 = deterministic; euler_a: ancestral noise scale, default 1)
-    default_eta: float = 0.0
-    label: str = ""    # what the reference calls it
+# the one sampler table lives in sdup.diffusion.samplers; these names stay for the callers of the pipelines
+SamplerSpec = Sampler
+SAMPLER_NAMES = _SAMPLER_NAMES
+parse_sampler = get_sampler
 
 
-_SAMPLER_ALIASES = {"ddim": "ddim", "plms": "plms", "pndm": "plms", "ddpm": "ddpm", "euler": "euler",
-                    "k_euler": "euler", "euler_a": "euler_a", "euler_ancestral": "euler_a", "k_euler_a": "euler_a",
-                    "lms": "lms", "k_lms": "lms", "dpmpp_2m": "dpmpp_2m", "dpm++_2m": "dpmpp_2m", "dpm++2m": "dpmpp_2m",
-                    "dpmsolver++": "dpmpp_2m"}
-SAMPLER_NAMES = ("ddim", "plms", "ddpm", "euler", "euler_a", "lms", "dpmpp_2m")
-
-
-def parse_sampler(name: str) -> SamplerSpec:
-    """Sampler name (case-insensitive; aliases pndm, euler_ancestral, k_lms, dpm++_2m, ...) -> ``SamplerSpec``."""
-    from ..diffusion import samplers as S
-    key = _SAMPLER_ALIASES.get(str(name).strip().lower().replace("-", "_").replace(" ", "_"))
-    if key is None:
-        raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLER_NAMES)})")
-    return {
-        "ddim": SamplerSpec("ddim", S.sample_ddim, True, True, 0.0, "DDIM (CompVis DDIMSampler / diffusers DDIMScheduler)"),
-        "plms": SamplerSpec("plms", S.sample_plms, True, False, 0.0, "PLMS (CompVis PLMSSampler / diffusers PNDMScheduler)"),
-        "ddpm": SamplerSpec("ddpm", S.sample_ddpm, True, False, 0.0, "ancestral DDPM on the respaced chain"),
-        "euler": SamplerSpec("euler", S.sample_euler, False, False, 0.0, "Euler (k-diffusion / EulerDiscreteScheduler)"),
-        "euler_a": SamplerSpec("euler_a", S.sample_euler_ancestral, False, True, 1.0,
-                               "Euler ancestral (k-diffusion / EulerAncestralDiscreteScheduler)"),
-        "lms": SamplerSpec("lms", S.sample_lms, False, False, 0.0, "K-LMS (k-diffusion / LMSDiscreteScheduler)"),
-        "dpmpp_2m": SamplerSpec("dpmpp_2m", S.sample_dpmpp_2m, False, False, 0.0,
-                                "DPM-Solver++(2M) (k-diffusion / DPMSolverMultistepScheduler)"),
-    }[key]
-
-
-def resolve_eta(spec: SamplerSpec, eta: float | None) -> float:
-    """eta for ``spec`` (None -> its default); a nonzero eta for a sampler without one is a ValueError."""
-    if eta is None:
-        return spec.default_eta
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-    if eta and not spec.uses_eta:
-        raise ValueError(f"eta applies to ddim and euler_a only; {spec.name} is "
-                         + ("deterministic" if spec.name != "ddpm" else "always fully stochastic"))
-    return float(eta)
+def resolve_eta(spec: Sampler, eta: float | None) -> float:
+    """``spec.resolve_eta(eta)``: eta for the sampler (None -> its default)."""
+    return spec.resolve_eta(eta)
 
 
 def discrete_timesteps(steps: int, T: int = 1000, offset: int = 1) -> Tensor:
@@ -448,49 +417,13 @@ def discrete_timesteps(steps: int, T: int = 1000, offset: int = 1) -> Tensor:
     return spaced_timesteps(steps, "leading", T, offset).long()
 
 
-def sigma_grid(spec: SamplerSpec, alphas_cumprod: Tensor, steps: int) -> Tensor:
+def sigma_grid(spec: Sampler, alphas_cumprod: Tensor, steps: int) -> Tensor:
     """diffusers' default grid for the sigma samplers ("linspace" spacing, interpolated linearly in sigma over the
     training sigmas, final sigma 0; DPM-Solver's own n+1-point variant for dpmpp_2m)."""
     from ..diffusion.schedules import discrete_sigmas
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return discrete_sigmas(alphas_cumprod, steps, "linspace", dpm_solver=spec.name == "dpmpp_2m")[0]
-
-
-@torch.inference_mode()
-def run_sampler(spec: SamplerSpec, raw: Callable, schedule: dict, prediction: str, x_T: Tensor, steps: int, *,
-                eta: float = 0.0, extra_args: dict | None = None, generators=None, callback=None,
-                progress: bool = True) -> tuple[Tensor, dict]:
-    """Sample with a raw network output (eps or v) and the reference grids; returns (x_0, grid info).
-
-    ``raw(x, t, **kw)``: the network (usually ``CFG(...)``), called at integer timesteps (discrete samplers) or
-    fractional ones (sigma samplers). ``x_T``: unit-variance start noise (the LDM / diffusers ``latents``);
-    the sigma samplers start from ``x_T * sigma_max`` (Euler / Euler a / LMS: diffusers ``init_noise_sigma``) or
-    ``x_T * sqrt(sigma_max^2 + 1)`` (DPM++: diffusers' DPM-Solver starts in the variance-preserving scale).
-    ``generators``: one per sample for the per-step noise (DDIM eta > 0, DDPM, Euler a)."""
-    from ..diffusion.denoisers import CompVisDenoiser, DiscreteDenoiser
-    from ..diffusion.schedules import schedule_betas
-    betas = schedule_betas(schedule)
-    kw = dict(extra_args=extra_args or {}, generator=generators, callback=callback, disable=not progress)
-    den = DiscreteDenoiser(raw, betas, prediction)
-    T = den.num_timesteps
-    if spec.discrete:
-        ts = discrete_timesteps(steps, T)
-        info = {"timesteps": ts.tolist()}
-        if spec.name == "ddpm":
-            return spec.fn(den.respaced(ts.tolist()), x_T, None, **kw), info
-        if spec.name == "ddim":
-            kw["eta"] = eta
-        return spec.fn(den, x_T, ts, **kw), info
-    # the sigma grid is diffusers' (linear in sigma), so t(sigma) uses the same interpolation to give back its
-    # timesteps exactly
-    kd = CompVisDenoiser(raw, den.alphas_cumprod, prediction, interpolation="linear")
-    sigmas = sigma_grid(spec, den.alphas_cumprod, steps)
-    s0 = float(sigmas[0])
-    start = x_T * (math.sqrt(s0 ** 2 + 1) if spec.name == "dpmpp_2m" else s0)
-    if spec.name == "euler_a":
-        kw["eta"] = eta
-    return spec.fn(kd, start, sigmas.to(x_T.device), **kw), {"sigmas": [round(float(s), 6) for s in sigmas]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,6 +458,17 @@ def check_finite(name: str, value) -> float:
     return value
 
 
+def prompt_rows(prompt, batch: int):
+    """One prompt (text, or token ids as (L,) / (1, L)) repeated for the batch; other prompts as given."""
+    rows = [prompt] if isinstance(prompt, str) else prompt
+    if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
+        rows = list(rows) * batch
+    if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
+            and batch > 1:
+        rows = rows.reshape(1, -1).expand(batch, -1)
+    return rows
+
+
 def prompt_context(model, text, embeds, batch: int, what: str) -> Tensor:
     """(batch, 77, D) fp32 context from text / token ids, or from precomputed embeddings."""
     if embeds is not None:
@@ -532,13 +476,7 @@ def prompt_context(model, text, embeds, batch: int, what: str) -> Tensor:
             raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
         e = embeds[None] if embeds.ndim == 2 else embeds
     else:
-        rows = [text] if isinstance(text, str) else text
-        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
-            rows = list(rows) * batch
-        if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
-                and batch > 1:
-            rows = rows.reshape(1, -1).expand(batch, -1)
-        e = encode_prompts(model, rows)
+        e = encode_prompts(model, prompt_rows(text, batch))
     if e.shape[0] == 1 and batch > 1:
         e = e.expand(batch, -1, -1)
     if e.shape[0] != batch:
@@ -576,6 +514,47 @@ def record_prompts(params: dict, batch: int, guidance: float, seeds, **prompts) 
     return params
 
 
+def check_images(image, image_range=(0, 1)) -> Tensor:
+    """Tensor (3, h, w) / (B, 3, h, w) / list of them, or PIL image(s) -> (B, 3, h, w) float32 in [-1, 1]."""
+    lo_hi = tuple(float(v) for v in image_range)
+    if lo_hi not in ((0.0, 1.0), (-1.0, 1.0)):
+        raise ValueError(f"image_range must be (0, 1) or (-1, 1), got {image_range!r}")
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError("no input image")
+    tensors = []
+    for it in items:
+        if hasattr(it, "mode") and hasattr(it, "convert"):  # PIL
+            if it.mode in ("RGBA", "LA", "PA"):
+                raise ValueError("the input image has an alpha channel: the upscalers work on RGB; split the alpha off "
+                                 "(and upscale it separately) first")
+            tensors.append(pil_to_tensor(it)[None] * 2 - 1)
+            continue
+        if not isinstance(it, Tensor) or not it.is_floating_point() or it.ndim not in (3, 4):
+            raise ValueError("image must be a float tensor (3, h, w) / (B, 3, h, w), a PIL image, or a list of them; "
+                             f"got {tuple(it.shape) if isinstance(it, Tensor) else type(it).__name__}")
+        t = it[None] if it.ndim == 3 else it
+        if t.shape[1] == 4:
+            raise ValueError("the input image has 4 channels (RGBA): the upscalers work on RGB; split the alpha "
+                             "channel off (image[:, :3]) and upscale it separately")
+        if t.shape[1] != 3:
+            raise ValueError(f"the input image must have 3 (RGB) channels, got {t.shape[1]}")
+        t = t.detach().float()
+        if t.numel():
+            mn, mx = float(t.min()), float(t.max())
+            if mn < lo_hi[0] - 0.01 or mx > lo_hi[1] + 0.01:
+                hint = " (pass image_range=(-1, 1) for [-1, 1] input)" if mn >= -1.01 and mx <= 1.01 else ""
+                raise ValueError(f"image values span [{mn:.3g}, {mx:.3g}], outside image_range {lo_hi}{hint}")
+        tensors.append(t * 2 - 1 if lo_hi == (0.0, 1.0) else t)
+    if len({tuple(t.shape[1:]) for t in tensors}) != 1:
+        sizes = sorted({tuple(t.shape[2:]) for t in tensors})
+        raise ValueError(f"all input images must have the same size, got {sizes}")
+    x = torch.cat([t.cpu() for t in tensors])
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"empty input image {tuple(x.shape[-2:])}")
+    return x
+
+
 PAD_MODES = ("replicate", "reflect")
 
 
@@ -600,7 +579,6 @@ def pad_to_multiple(x: Tensor, m: int, pad_mode: str | None, what: str = "image"
 # decoding
 
 
-@torch.inference_mode()
 def decode_scaled(vae, latents: Tensor, scale_factor: float, *, vae_tile: int | None = None, vae_overlap: int = 8,
                   progress: bool = False, vae_dtype: torch.dtype = torch.float32) -> Tensor:
     """Scaled latents (B, C, h, w) -> the VAE decoder's output in [-1, 1] (not clamped), float32 on the CPU.
@@ -625,7 +603,7 @@ def decode_scaled(vae, latents: Tensor, scale_factor: float, *, vae_tile: int | 
         z = (z / scale_factor).to(p.device, torch.float32)
         x = half(z.to(vae_dtype)) if half is not None else None
         if x is not None and not torch.isfinite(x).all():
-            warnings.warn(f"sdup: the {str(vae_dtype).replace('torch.', '')} VAE decode of sample {i} is not finite; "
+            warnings.warn(f"sdup: the {dtype_name(vae_dtype)} VAE decode of sample {i} is not finite; "
                           "decoded again in fp32", RuntimeWarning, stacklevel=2)
             x = None
         out.append((fp32(z) if x is None else x).float().cpu())
@@ -658,3 +636,22 @@ def _decode_with(vae, state: dict, z: Tensor) -> Tensor:
         def forward(self, z):
             return self.m.decode(z)
     return functional_call(_Dec(vae), {f"m.{k}": v for k, v in state.items()}, (z,))
+
+
+def decode_latents(vae, latents: Tensor, scale_factor: float | None = None, *, clamp: bool = True,
+                   vae_tile: int | None = None, vae_overlap: int = 8, progress: bool = False,
+                   vae_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Scaled latents -> images on the CPU in [0, 1] (``clamp=False``: the decoder's raw output in [-1, 1]).
+    ``vae``: a VAE module or a LoadedModel (its ``.vae``; ``scale_factor`` defaults to the model's, else SD's
+    0.18215).  ``decode_scaled`` does the work (fp32 by default, one sample at a time, ``vae_tile``: exact tiled)."""
+    module = vae if hasattr(vae, "decoder") else getattr(vae, "vae", vae)
+    if scale_factor is None:
+        scale_factor = float(getattr(vae, "scale_factor", 0.18215))
+    x = decode_scaled(module, latents, scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap, progress=progress,
+                      vae_dtype=vae_dtype)
+    return ((x + 1) / 2).clamp(0, 1) if clamp else x
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> "float16" (what the parameters record)."""
+    return str(dtype).replace("torch.", "")

@@ -1,4 +1,4 @@
-"""StableSR: diffusion super-resolution with an SD 2.1 finetune (SPEC §5.6, §5.7; IceClear/StableSR).
+"""StableSR: diffusion super-resolution with an SD 2.1 finetune (IceClear/StableSR).
 
     model = sdup.load("stablesr_000117.ckpt")          # UNet with SFT layers + time-aware encoder + SD VAE + OpenCLIP
     cfw = sdup.load("vqgan_cfw_00011.ckpt")            # the CFW autoencoder (encoder features -> decoder fusion)
@@ -7,8 +7,8 @@
     out.latents     # (B, 4, H/8, W/8) sampler output (scaled latents of the padded, upsampled image)
     out.parameters  # everything needed to reproduce the run
 
-What it computes (the reference ``scripts/sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py``, SPEC §5.6 B; DDIM with a
-negative prompt = ``sr_val_ddim_text_T_negativeprompt_canvas_tile.py``, §5.6 C):
+What it computes (the reference ``scripts/sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py``; DDIM with a negative prompt
+= ``sr_val_ddim_text_T_negativeprompt_canvas_tile.py``):
 
 1. LR image (B, 3, h, w) -> [-1, 1]; s = max(input_size / min(h, w), scale) (input_size 512, 768 for the 768-v model);
    bicubic upsampling by s (``F.interpolate``, no antialias), clamp to [-1, 1]; reflect padding bottom / right to a
@@ -35,28 +35,61 @@ noise (DDPM).  Upstream draws from one global generator for the batch, so sdup r
 random stream (the sampler parity with upstream is tested with supplied noise: tests/test_samplers.py).
 Not here: upstream's pixel-space tiling of images above 1280 px (``vqgantile_size``): large outputs are decoded whole
 (the CFW fusion needs full-resolution encoder features; tiling.tiled_decode cannot fuse them).
+
+Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, which takes the same):
+    cfw_vae: the CFW autoencoder (LoadedModel or module) or None (the model's plain VAE; ``dec_w`` then unused).
+    prompt / negative_prompt: text or token ids; the reference uses "" (guidance applies only when != 1).
+    steps: respaced DDPM steps (default 200 as the reference; the turbo checkpoint 4) or DDIM steps (default 50);
+    sampler "ddpm" | "ddim".  guidance: CFG scale on the network output (default 1 for ddpm, 7 for ddim as the DDIM
+    script).  dec_w: CFW fidelity weight 0..1; start: "lr" | "noise"; input_size: the model's native size (default
+    512, 768 for a 768-v model): inputs smaller than that are upsampled more and resized down at the end.
+    x_T: (B, 4, H/8, W/8) unit-variance noise for the start (the eps of ``start="lr"``), else drawn.
+    tile, tile_overlap, tile_batch, weights: latent tiling (``tiling.TiledModel``; None = whole latent).
+Step by step: ``job = prepare_stablesr(...)``, ``latents = sample(job)``, ``finish(job, latents)``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
-from ..diffusion import samplers as S
 from ..diffusion.denoisers import CFG, DiscreteDenoiser
-from ..diffusion.samplers import randn
+from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
-from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import Result, check_finite, check_int, pad_to_multiple, prompt_context, record_prompts, resolve_generators
+from .common import (Result, check_finite, check_int, check_images, pad_to_multiple, prompt_context, record_prompts,
+                     resolve_generators)
+from .job import Job, base_parameters, check_color_fix, finish, guided, sample, start_noise, tiled
 
 Tensor = torch.Tensor
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim")   # the reference scripts' samplers (DDIM with its timestep quirk, see stablesr_denoiser)
 STARTS = ("lr", "noise")
-DEFAULTS = dict(steps=200, sampler="ddpm", guidance=1.0, ddim_guidance=7.0, dec_w=0.5, color_fix="wavelet",
-                start="lr", input_size=512, tile_overlap=32)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The reference scripts' values: DDPM 200 steps without guidance; the DDIM script 50 steps, guidance 7."""
+    sampler: str = "ddpm"
+    steps: int = 200
+    guidance: float = 1.0
+    ddim_steps: int = 50
+    ddim_guidance: float = 7.0
+    dec_w: float = 0.5
+    color_fix: str = "wavelet"
+    start: str = "lr"
+    input_size: int = 512
+    tile_overlap: int = 32
+
+    def steps_for(self, sampler: str, steps: int | None = None) -> int:
+        return steps if steps is not None else (self.ddim_steps if sampler == "ddim" else self.steps)
+
+    def guidance_for(self, sampler: str, guidance: float | None = None) -> float:
+        return guidance if guidance is not None else (self.ddim_guidance if sampler == "ddim" else self.guidance)
+
+
+DEFAULTS = Defaults()
 PAD_MULTIPLE = 32
 
 
@@ -78,13 +111,8 @@ def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, tile: in
                       progress: bool = False) -> tuple[DiscreteDenoiser, Tensor | None]:
     """(denoiser, DDIM timesteps or None) for the reference samplers: ``ddpm`` = the chain respaced to
     ``space_timesteps(1000, [steps])``; ``ddim`` = the offset-0 alpha grid with the network timesteps mapped to
-    ``space_timesteps`` (SPEC §5.6 C quirk)."""
-    net = stablesr_network(model)
-    if tile:
-        from .tiling import TiledModel
-        t = max(8, tile - tile % 8)  # the SD UNet halves the latent 3 times
-        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - 8), tile_batch=tile_batch, weights=weights,
-                         progress=progress)
+    ``space_timesteps``: the reference DDIM script's quirk)."""
+    net = tiled(stablesr_network(model), tile, tile_overlap, 8, progress, tile_batch=tile_batch, weights=weights)
     den = DiscreteDenoiser(CFG(net, float(guidance)), schedule_betas(model.schedule), model.prediction)
     T = den.num_timesteps
     spaced = space_timesteps(T, [steps])
@@ -100,151 +128,141 @@ def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, tile: in
     return den.with_timestep_map(tmap), alpha_ts.flip(0)
 
 
-def _check(model, cfw_vae, dec_w, scale, sampler, start, color_fix_mode):
-    if getattr(model, "family", None) != "stablesr" or getattr(model, "struct_encoder", None) is None \
-            or model.unet is None:
+def check_options(model=None, cfw_vae=None, *, sampler: str = DEFAULTS.sampler, steps: int | None = None,
+                  guidance: float | None = None, dec_w: float = DEFAULTS.dec_w, scale: float = 4.0,
+                  start: str = DEFAULTS.start, input_size: int | None = None,
+                  color_fix_mode: str = DEFAULTS.color_fix) -> None:
+    """The options that need no image checked (ValueError); ``prepare_stablesr`` and the CLI (before loading any
+    weights: ``model`` None) use it."""
+    if model is not None and (getattr(model, "family", None) != "stablesr"
+                              or getattr(model, "struct_encoder", None) is None or model.unet is None):
         raise ValueError(f"upscale_stablesr needs a StableSR checkpoint (SFT UNet + time-aware encoder, e.g. "
                          f"stablesr_000117.ckpt), got a {getattr(model, 'family', type(model).__name__)} model")
-    if cfw_vae is not None:
-        vae = getattr(cfw_vae, "vae", cfw_vae)
-        if type(vae).__name__ != "CFWAutoencoder":
-            raise ValueError("cfw_vae must be the StableSR CFW autoencoder (vqgan_cfw_00011.ckpt loaded with sdup.load)"
-                             f", got {getattr(cfw_vae, 'family', type(vae).__name__)}")
+    if cfw_vae is not None and type(getattr(cfw_vae, "vae", cfw_vae)).__name__ != "CFWAutoencoder":
+        raise ValueError("cfw_vae must be the StableSR CFW autoencoder (vqgan_cfw_00011.ckpt loaded with sdup.load)"
+                         f", got {getattr(cfw_vae, 'family', type(getattr(cfw_vae, 'vae', cfw_vae)).__name__)}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler}: StableSR samples with {' or '.join(SAMPLERS)} (the reference scripts)")
+    steps = check_int("steps", DEFAULTS.steps_for(sampler, steps))
+    T = model.schedule.get("timesteps", 1000) if model is not None else 1000
+    if steps > T:
+        raise ValueError(f"steps must be at most {T}, got {steps}")
+    check_finite("guidance", DEFAULTS.guidance_for(sampler, guidance))
     if not isinstance(dec_w, (int, float)) or not 0 <= dec_w <= 1:
-        raise ValueError(f"dec_w (the CFW fidelity weight) must be in 0..1, got {dec_w!r}")
+        raise ValueError(f"dec_w must be in 0..1 (the CFW fidelity weight), got {dec_w!r}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 1 <= scale <= 16:
         raise ValueError(f"scale must be a number in 1..16, got {scale!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"StableSR samples with {' or '.join(SAMPLERS)} (the reference scripts), got {sampler!r}")
     if start not in STARTS:
         raise ValueError(f"start must be 'lr' (noised LR latent, reference default) or 'noise', got {start!r}")
-    if color_fix_mode not in COLOR_FIX_MODES:
-        raise ValueError(f"unknown colour fix {color_fix_mode!r} (choose from {', '.join(COLOR_FIX_MODES)})")
-
-
-def _images(image) -> Tensor:
-    if not isinstance(image, Tensor) or not image.is_floating_point() or image.ndim not in (3, 4) \
-            or image.shape[-3] != 3:
-        raise ValueError("image must be a float tensor (B, 3, h, w) or (3, h, w) in [0, 1] (RGB; split alpha off), got "
-                         + (str(tuple(image.shape)) if isinstance(image, Tensor) else type(image).__name__))
-    x = image[None] if image.ndim == 3 else image
-    if min(x.shape[-2:]) < 8:
-        raise ValueError(f"the image is {x.shape[-1]}x{x.shape[-2]}; StableSR needs at least 8x8")
-    return x.float() * 2 - 1
+    check_color_fix(color_fix_mode)
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int)
+                                   or not 8 <= input_size <= 4096):
+        raise ValueError(f"input_size must be an integer in 8..4096, got {input_size!r}")
 
 
 def upsampled_size(model, size: tuple[int, int], scale: float, input_size: int | None = None) -> tuple[int, int]:
     """(H, W) of the bicubic-upsampled LR image of ``size`` (h, w): s = max(input_size / min(h, w), scale)."""
     if input_size is None:
-        input_size = 768 if getattr(model, "prediction", None) == "v" else DEFAULTS["input_size"]
+        input_size = 768 if getattr(model, "prediction", None) == "v" else DEFAULTS.input_size
     s = max(input_size / min(size), float(scale))
     return round(size[0] * s), round(size[1] * s)
 
 
-@torch.inference_mode()
-def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
-                     negative_prompt: str | Sequence[str] | Tensor = "", *, scale: float = 4.0, steps: int = 200,
-                     sampler: str = "ddpm", guidance: float | None = None, dec_w: float = 0.5, start: str = "lr",
-                     input_size: int | None = None, seed: int | Sequence[int] | None = 42,
+def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
+                     negative_prompt: str | Sequence[str] | Tensor = "", *, scale: float = 4.0,
+                     steps: int | None = None, sampler: str = DEFAULTS.sampler, guidance: float | None = None,
+                     dec_w: float = DEFAULTS.dec_w, start: str = DEFAULTS.start, input_size: int | None = None,
+                     seed: int | Sequence[int] | None = 42,
                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                     x_T: Tensor | None = None, tile: int | None = None, tile_overlap: int = 32, tile_batch: int = 1,
-                     weights: str = "symmetric", color_fix_mode: str = "wavelet",
-                     callback: Callable[[dict], None] | None = None, progress: bool = True) -> Result:
-    """Super-resolve (B, 3, h, w) images in [0, 1] by ``scale`` with a StableSR ``LoadedModel`` (module docstring).
-
-    cfw_vae: the CFW autoencoder (LoadedModel or module) or None (the model's plain VAE; ``dec_w`` then unused).
-    prompt / negative_prompt: text or token ids; the reference uses "" (guidance applies only when != 1).
-    steps: respaced DDPM steps (reference 200; the turbo checkpoint 4) or DDIM steps; sampler "ddpm" | "ddim".
-    guidance: CFG scale on the network output (default 1 for ddpm, 7 for ddim as the DDIM script).
-    dec_w: CFW fidelity weight 0..1; start: "lr" | "noise"; input_size: the model's native size (default 512, 768
-    for a 768-v model): inputs smaller than that are upsampled more and resized down at the end.
-    x_T: (B, 4, H/8, W/8) unit-variance noise for the start (the eps of ``start="lr"``), else drawn.
-    tile, tile_overlap, tile_batch, weights: latent tiling (``tiling.TiledModel``; None = whole latent).
-    """
-    spec_guidance = DEFAULTS["ddim_guidance"] if sampler == "ddim" else DEFAULTS["guidance"]
-    guidance = spec_guidance if guidance is None else guidance
-    _check(model, cfw_vae, dec_w, scale, sampler, start, color_fix_mode)
-    steps = check_int("steps", steps)
-    check_finite("guidance", guidance)
-    if steps > model.schedule.get("timesteps", 1000):
-        raise ValueError(f"steps must be at most {model.schedule.get('timesteps', 1000)}, got {steps}")
-    low = _images(image)                                              # (B, 3, h, w) in [-1, 1]
+                     x_T: Tensor | None = None, tile: int | None = None, tile_overlap: int = DEFAULTS.tile_overlap,
+                     tile_batch: int = 1, weights: str = "symmetric", color_fix_mode: str = DEFAULTS.color_fix,
+                     callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
+    """The StableSR ``Job`` for (B, 3, h, w) images in [0, 1] upscaled by ``scale`` with a StableSR ``LoadedModel``:
+    the arguments are in the module docstring; ``upscale_stablesr`` = ``finish(job, sample(job))``."""
+    check_options(model, cfw_vae, sampler=sampler, steps=steps, guidance=guidance, dec_w=dec_w, scale=scale,
+                  start=start, input_size=input_size, color_fix_mode=color_fix_mode)
+    steps, guidance = DEFAULTS.steps_for(sampler, steps), DEFAULTS.guidance_for(sampler, guidance)
+    low = check_images(image)                                         # (B, 3, h, w) in [-1, 1]
+    if min(low.shape[-2:]) < 8:
+        raise ValueError(f"the image is {low.shape[-1]}x{low.shape[-2]}; StableSR needs at least 8x8")
     batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
-    if input_size is None:
-        input_size = 768 if model.prediction == "v" else DEFAULTS["input_size"]
+    input_size = input_size or (768 if model.prediction == "v" else DEFAULTS.input_size)
     up = F.interpolate(low, size=upsampled_size(model, (h, w), scale, input_size), mode="bicubic",
                        align_corners=False).clamp(-1, 1)
     H, W = up.shape[-2:]
     pad_mode = "reflect" if (-H) % PAD_MULTIPLE < H and (-W) % PAD_MULTIPLE < W else "replicate"  # reflect as upstream
     padded, (ph, pw) = pad_to_multiple(up, PAD_MULTIPLE, pad_mode, "upsampled image")
     seeds, generators = resolve_generators(seed, generator, batch)
-    gens = generators if isinstance(generators, (list, tuple)) else [generators] * batch
-
-    # encode (CFW: posterior sample + features for the decoder's fusion)
     cfw = getattr(cfw_vae, "vae", cfw_vae) if cfw_vae is not None else None
-    vae = cfw if cfw is not None else model.vae
-    vp = next(vae.parameters())
-    z_lr, feats = [], []
-    for i in range(batch):
-        xi = padded[i:i + 1].to(vp.device, vp.dtype)
-        post, f = vae.encode(xi) if cfw is not None else (vae.encode(xi), None)
-        z_lr.append(model.scale_factor * post.sample(noise=randn(post.mean.shape, [gens[i]]).to(post.mean)).float())
-        feats.append(f)
-    z_lr = torch.cat(z_lr)                                            # (B, 4, H'/8, W'/8)
-    shape = tuple(z_lr.shape)
-    if x_T is None:
-        x_T = randn(shape, generators)
-    elif tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T must have shape {shape} (the padded, upsampled image / 8), got {tuple(x_T.shape)}")
-    x_T = x_T.float().to(z_lr.device)
-    if start == "lr":  # q(x_999 | z_lr) with the original 1000-step tables
-        ac = ldm_buffers(schedule_betas(model.schedule))["alphas_cumprod"]
-        a = float(ac[-1])
-        x_T = math.sqrt(a) * z_lr + math.sqrt(1 - a) * x_T
-
-    # sample
+    z_lr, feats = _encode(cfw or model.vae, cfw is not None, padded, generators, model.scale_factor)
     device = next(model.unet.parameters()).device
+    x_T = _start(model, z_lr, start, x_T, generators)
     cond = dict(context=prompt_context(model, prompt, None, batch, "prompt").to(device), lr=z_lr.to(device))
     uncond = None
-    if guidance != 1:
+    if guided(guidance):
         uncond = dict(context=prompt_context(model, negative_prompt, None, batch, "negative_prompt").to(device))
     den, ddim_ts = stablesr_denoiser(model, guidance, sampler, steps, tile, tile_overlap, tile_batch, weights, progress)
-    kw = dict(extra_args=dict(cond=cond, uncond=uncond), generator=generators, callback=callback,
-              disable=not progress)
-    if sampler == "ddpm":
-        latents = S.sample_ddpm(den, x_T.to(device), None, **kw).float()
-    else:
-        latents = S.sample_ddim(den, x_T.to(device), ddim_ts, **kw).float()
-
-    # decode (CFW fusion with dec_w), colour fix, crop, resize down
-    out = []
-    for i in range(batch):
-        z = (latents[i:i + 1] / model.scale_factor).to(vp.device, vp.dtype)
-        out.append((vae.decode(z, feats[i], float(dec_w)) if cfw is not None else vae.decode(z)).float().cpu())
-    out = torch.cat(out)
-    if color_fix_mode != "none":
-        out = color_fix(out, padded.cpu(), color_fix_mode)
-    out = out[..., :H, :W]
+    spec = get_sampler(sampler)
     oh, ow = round(h * scale), round(w * scale)
-    if (H, W) != (oh, ow):
-        out = F.interpolate(out, size=(oh, ow), mode="bicubic", align_corners=False, antialias=True)
-    images = ((out + 1) / 2).clamp(0, 1)
-
-    params = {
-        "pipeline": "stablesr", "sdup_version": __version__, "model": str(model.source), "family": model.family,
-        "cfw_vae": str(getattr(cfw_vae, "source", "module")) if cfw_vae is not None else None,
-        "prediction": model.prediction, "sampler": sampler, "steps": steps, "guidance": float(guidance),
-        "dec_w": float(dec_w) if cfw is not None else None, "start": start, "scale": float(scale),
-        "input_size": [h, w], "output_size": [oh, ow], "upsampled_size": [H, W], "native_size": input_size,
-        "batch_size": batch, "scale_factor": model.scale_factor, "color_fix": color_fix_mode,
-        "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
-    }
-    if ph or pw:
-        params["padding"] = {"mode": pad_mode, "bottom": ph, "right": pw}
-    if tile:
-        t = max(8, tile - tile % 8)
-        params["tiling"] = {"tile": t, "overlap": min(tile_overlap, t - 8), "tile_batch": tile_batch,
+    params = base_parameters("stablesr", model, steps, guidance, batch)
+    params.update(cfw_vae=str(getattr(cfw_vae, "source", "module")) if cfw_vae is not None else None,
+                  prediction=model.prediction, dec_w=float(dec_w) if cfw is not None else None, start=start,
+                  scale=float(scale), input_size=[h, w], output_size=[oh, ow], upsampled_size=[H, W],
+                  native_size=input_size, scale_factor=model.scale_factor, color_fix=color_fix_mode,
+                  padding={"mode": pad_mode, "bottom": ph, "right": pw} if ph or pw else None)
+    tiler = den.model.inner if tile else None
+    if tiler is not None:
+        params["tiling"] = {"tile": tiler.tile[0], "overlap": tiler.overlap[0], "tile_batch": tile_batch,
                             "weights": weights}
     params["timesteps"] = space_timesteps(1000, [steps])[::-1]
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, None), negative_prompt=(negative_prompt, None))
-    return Result(images=images, latents=latents.cpu(), parameters={k: v for k, v in params.items() if v is not None})
+    return Job(spec, den, x_T.to(device), ddim_ts, dict(cond=cond, uncond=uncond), 1.0, spec.options(0.0), generators,
+               callback, progress, tiler, decode=_cfw_decoding(model, cfw, feats, dec_w), color_fix=color_fix_mode,
+               color_ref=padded.cpu(), crop=(H, W), resize=(oh, ow),
+               parameters={k: v for k, v in params.items() if v is not None})
+
+
+def _start(model, z_lr: Tensor, start: str, x_T: Tensor | None, generators) -> Tensor:
+    """The start latent: the noise itself (``start="noise"``) or q(x_999 | z_lr) with the original 1000-step tables."""
+    x_T = start_noise(x_T, z_lr.shape, generators, z_lr.device, " (the padded, upsampled image / 8)")
+    if start != "lr":
+        return x_T
+    a = float(ldm_buffers(schedule_betas(model.schedule))["alphas_cumprod"][-1])
+    return math.sqrt(a) * z_lr + math.sqrt(1 - a) * x_T
+
+
+def _encode(vae, is_cfw: bool, padded: Tensor, generators, scale_factor: float) -> tuple[Tensor, list]:
+    """(z_lr = scale_factor * posterior sample, the CFW encoder features per sample (None without CFW))."""
+    gens = generators if isinstance(generators, (list, tuple)) else [generators] * padded.shape[0]
+    vp = next(vae.parameters())
+    z_lr, feats = [], []
+    for i in range(padded.shape[0]):
+        xi = padded[i:i + 1].to(vp.device, vp.dtype)
+        post, f = vae.encode(xi) if is_cfw else (vae.encode(xi), None)
+        z_lr.append(scale_factor * post.sample(noise=randn(post.mean.shape, [gens[i]]).to(post.mean)).float())
+        feats.append(f)
+    return torch.cat(z_lr), feats                                     # (B, 4, H'/8, W'/8)
+
+
+def _cfw_decoding(model, cfw, feats: list, dec_w: float) -> Callable[[Tensor], Tensor]:
+    """latents -> [-1, 1] images: the CFW decoder fusing each sample's encoder features with weight ``dec_w`` (the
+    model's plain VAE without CFW)."""
+    vae = cfw if cfw is not None else model.vae
+    vp = next(vae.parameters())
+
+    def decode(latents: Tensor) -> Tensor:
+        out = []
+        for i in range(latents.shape[0]):
+            z = (latents[i:i + 1] / model.scale_factor).to(vp.device, vp.dtype)
+            out.append((vae.decode(z, feats[i], float(dec_w)) if cfw is not None else vae.decode(z)).float().cpu())
+        return torch.cat(out)
+    return decode
+
+
+@torch.inference_mode()
+def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
+                     negative_prompt: str | Sequence[str] | Tensor = "", **options) -> Result:
+    """Super-resolve images: ``finish(job, sample(job))`` of ``prepare_stablesr`` (same arguments) under
+    ``torch.inference_mode()``.  Returns ``Result(images (B, 3, s*h, s*w) in [0, 1], latents, parameters)``."""
+    job = prepare_stablesr(model, cfw_vae, image, prompt, negative_prompt, **options)
+    return finish(job, sample(job))

@@ -1,4 +1,4 @@
-"""Stable Diffusion text-to-image (SD 1.x and 2.x, eps and v models; SPEC §2.5).
+"""Stable Diffusion text-to-image (SD 1.x and 2.x, eps and v models).
 
     model = sdup.load("sd-v1-4.ckpt")
     out = txt2img(model, "a photograph of an astronaut riding a horse", steps=50, sampler="ddim", seed=42)
@@ -12,9 +12,28 @@ What it computes (CompVis ``scripts/txt2img.py`` / diffusers ``StableDiffusionPi
 2. x_T ~ N(0, I) of shape (B, 4, H/8, W/8), sample i drawn from its own generator seeded ``seed + i``; the same
    generator then supplies that sample's per-step noise (DDIM eta > 0, DDPM, Euler a).
 3. Network output with classifier-free guidance, ONE UNet call on the batch [u, c]: out_u + g (out_c - out_u),
-   on eps or v as the model predicts; then the sampler (``common.run_sampler``: DDIM / PLMS / DDPM on the
-   LDM timesteps, Euler / Euler a / LMS / DPM++ 2M on diffusers' sigma grids).
+   on eps or v as the model predicts; then the sampler (``job.ldm_grid``: DDIM / PLMS / DDPM on the LDM
+   timesteps, Euler / Euler a / LMS / DPM++ 2M on diffusers' sigma grids).
 4. image = clamp((vae.decode(x_0 / scale_factor) + 1) / 2, 0, 1); the VAE runs in fp32, one sample at a time.
+
+Step by step: ``job = prepare_txt2img(...)``, ``latents = sample(job)``, ``finish(job, latents)``.
+
+Arguments of ``prepare_txt2img`` (and of the wrapper, which takes the same):
+    prompt / negative_prompt: a string (shared by the batch), a list of strings (one per sample), or token ids
+        ((L,) / (B, L) int tensor or lists, start/end tokens included; for encoders without a BPE tokenizer).
+        The negative prompt is the unconditional input of classifier-free guidance ("" = the reference).
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
+    height, width: image size (multiples of 8; of 64 for SD's 3-times-downsampling UNet).
+    steps: sampler steps (UNet evaluations, x2 with guidance; PLMS does one extra on its first step).
+    sampler: ddim (the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (good images in ~20 steps).
+    guidance: classifier-free guidance scale; 1 disables it (one UNet call per step, no negative prompt).
+    eta: DDIM stochasticity (default 0) / Euler-ancestral noise scale (default 1); not accepted by the others.
+    seed: base seed (sample i uses seed + i) or one seed per sample; None draws a random one (recorded).
+    generator: one torch.Generator per sample instead of seeds (a single one is shared by the batch).
+    batch_size: images to generate (default: the number of prompts, else 1).
+    x_T: start noise (B, C, H/8, W/8) with unit variance instead of drawing it (the generators still drive
+        the per-step noise).
+    callback: called after every step with dict(i, t, sigma, x, x0_pred) (see ``sdup.diffusion.samplers``).
 """
 from __future__ import annotations
 
@@ -23,10 +42,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import __version__
 from ..diffusion.denoisers import CFG
-from .common import (Result, check_finite, check_int, decode_scaled, parse_sampler, prompt_context, record_prompts,
-                     resolve_eta, resolve_generators, run_sampler)
+from ..diffusion.samplers import get_sampler
+from .common import (Result, check_finite, check_int, decode_latents, dtype_name, prompt_context, record_prompts,
+                     resolve_generators)
+from .job import Job, base_parameters, finish, guided, ldm_grid, sample, start_noise
 
 Tensor = torch.Tensor
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
@@ -76,43 +96,20 @@ def _unet_net(unet) -> Callable:
     return net
 
 
-@torch.inference_mode()
-def decode_latents(model, latents: Tensor, vae_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Scaled latents -> images in [0, 1] (``common.decode_scaled``: VAE in fp32 by default, one sample at a time), on
-    the CPU."""
-    return ((decode_scaled(model.vae, latents, model.scale_factor, vae_dtype=vae_dtype) + 1) / 2).clamp(0, 1)
-
-
-@torch.inference_mode()
-def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_prompt: str | Sequence[str] | Tensor = "",
+def prepare_txt2img(model, prompt: str | Sequence[str] | Tensor | None = None,
+                    negative_prompt: str | Sequence[str] | Tensor = "",
             *, prompt_embeds: Tensor | None = None, negative_embeds: Tensor | None = None,
             height: int = 512, width: int = 512, steps: int = 50, sampler: str = "ddim", guidance: float = 7.5,
             eta: float | None = None, seed: int | Sequence[int] | None = 42,
             generator: torch.Generator | Sequence[torch.Generator] | None = None, batch_size: int | None = None,
             x_T: Tensor | None = None, vae_dtype: torch.dtype = torch.float32,
             callback: Callable[[dict], None] | None = None,
-            progress: bool = True) -> Result:
-    """Generate images from text with an SD 1.x / 2.x ``LoadedModel``.
-
-    prompt / negative_prompt: a string (shared by the batch), a list of strings (one per sample), or token ids
-        ((L,) / (B, L) int tensor or lists, start/end tokens included; for encoders without a BPE tokenizer).
-        The negative prompt is the unconditional input of classifier-free guidance ("" = the reference).
-    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
-    height, width: image size (multiples of 8; of 64 for SD's 3-times-downsampling UNet).
-    steps: sampler steps (UNet evaluations, x2 with guidance; PLMS does one extra on its first step).
-    sampler: ddim (the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (good images in ~20 steps).
-    guidance: classifier-free guidance scale; 1 disables it (one UNet call per step, no negative prompt).
-    eta: DDIM stochasticity (default 0) / Euler-ancestral noise scale (default 1); not accepted by the others.
-    seed: base seed (sample i uses seed + i) or one seed per sample; None draws a random one (recorded).
-    generator: one torch.Generator per sample instead of seeds (a single one is shared by the batch).
-    batch_size: images to generate (default: the number of prompts, else 1).
-    x_T: start noise (B, C, H/8, W/8) with unit variance instead of drawing it (the generators still drive
-        the per-step noise).
-    callback: called after every step with dict(i, t, sigma, x, x0_pred) (see ``sdup.diffusion.samplers``).
-    """
+            progress: bool = True) -> Job:
+    """The text-to-image ``Job`` for an SD 1.x / 2.x ``LoadedModel``: the arguments are in the module docstring;
+    ``txt2img`` = ``finish(job, sample(job))``."""
     _check_model(model)
-    spec = parse_sampler(sampler)
-    eta = resolve_eta(spec, eta)
+    spec = get_sampler(sampler)
+    eta = spec.resolve_eta(eta)
     steps = check_int("steps", steps)
     check_finite("guidance", guidance)
     if prompt is None and prompt_embeds is None:
@@ -121,35 +118,30 @@ def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None, negative_
         raise ValueError("give either prompt or prompt_embeds, not both")
     batch = check_int("batch_size", batch_size) if batch_size is not None else _batch_of(prompt, prompt_embeds)
     channels, h, w = latent_geometry(model, height, width)
-    shape = (batch, channels, h, w)
-
     seeds, generators = resolve_generators(seed, generator, batch)
     device = next(model.unet.parameters()).device
-    if x_T is None:
-        from ..diffusion.samplers import randn
-        x_T = randn(shape, generators)
-    elif tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-    x_T = x_T.float().to(device)
-
-    cond = prompt_context(model, prompt, prompt_embeds, batch, "prompt")
+    x_T = start_noise(x_T, (batch, channels, h, w), generators, device)
+    cond = dict(context=prompt_context(model, prompt, prompt_embeds, batch, "prompt"))
     uncond = None
-    if guidance != 1:
-        uncond = prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt")
-    extra = dict(cond=dict(context=cond), uncond=None if uncond is None else dict(context=uncond))
-    latents, grid = run_sampler(spec, CFG(_unet_net(model.unet), float(guidance)), model.schedule, model.prediction,
-                                x_T, steps, eta=eta, extra_args=extra, generators=generators, callback=callback,
-                                progress=progress)
-    images = decode_latents(model, latents, vae_dtype)
-
-    params = {
-        "pipeline": "txt2img", "sdup_version": __version__, "model": str(model.source), "family": model.family,
-        "prediction": model.prediction, "sampler": spec.name, "steps": steps, "guidance": float(guidance),
-        "eta": eta, "height": height, "width": width, "batch_size": batch, "scale_factor": model.scale_factor,
-        "dtype": str(next(model.unet.parameters()).dtype).replace("torch.", ""),
-        "vae_dtype": str(vae_dtype).replace("torch.", ""),
-    }
+    if guided(guidance):
+        uncond = dict(context=prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt"))
+    den, grid, init_scale, record = ldm_grid(spec, CFG(_unet_net(model.unet), float(guidance)), model.schedule,
+                                             model.prediction, steps, device)
+    params = base_parameters("txt2img", model, steps, guidance, batch)
+    params.update(prediction=model.prediction, eta=eta, height=height, width=width, scale_factor=model.scale_factor,
+                  vae_dtype=dtype_name(vae_dtype))
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
                    negative_prompt=(negative_prompt, negative_embeds))
-    params.update(grid)
-    return Result(images=images, latents=latents.float().cpu(), parameters=params)
+    params.update(record)
+    return Job(spec, den, x_T, grid, dict(cond=cond, uncond=uncond), init_scale, spec.options(eta), generators,
+               callback, progress, decode=lambda z: decode_latents(model, z, clamp=False, vae_dtype=vae_dtype),
+               parameters=params)
+
+
+@torch.inference_mode()
+def txt2img(model, prompt: str | Sequence[str] | Tensor | None = None,
+            negative_prompt: str | Sequence[str] | Tensor = "", **options) -> Result:
+    """Generate images from text: ``finish(job, sample(job))`` of ``prepare_txt2img`` (same arguments) under
+    ``torch.inference_mode()``.  Returns ``Result(images (B, 3, H, W) in [0, 1], latents, parameters)``."""
+    job = prepare_txt2img(model, prompt, negative_prompt, **options)
+    return finish(job, sample(job))

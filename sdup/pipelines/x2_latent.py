@@ -1,4 +1,4 @@
-"""sd-x2-latent-upscaler: text-guided 2x upscaling of Stable Diffusion latents (SPEC §4.5, §7.9, §7.11, §7.12).
+"""sd-x2-latent-upscaler: text-guided 2x upscaling of Stable Diffusion latents.
 
     model = sdup.load("sd-x2-latent-upscaler/")          # diffusers folder (unet/, text_encoder/, vae/)
     sd = sdup.load("sd-v1-4.ckpt")
@@ -48,7 +48,38 @@ the order of diffusers, so ``seed=s`` equals diffusers with ``generator=[Generat
 
 Defaults: diffusers (sdup's defaults) steps 75, guidance 9.0, Euler, noise level 0, no padding mask.  The original
 Colab notebook: steps 50, guidance 1 (no CFG), sampler dpm_adaptive (k-diffusion; not in sdup, euler_a / euler
-offered there too), the exponential sigma grid above, noise level 0, padding mask on (``ORIGINAL_DEFAULTS``).
+offered there too), the exponential sigma grid above, noise level 0, padding mask on (see ``Defaults``).
+Guidance: sdup's one rule (guidance runs for every scale != 1, ``job.guided``); ``guidance_rule="diffusers"`` skips it
+for every scale <= 1 as diffusers does.
+Step by step: ``job = prepare_x2(...)``, ``latents = sample(job)``, ``finish(job, latents)`` (``sdup.pipelines.job``).
+
+Arguments of ``prepare_x2`` (and of the wrapper, which takes the same):
+    latents: (B, 4, h, w) scaled SD 1.x / 2.x latents (the latent contract, module docstring); or
+    image: (B, 3, H, W) in [0, 1], encoded with ``vae`` (or the model's own vae/). Exactly one of the two.
+    vae: an SD VAE (LoadedModel or sdup AutoencoderKL) for encoding / decoding; default the model's vae/.
+    prompt / negative_prompt: text or token ids (as txt2img); the prompt should describe the image ("" works).
+    prompt_embeds + pooled_prompt_embeds (+ negative_embeds + negative_pooled_embeds): precomputed text features
+        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text. ``prompt_mask`` /
+        ``negative_mask`` (B, 77) go with them when ``mask_padding``.
+    steps, sampler (euler | euler_a | lms | dpmpp_2m), schedule (diffusers | original | karras) or sigmas (an
+        explicit grid, visiting order, final 0 or not): see the module docstring.
+    guidance: CFG scale on D; 1 runs the conditional half only (``job.guided``; ``guidance_rule="diffusers"``: any
+        scale <= 1 does, as diffusers); 0 also replaces a text prompt by "" (diffusers).
+    eta: Euler-ancestral noise scale (default 1).
+    seed / generator: one generator per sample (seed + i); x_T: (B, 4, 2h, 2w) unit-variance start noise.
+    noise_level: the original's low-res noise augmentation s (needs the k-diffusion checkpoint for s > 0);
+        noise_aug: "gaussian" (L + s N) or "fake" (L sqrt(s^2 + 1)).
+    mask_padding: mask the text padding tokens as the original model did (diffusers does not).
+    sample_posterior: image path: VAE posterior sample (diffusers / original) or its mean.
+    pad_mode: image path: an image whose sides are not multiples of 8 * ``latent_multiple`` (32 for the real
+        model) is padded bottom / right ("replicate" | "reflect") and the output cropped back to exactly 2H x 2W;
+        None raises instead. Latents are never padded (the latent contract).
+    tile, tile_overlap: run the K-UNet on overlapping tiles of the 2x latent (``tiling.TiledModel``, Gaussian
+        blending every step; one tile covering the latent = the untiled run); vae_tile, vae_overlap: decode with
+        ``tiling.tiled_decode`` (exact, bounded memory).
+    color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the input image (latents path: to
+        the VAE decode of the low-res latents).
+    callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
 """
 from __future__ import annotations
 
@@ -57,22 +88,36 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import __version__
+from dataclasses import dataclass
+
 from ..diffusion.denoisers import CFG, KarrasDenoiser
-from ..diffusion.samplers import randn
+from ..diffusion.samplers import SIGMA_SAMPLERS, get_sampler, randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
-from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import (Result, check_finite, check_int, decode_scaled, pad_to_multiple, parse_sampler, record_prompts,
-                     resolve_eta, resolve_generators, token_ids)
+from .common import (Result, check_finite, check_int, decode_latents, dtype_name, pad_to_multiple, prompt_rows,
+                     record_prompts, resolve_generators, token_ids)
+from .job import (Job, base_parameters, check_color_fix, finish, guided, sample, start_noise, tile_parameters,
+                  tiled)
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
 SCHEDULES = ("diffusers", "original", "karras")
 NOISE_AUG = ("gaussian", "fake")
-SIGMA_SAMPLERS = ("euler", "euler_a", "lms", "dpmpp_2m")
-DEFAULTS = dict(steps=75, guidance=9.0, sampler="euler", schedule="diffusers", noise_level=0.0, mask_padding=False)
-ORIGINAL_DEFAULTS = dict(steps=50, guidance=1.0, sampler="dpm_adaptive (not in sdup: use euler / euler_a)",
-                         schedule="original", noise_level=0.0, mask_padding=True)
+SAMPLERS = SIGMA_SAMPLERS   # a Karras denoiser D(x, sigma): the sigma samplers of the registry
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """diffusers' values, sdup's defaults.  The original Colab notebook: steps 50, guidance 1 (no CFG), sampler
+    dpm_adaptive (not in sdup; euler / euler_a are offered there too), schedule "original", mask_padding True."""
+    steps: int = 75
+    guidance: float = 9.0
+    sampler: str = "euler"
+    schedule: str = "diffusers"
+    noise_level: float = 0.0
+    mask_padding: bool = False
+
+
+DEFAULTS = Defaults()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,7 +179,6 @@ def _vae_module(vae):
     return module
 
 
-@torch.inference_mode()
 def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=None, sample: bool = True) -> Tensor:
     """Image (B, 3, H, W) in [0, 1] -> scaled SD latents (B, 4, H/f, W/f): posterior sample (noise drawn from
     ``generators``, one per sample, as diffusers' ``latent_dist.sample(generator)``) or its mean."""
@@ -156,16 +200,6 @@ def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=N
     return torch.cat(out)
 
 
-def decode_latents(vae, latents: Tensor, scale_factor: float = 0.18215, *, vae_tile: int | None = None,
-                   vae_overlap: int = 8, progress: bool = False, clamp: bool = True,
-                   vae_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Scaled latents -> images on the CPU, in [0, 1] (``clamp=False``: the raw decoder output in [-1, 1], not clamped):
-    ``common.decode_scaled`` (the VAE in fp32 by default, one sample at a time, ``vae_tile``: exact tiled decode)."""
-    x = decode_scaled(_vae_module(vae), latents, scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
-                      progress=progress, vae_dtype=vae_dtype)
-    return ((x + 1) / 2).clamp(0, 1) if clamp else x
-
-
 def padding_mask(model, ids: Tensor) -> Tensor:
     """(B, L) 1.0 for real tokens (start, text and the first end-of-text token), 0.0 for the padding after it --
     the tokenizer's ``attention_mask`` that the original model receives."""
@@ -175,7 +209,6 @@ def padding_mask(model, ids: Tensor) -> Tensor:
     return (torch.arange(ids.shape[1])[None, :] <= first[:, None]).float()
 
 
-@torch.inference_mode()
 def encode_x2_prompts(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
     """Prompts (text or token ids, see ``common.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
     pooled (B, D), padding mask (B, 77)). Identical prompts are encoded once."""
@@ -206,13 +239,7 @@ def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_paddi
         if mask is not None:
             mask = (mask[None] if mask.ndim == 1 else mask).float()
     else:
-        rows = [prompt] if isinstance(prompt, str) else prompt
-        if isinstance(rows, (list, tuple)) and len(rows) == 1 and batch > 1:
-            rows = list(rows) * batch
-        if isinstance(rows, Tensor) and not rows.is_floating_point() and (rows.ndim == 1 or rows.shape[0] == 1) \
-                and batch > 1:
-            rows = rows.reshape(1, -1).expand(batch, -1)
-        ctx, pooled, mask = encode_x2_prompts(model, rows)
+        ctx, pooled, mask = encode_x2_prompts(model, prompt_rows(prompt, batch))
     out = []
     for name, t in (("embeddings", ctx), ("pooled", pooled), ("mask", mask)):
         if t is not None:
@@ -245,21 +272,6 @@ def x2_network(unet) -> Callable:
     return net
 
 
-def x2_denoiser(unet, guidance: float = 1.0, tile: int | None = None, tile_overlap: int = 16,
-                progress: bool = False) -> CFG:
-    """``CFG(KarrasDenoiser(x2_network(unet)), guidance)``: D(x, sigma, cond=..., uncond=...).
-    ``tile``: run the network on overlapping tiles of the 2x latent (``tiling.TiledModel``; the low-res conditioning
-    is cut into the same tiles), rounded down to the K-UNet's multiple."""
-    net = x2_network(unet)
-    if tile:
-        from .tiling import TiledModel
-        m = 2 * latent_multiple(unet)  # the 2x latent is halved levels-1 times
-        t = max(m, tile - tile % m)
-        net = TiledModel(net, tile=t, overlap=min(tile_overlap, t - m), progress=progress)
-    return CFG(KarrasDenoiser(net, sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX),
-               float(guidance))
-
-
 def x2_sigmas(steps: int, schedule: str = "diffusers", model=None) -> Tensor:
     """The sigma grid (visiting order, float32): see the module docstring, step 5."""
     steps = check_int("steps", steps)
@@ -273,11 +285,6 @@ def x2_sigmas(steps: int, schedule: str = "diffusers", model=None) -> Tensor:
     if schedule == "karras":
         return karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX)
     raise ValueError(f"unknown sigma schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
-
-
-def _batch_of(latents, image) -> int:
-    t = latents if latents is not None else image
-    return 1 if t.ndim == 3 else t.shape[0]
 
 
 def read_latents(path) -> tuple[Tensor, dict]:
@@ -307,182 +314,187 @@ def read_latents(path) -> tuple[Tensor, dict]:
 # the pipeline
 
 
-@torch.inference_mode()
-def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str] | Tensor | None = "",
-                       negative_prompt: str | Sequence[str] | Tensor = "", *, image: Tensor | None = None, vae=None,
-                       prompt_embeds: Tensor | None = None, pooled_prompt_embeds: Tensor | None = None,
-                       negative_embeds: Tensor | None = None, negative_pooled_embeds: Tensor | None = None,
-                       prompt_mask: Tensor | None = None, negative_mask: Tensor | None = None,
-                       steps: int = 75, sampler: str = "euler", schedule: str = "diffusers",
-                       sigmas: Tensor | None = None, guidance: float = 9.0, eta: float | None = None,
-                       seed: int | Sequence[int] | None = 42,
-                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                       x_T: Tensor | None = None, noise_level: float = 0.0, noise_aug: str = "gaussian",
-                       mask_padding: bool = False, sample_posterior: bool = True, pad_mode: str | None = "replicate",
-                       tile: int | None = None, tile_overlap: int = 16, vae_tile: int | None = None,
-                       vae_overlap: int = 8, vae_dtype: torch.dtype = torch.float32, color_fix_mode: str = "none",
-                       callback: Callable[[dict], None] | None = None, progress: bool = True,
-                       decode: bool = True) -> Result:
-    """Upscale SD latents (or an image through the SD VAE) 2x with an sd-x2-latent-upscaler ``LoadedModel``.
+def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str] | Tensor | None = "",
+               negative_prompt: str | Sequence[str] | Tensor = "", *, image: Tensor | None = None, vae=None,
+               prompt_embeds: Tensor | None = None, pooled_prompt_embeds: Tensor | None = None,
+               negative_embeds: Tensor | None = None, negative_pooled_embeds: Tensor | None = None,
+               prompt_mask: Tensor | None = None, negative_mask: Tensor | None = None,
+               steps: int = DEFAULTS.steps, sampler: str = DEFAULTS.sampler, schedule: str = DEFAULTS.schedule,
+               sigmas: Tensor | None = None, guidance: float = DEFAULTS.guidance, eta: float | None = None,
+               seed: int | Sequence[int] | None = 42,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None,
+               x_T: Tensor | None = None, noise_level: float = 0.0, noise_aug: str = "gaussian",
+               mask_padding: bool = False, sample_posterior: bool = True, pad_mode: str | None = "replicate",
+               tile: int | None = None, tile_overlap: int = 16, vae_tile: int | None = None,
+               vae_overlap: int = 8, vae_dtype: torch.dtype = torch.float32, color_fix_mode: str = "none",
+               callback: Callable[[dict], None] | None = None, progress: bool = True,
+               decode: bool = True, guidance_rule: str = "sdup") -> Job:
+    """The x2 ``Job`` for SD latents (or an image through the SD VAE) and an sd-x2-latent-upscaler ``LoadedModel``:
+    the arguments are in the module docstring; ``upscale_latents_x2`` = ``finish(job, sample(job))``."""
+    check_options(model, sampler=sampler, steps=steps, guidance=guidance, noise_level=noise_level, eta=eta,
+                  noise_aug=noise_aug, color_fix_mode=color_fix_mode, schedule=schedule if sigmas is None else "diffusers")
+    if (latents is None) == (image is None):
+        raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
+    unet, spec = model.unet, get_sampler(sampler)
+    eta, use_cfg = spec.resolve_eta(eta), guided(guidance, guidance_rule)
+    prompt = _x2_prompt(prompt, prompt_embeds, guidance)
+    vae_module = _x2_vae(model, vae, decode or image is not None)
+    image, in_hw, padding = _x2_image(image, vae_module, unet, pad_mode)
+    batch = image.shape[0] if image is not None else 1 if latents.ndim == 3 else latents.shape[0]
+    scale_factor = float(getattr(model, "scale_factor", 0.18215))
+    seeds, generators = resolve_generators(seed, generator, batch)
+    p = next(unet.parameters())
+    text = [_text(model, prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch, "prompt", mask_padding)]
+    if use_cfg:  # text before any random draw: errors come first
+        text.append(_text(model, None if negative_embeds is not None else negative_prompt, negative_embeds,
+                          negative_pooled_embeds, negative_mask, batch, "negative_prompt", mask_padding))
+    if image is not None:
+        latents = encode_image(vae_module, image, scale_factor, generators, sample_posterior)
+    low = check_latents(unet, latents).to(p.device)
+    shape = (batch, unet.cfg.input_channels, 2 * low.shape[-2], 2 * low.shape[-1])
+    x_T = start_noise(x_T, shape, generators, p.device)
+    low, extra = _x2_conditioning(unet, low, text, noise_level, noise_aug, generators)
+    sigmas, schedule = _x2_grid(sigmas, steps, schedule, model)
+    net = tiled(x2_network(unet), tile, tile_overlap, 2 * latent_multiple(unet), progress)
+    den = CFG(KarrasDenoiser(net, sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX),
+              float(guidance) if use_cfg else 1.0)
+    params = base_parameters("x2_latent", model, len(sigmas) - 1, guidance, batch)
+    params.update(schedule=schedule, eta=eta, noise_level=float(noise_level),
+                  noise_aug=noise_aug if noise_level > 0 else None, mask_padding=bool(mask_padding),
+                  input="image" if image is not None else "latents",
+                  sample_posterior=bool(sample_posterior) if image is not None else None,
+                  low_res_size=list(low.shape[-2:]), latent_size=list(shape[-2:]), scale_factor=scale_factor)
+    record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
+                   negative_prompt=(negative_prompt, negative_embeds))
+    job = Job(spec, den, x_T, sigmas.to(p.device), extra, float(sigmas[0]), spec.options(eta), generators, callback,
+              progress, net if tile else None, parameters=params)
+    if decode:
+        _x2_decoding(job, vae_module, scale_factor, image, in_hw, low, color_fix_mode, vae_tile, vae_overlap, vae_dtype)
+    _x2_layout_parameters(params, padding, pad_mode, job.tiler, vae_tile, vae_overlap)
+    return job
 
-    latents: (B, 4, h, w) scaled SD 1.x / 2.x latents (the latent contract, module docstring); or
-    image: (B, 3, H, W) in [0, 1], encoded with ``vae`` (or the model's own vae/). Exactly one of the two.
-    vae: an SD VAE (LoadedModel or sdup AutoencoderKL) for encoding / decoding; default the model's vae/.
-    prompt / negative_prompt: text or token ids (as txt2img); the prompt should describe the image ("" works).
-    prompt_embeds + pooled_prompt_embeds (+ negative_embeds + negative_pooled_embeds): precomputed text features
-        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text. ``prompt_mask`` /
-        ``negative_mask`` (B, 77) go with them when ``mask_padding``.
-    steps, sampler (euler | euler_a | lms | dpmpp_2m), schedule (diffusers | original | karras) or sigmas (an
-        explicit grid, visiting order, final 0 or not): see the module docstring.
-    guidance: CFG scale on D; 1 or less (like diffusers) runs the conditional half only; 0 also replaces a text
-        prompt by "" (diffusers).
-    eta: Euler-ancestral noise scale (default 1).
-    seed / generator: one generator per sample (seed + i); x_T: (B, 4, 2h, 2w) unit-variance start noise.
-    noise_level: the original's low-res noise augmentation s (needs the k-diffusion checkpoint for s > 0);
-        noise_aug: "gaussian" (L + s N) or "fake" (L sqrt(s^2 + 1)).
-    mask_padding: mask the text padding tokens as the original model did (diffusers does not).
-    sample_posterior: image path: VAE posterior sample (diffusers / original) or its mean.
-    pad_mode: image path: an image whose sides are not multiples of 8 * ``latent_multiple`` (32 for the real
-        model) is padded bottom / right ("replicate" | "reflect") and the output cropped back to exactly 2H x 2W;
-        None raises instead. Latents are never padded (the latent contract).
-    tile, tile_overlap: run the K-UNet on overlapping tiles of the 2x latent (``tiling.TiledModel``, Gaussian
-        blending every step; one tile covering the latent = the untiled run); vae_tile, vae_overlap: decode with
-        ``tiling.tiled_decode`` (exact, bounded memory).
-    color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the input image (latents path: to
-        the VAE decode of the low-res latents).
-    callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
-    """
-    check_x2_model(model)
-    unet = model.unet
-    spec = parse_sampler(sampler)
+
+def _x2_layout_parameters(params: dict, padding, pad_mode, tiler, vae_tile, vae_overlap) -> None:
+    if any(padding):
+        params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
+    if tile_parameters(tiler, vae_tile, vae_overlap):
+        params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
+
+
+def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,
+                  guidance: float = DEFAULTS.guidance, noise_level: float = DEFAULTS.noise_level, eta: float | None = None,
+                  noise_aug: str = "gaussian", color_fix_mode: str = "none", schedule: str = DEFAULTS.schedule) -> None:
+    """The options that need no input checked (ValueError); ``prepare_x2`` and the CLI (before loading any weights:
+    ``model`` None) use it."""
+    if model is not None:
+        check_x2_model(model)
+    spec = get_sampler(sampler)
     if spec.discrete:
-        raise ValueError(f"the x2 latent upscaler is a Karras-preconditioned denoiser: use a sigma sampler "
-                         f"({', '.join(SIGMA_SAMPLERS)}), not {spec.name}")
-    eta = resolve_eta(spec, eta)
-    steps = check_int("steps", steps)
+        raise ValueError(f"sampler {spec.name}: the x2 latent upscaler is a Karras-preconditioned denoiser, use a "
+                         f"sigma sampler ({', '.join(SAMPLERS)})")
+    if schedule not in SCHEDULES + ("kdiffusion", "exponential"):
+        raise ValueError(f"unknown sigma schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+    spec.resolve_eta(eta)
+    check_int("steps", steps)
     check_finite("guidance", guidance)
     if not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool) or not noise_level >= 0 \
             or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
     if noise_aug not in NOISE_AUG:
         raise ValueError(f"noise_aug must be one of {NOISE_AUG}, got {noise_aug!r}")
-    if noise_level > 0 and unet.noise_aug_features is None:
+    if noise_level > 0 and model is not None and model.unet.noise_aug_features is None:
         raise ValueError("noise_level > 0 (the original's low-res noise augmentation) needs the low_res_noise_embed "
                          "weights, which only the original k-diffusion checkpoint (model_ema) contains; the diffusers "
                          "folder hard-codes noise level 0")
-    if color_fix_mode not in COLOR_FIX_MODES:
-        raise ValueError(f"unknown colour fix {color_fix_mode!r} (choose from {', '.join(COLOR_FIX_MODES)})")
-    if (latents is None) == (image is None):
-        raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
+    check_color_fix(color_fix_mode)
+
+
+def _x2_prompt(prompt, prompt_embeds, guidance: float):
     if prompt_embeds is not None:
-        prompt = None
-    elif guidance == 0:  # diffusers: guidance_scale == 0 replaces the prompt by ""
-        prompt = ""
-    elif prompt is None:
+        return None
+    if guidance == 0:  # diffusers: guidance_scale == 0 replaces the prompt by ""
+        return ""
+    if prompt is None:
         raise ValueError("give a prompt (text or token ids; \"\" is fine) or prompt_embeds + pooled_prompt_embeds")
-    vae_module = _vae_module(vae) if vae is not None else getattr(model, "vae", None)
-    if (decode or image is not None) and vae_module is None:
+    return prompt
+
+
+def _x2_vae(model, vae, needed: bool):
+    """The VAE module: ``vae`` (checked) or the model's own vae/; a ValueError when needed and there is none."""
+    module = _vae_module(vae) if vae is not None else getattr(model, "vae", None)
+    if needed and module is None:
         raise ValueError("no VAE: this x2 model has no vae/ folder; pass vae= an SD 1.x / 2.x VAE (e.g. "
                          "sdup.load('sd-v1-4.ckpt')) or use latents with decode=False")
-    if image is not None:
-        if not isinstance(image, Tensor) or not image.is_floating_point() or image.ndim not in (3, 4) \
-                or image.shape[-3] != 3:
-            raise ValueError(f"image must be a float tensor (B, 3, H, W) in [0, 1], got "
-                             f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}"
-                             + (" -- 4-channel tensors are latents: pass them as latents="
-                                if isinstance(image, Tensor) and image.ndim in (3, 4) and image.shape[-3] == 4 else ""))
-        image = image[None] if image.ndim == 3 else image
-        in_hw = tuple(image.shape[-2:])
-        f = vae_module.cfg.downscale if getattr(vae_module, "cfg", None) is not None else 8
-        image, padding = pad_to_multiple(image, f * latent_multiple(unet), pad_mode, "image")
-    batch = _batch_of(latents, image)
-    scale_factor = float(getattr(model, "scale_factor", 0.18215))
+    return module
 
-    seeds, generators = resolve_generators(seed, generator, batch)
-    p = next(unet.parameters())
 
-    # text (before any random draw: errors come first)
-    cond_ctx, cond_pooled, cond_mask = _text(model, prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch,
-                                             "prompt", mask_padding)
-    use_cfg = guidance > 1.0  # diffusers: do_classifier_free_guidance = guidance_scale > 1
-    if use_cfg:
-        unc_ctx, unc_pooled, unc_mask = _text(model, None if negative_embeds is not None else negative_prompt,
-                                              negative_embeds, negative_pooled_embeds, negative_mask, batch,
-                                              "negative_prompt", mask_padding)
+def _x2_image(image, vae_module, unet, pad_mode):
+    """(padded image (B, 3, H', W') in [0, 1], its size before padding, (pad_h, pad_w)); no image: (None, None, (0, 0))."""
+    if image is None:
+        return None, None, (0, 0)
+    if not isinstance(image, Tensor) or not image.is_floating_point() or image.ndim not in (3, 4) \
+            or image.shape[-3] != 3:
+        raise ValueError(f"image must be a float tensor (B, 3, H, W) in [0, 1], got "
+                         f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}"
+                         + (" -- 4-channel tensors are latents: pass them as latents="
+                            if isinstance(image, Tensor) and image.ndim in (3, 4) and image.shape[-3] == 4 else ""))
+    image = image[None] if image.ndim == 3 else image
+    f = vae_module.cfg.downscale if getattr(vae_module, "cfg", None) is not None else 8
+    padded, padding = pad_to_multiple(image, f * latent_multiple(unet), pad_mode, "image")
+    return padded, tuple(image.shape[-2:]), padding
 
-    # low-res latent
-    if image is not None:
-        low = encode_image(vae_module, image, scale_factor, generators, sample_posterior)
-        low = check_latents(unet, low)
-    else:
-        low = check_latents(unet, latents)
-    low = low.to(p.device)
-    shape = (batch, unet.cfg.input_channels, 2 * low.shape[-2], 2 * low.shape[-1])
-    if x_T is None:
-        x_T = randn(shape, generators)
-    elif tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-    x_T = x_T.float().to(p.device)
 
-    s = torch.full((batch,), float(noise_level), device=p.device)
+def _x2_conditioning(unet, low: Tensor, text: list, noise_level: float, noise_aug: str, generators):
+    """(the augmented low-res latent, extra_args) from the low-res latent and the [cond, uncond] text features."""
+    batch, device = low.shape[0], low.device
+    s = torch.full((batch,), float(noise_level), device=device)
     if noise_level > 0:
-        low = low + noise_level * randn(low.shape, generators, device=p.device) if noise_aug == "gaussian" \
+        low = low + noise_level * randn(low.shape, generators, device=device) if noise_aug == "gaussian" \
             else low * math.sqrt(noise_level ** 2 + 1)
-    unet_cond, mapping_cond = unet.low_res_conditioning(low, s, cond_pooled.to(p.device))
-    cond = dict(unet_cond=unet_cond.float(), mapping_cond=mapping_cond.float(), context=cond_ctx)
-    if cond_mask is not None:
-        cond["context_mask"] = cond_mask
-    uncond = None
-    if use_cfg:
-        uncond = dict(mapping_cond=unet.low_res_conditioning(low, s, unc_pooled.to(p.device))[1].float(),
-                      context=unc_ctx)
-        if unc_mask is not None:
-            uncond["context_mask"] = unc_mask
+    (ctx, pooled, mask), uncond = text[0], None
+    unet_cond, mapping_cond = unet.low_res_conditioning(low, s, pooled.to(device))
+    cond = dict(unet_cond=unet_cond.float(), mapping_cond=mapping_cond.float(), context=ctx)
+    if mask is not None:
+        cond["context_mask"] = mask
+    if len(text) > 1:
+        u_ctx, u_pooled, u_mask = text[1]
+        uncond = dict(mapping_cond=unet.low_res_conditioning(low, s, u_pooled.to(device))[1].float(), context=u_ctx)
+        if u_mask is not None:
+            uncond["context_mask"] = u_mask
+    return low, dict(cond=cond, uncond=uncond)
 
+
+def _x2_grid(sigmas, steps: int, schedule: str, model) -> tuple[Tensor, str]:
+    """(sigma grid, schedule name): ``x2_sigmas`` or an explicit grid (then "custom")."""
     if sigmas is None:
-        sigmas = x2_sigmas(steps, schedule, model)
-    else:
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
-        if len(sigmas) < 2 or not bool((sigmas[:-1] > 0).all()) or not bool((sigmas[1:] <= sigmas[:-1]).all()):
-            raise ValueError("sigmas must be a descending grid of >= 2 values, all > 0 but the last")
-        schedule = "custom"
-    den = x2_denoiser(unet, guidance if use_cfg else 1.0, tile, tile_overlap, progress)
-    kw = dict(extra_args=dict(cond=cond, uncond=uncond), generator=generators, callback=callback,
-              disable=not progress)
-    if spec.name == "euler_a":
-        kw["eta"] = eta
-    out = spec.fn(den, x_T * sigmas[0], sigmas.to(p.device), **kw).float()
+        return x2_sigmas(steps, schedule, model), schedule
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
+    if len(sigmas) < 2 or not bool((sigmas[:-1] > 0).all()) or not bool((sigmas[1:] <= sigmas[:-1]).all()):
+        raise ValueError("sigmas must be a descending grid of >= 2 values, all > 0 but the last")
+    return sigmas, "custom"
 
-    images = None
-    if decode:
-        images = decode_latents(vae_module, out, scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
-                                progress=progress, clamp=False, vae_dtype=vae_dtype)
-        if color_fix_mode != "none":
-            ref = 2 * image.float() - 1 if image is not None else decode_latents(vae_module, low, scale_factor,
-                                                                                 clamp=False)
-            images = color_fix(images, ref, color_fix_mode)
-        if image is not None:
-            images = images[..., : 2 * in_hw[0], : 2 * in_hw[1]]
-        images = ((images + 1) / 2).clamp(0, 1)
-    params = {
-        "pipeline": "x2_latent", "sdup_version": __version__, "model": str(model.source), "family": model.family,
-        "sampler": spec.name, "steps": len(sigmas) - 1, "schedule": schedule, "guidance": float(guidance),
-        "eta": eta, "noise_level": float(noise_level), "noise_aug": noise_aug if noise_level > 0 else None,
-        "mask_padding": bool(mask_padding), "input": "image" if image is not None else "latents",
-        "sample_posterior": bool(sample_posterior) if image is not None else None,
-        "low_res_size": list(low.shape[-2:]), "latent_size": list(shape[-2:]), "batch_size": batch,
-        "scale_factor": scale_factor, "dtype": str(p.dtype).replace("torch.", ""),
-        "sigmas": [round(float(v), 6) for v in sigmas],
-    }
-    if images is not None:
-        params.update(height=images.shape[-2], width=images.shape[-1], color_fix=color_fix_mode,
-                      vae_dtype="float32" if vae_tile else str(vae_dtype).replace("torch.", ""))  # tiled: fp32
-    if image is not None and any(padding):
-        params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
-    if tile or vae_tile:
-        tiler = den.inner.model if tile else None
-        params["tiling"] = {"tile": getattr(tiler, "tile", [None])[0], "overlap": getattr(tiler, "overlap", [None])[0],
-                            "vae_tile": vae_tile, "vae_overlap": vae_overlap if vae_tile else None}
-    record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
-                   negative_prompt=(negative_prompt, negative_embeds))
-    return Result(images=images, latents=out.cpu(), parameters=params)
+
+def _x2_decoding(job: Job, vae, scale_factor: float, image, in_hw, low: Tensor, color_fix_mode: str, vae_tile,
+                 vae_overlap: int, vae_dtype) -> None:
+    """The decode half of the job: VAE decode, colour fix against the input image (latents: the decoded low-res
+    latents), crop of the image padding; and its parameters."""
+    job.decode = lambda z: decode_latents(vae, z, scale_factor, clamp=False, vae_tile=vae_tile,
+                                          vae_overlap=vae_overlap, progress=job.progress, vae_dtype=vae_dtype)
+    job.color_fix = color_fix_mode
+    if image is not None:
+        job.color_ref, job.crop = 2 * image.float() - 1, (2 * in_hw[0], 2 * in_hw[1])
+    else:
+        job.color_ref = lambda: decode_latents(vae, low, scale_factor, clamp=False)
+    f = vae.cfg.downscale if getattr(vae, "cfg", None) is not None else 8
+    h, w = job.crop or (f * job.x_T.shape[-2], f * job.x_T.shape[-1])
+    job.parameters.update(height=h, width=w, color_fix=color_fix_mode,
+                          vae_dtype="float32" if vae_tile else dtype_name(vae_dtype))  # tiled: fp32
+
+
+@torch.inference_mode()
+def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str] | Tensor | None = "",
+                       negative_prompt: str | Sequence[str] | Tensor = "", **options) -> Result:
+    """Upscale SD latents (or ``image=``) 2x: ``finish(job, sample(job))`` of ``prepare_x2`` (same arguments) under
+    ``torch.inference_mode()``.  ``Result.images`` is None with ``decode=False``."""
+    job = prepare_x2(model, latents, prompt, negative_prompt, **options)
+    return finish(job, sample(job))

@@ -1,0 +1,159 @@
+"""The one skeleton every pipeline runs on: ``prepare_<model>(...) -> Job``, ``sample(job)``, ``finish(job, latents)``.
+
+    job = prepare_x4(model, image, "a white cat", steps=20)     # checks, text, noise, denoiser, grid, tile plan
+    job.callback = lambda d: print(d["i"], float(d["x"].std()))  # a hook on every step
+    job.sampler = get_sampler("euler"); ...                      # or another denoiser / grid (see ``Job``)
+    latents = sample(job)                                        # one driver for every sampler and pipeline
+    result = finish(job, latents)                                # decode, colour fix, crop, clamp, parameters
+
+``upscale_x4``, ``upscale_latents_x2``, ``upscale_stablesr`` and ``txt2img`` are ``finish(sample(prepare(...)))``
+under ``torch.inference_mode()``; ``prepare`` / ``sample`` / ``finish`` themselves leave autograd alone.
+
+Classifier-free guidance, the one rule (``guided``): the unconditional half runs whenever the scale is not 1
+(scale 0 = the unconditional output, 0 < scale < 1 interpolates towards it).  diffusers skips guidance for every
+scale <= 1; ``guidance_rule="diffusers"`` (x2 only, where parity with diffusers' pipeline needs it) follows that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion.samplers import Sampler
+from .colorfix import COLOR_FIX_MODES, color_fix
+from .common import Result
+
+Tensor = torch.Tensor
+GUIDANCE_RULES = ("sdup", "diffusers")
+
+
+@dataclass
+class Job:
+    """Everything one sampler run needs, built by a ``prepare_<model>`` and free to inspect or change before
+    ``sample``.  Contracts (``sdup.diffusion.samplers``): for a discrete sampler ``denoiser(x, t, **extra_args)``
+    returns (eps, x0) and ``grid`` holds integer timesteps (None: the denoiser's whole chain, DDPM on a respaced
+    chain); for a sigma sampler ``denoiser(x, sigma, **extra_args)`` returns D and ``grid`` the sigmas in visiting
+    order.  A new grid for a sigma sampler usually wants ``init_scale = grid[0]``."""
+    sampler: Sampler                    # the registry row whose function ``sample`` calls
+    denoiser: Callable                  # the model in the sampler's contract (CFG, tiles and preconditioning inside)
+    x_T: Tensor                         # start state before ``init_scale`` (unit-variance noise; StableSR: noised LR)
+    grid: Tensor | None                 # timesteps or sigmas, visiting order
+    extra_args: dict                    # forwarded to the denoiser at every call: dict(cond=..., uncond=...)
+    init_scale: float = 1.0             # the sampler starts from x_T * init_scale (sigma samplers: sigma_max)
+    options: dict = field(default_factory=dict)      # sampler keyword options (eta)
+    generators: Any = None              # per-sample generators of the per-step noise
+    callback: Callable[[dict], None] | None = None   # called after every step (see the samplers' docstring)
+    progress: bool = True
+    tiler: Any = None                   # the ``tiling.TiledModel`` inside the denoiser (the tile plan), or None
+    decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]; None: no images
+    color_fix: str = "none"             # "none" | "adain" | "wavelet"
+    color_ref: Tensor | Callable[[], Tensor] | None = None  # what the colours are matched to ([-1, 1]; lazy if callable)
+    crop: tuple[int, int] | None = None  # keep the top-left (H, W) of the decoded image
+    resize: tuple[int, int] | None = None  # then resize (bicubic, antialiased) to this size
+    parameters: dict = field(default_factory=dict)   # what ``finish`` records
+
+
+def sample(job: Job) -> Tensor:
+    """Run ``job.sampler`` on ``job.denoiser`` from ``job.x_T * job.init_scale`` over ``job.grid``; float32 latents."""
+    x = job.x_T * job.init_scale if job.init_scale != 1 else job.x_T
+    return job.sampler.fn(job.denoiser, x, job.grid, extra_args=job.extra_args, generator=job.generators,
+                          callback=job.callback, disable=not job.progress, **job.options).float()
+
+
+def finish(job: Job, latents: Tensor) -> Result:
+    """Decode, colour fix, crop, resize and clamp to [0, 1]; the parameters with the sampler and grid actually run."""
+    images = None
+    if job.decode is not None:
+        out = job.decode(latents)
+        if job.color_fix != "none":
+            out = color_fix(out, job.color_ref() if callable(job.color_ref) else job.color_ref, job.color_fix)
+        if job.crop is not None:
+            out = out[..., : job.crop[0], : job.crop[1]]
+        if job.resize is not None and tuple(out.shape[-2:]) != tuple(job.resize):
+            out = F.interpolate(out, size=job.resize, mode="bicubic", align_corners=False, antialias=True)
+        images = ((out + 1) / 2).clamp(0, 1)
+    params = dict(job.parameters, sampler=job.sampler.name)
+    if not job.sampler.discrete and job.grid is not None:
+        params["sigmas"] = [round(float(s), 6) for s in job.grid]
+    return Result(images=images, latents=latents.float().cpu(), parameters=params)
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces the prepare functions share
+
+
+def guided(scale: float, rule: str = "sdup") -> bool:
+    """Whether classifier-free guidance runs (the unconditional half): see the module docstring."""
+    if rule not in GUIDANCE_RULES:
+        raise ValueError(f"guidance_rule must be one of {GUIDANCE_RULES}, got {rule!r}")
+    return scale > 1 if rule == "diffusers" else scale != 1
+
+
+def check_color_fix(mode: str) -> str:
+    if mode not in COLOR_FIX_MODES:
+        raise ValueError(f"unknown colour fix {mode!r} (choose from {', '.join(COLOR_FIX_MODES)})")
+    return mode
+
+
+def tiled(net: Callable, tile: int | None, overlap: int, multiple: int, progress: bool = False, **kw):
+    """``tiling.TiledModel`` around ``net`` with the tile rounded down to a multiple of ``multiple`` (the network's
+    downsampling; at least one multiple) and the overlap kept below the tile; ``tile`` None / 0: ``net`` itself."""
+    if not tile:
+        return net
+    from .tiling import TiledModel
+    t = max(multiple, tile - tile % multiple)
+    return TiledModel(net, tile=t, overlap=min(overlap, t - multiple), progress=progress, **kw)
+
+
+def tile_parameters(tiler, vae_tile: int | None = None, vae_overlap: int = 8) -> dict | None:
+    """The ``tiling`` entry of the parameters of a latent tile plan and a tiled VAE decode (None: nothing tiled)."""
+    if tiler is None and not vae_tile:
+        return None
+    return {"tile": tiler.tile[0] if tiler is not None else None,
+            "overlap": tiler.overlap[0] if tiler is not None else None,
+            "vae_tile": vae_tile, "vae_overlap": vae_overlap if vae_tile else None}
+
+
+def start_noise(x_T: Tensor | None, shape: tuple, generators, device, what: str = "") -> Tensor:
+    """The unit-variance start noise: ``x_T`` checked against ``shape``, or drawn from the generators."""
+    from ..diffusion.samplers import randn
+    if x_T is None:
+        x_T = randn(shape, generators)
+    elif tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T must have shape {tuple(shape)}{what}, got {tuple(x_T.shape)}")
+    return x_T.float().to(device)
+
+
+def ldm_grid(sampler: Sampler, raw: Callable, schedule: dict, prediction: str, steps: int, device):
+    """(denoiser, grid, init_scale, record) of an LDM network (eps or v; x4, txt2img) on the reference grids.
+    Discrete samplers: ``DiscreteDenoiser`` on the LDM / diffusers "leading" timesteps (DDPM: the chain respaced to
+    them).  Sigma samplers: ``CompVisDenoiser`` on diffusers' "linspace" sigma grid, t(sigma) by linear
+    interpolation (so the network gets diffusers' timesteps exactly); the start is x_T * sigma_max (diffusers'
+    ``init_noise_sigma``) or x_T * sqrt(sigma_max^2 + 1) for DPM++ (diffusers' DPM-Solver starts in the
+    variance-preserving scale).  ``record``: the timesteps for the parameters (``finish`` records sigmas)."""
+    from ..diffusion.denoisers import CompVisDenoiser, DiscreteDenoiser
+    from ..diffusion.schedules import schedule_betas
+    from .common import discrete_timesteps, sigma_grid
+    den = DiscreteDenoiser(raw, schedule_betas(schedule), prediction)
+    if sampler.discrete:
+        ts = discrete_timesteps(steps, den.num_timesteps)
+        record = {"timesteps": ts.tolist()}
+        if sampler.name == "ddpm":
+            return den.respaced(ts.tolist()), None, 1.0, record
+        return den, ts, 1.0, record
+    sigmas = sigma_grid(sampler, den.alphas_cumprod, steps)
+    s0 = float(sigmas[0])
+    kd = CompVisDenoiser(raw, den.alphas_cumprod, prediction, interpolation="linear")
+    return kd, sigmas.to(device), math.sqrt(s0 ** 2 + 1) if sampler.name == "dpmpp_2m" else s0, {}
+
+
+def base_parameters(pipeline: str, model, steps: int, guidance: float, batch: int) -> dict:
+    """The parameters every pipeline records first."""
+    from .. import __version__
+    from .common import dtype_name
+    return {"pipeline": pipeline, "sdup_version": __version__, "model": str(model.source), "family": model.family,
+            "steps": steps, "guidance": float(guidance), "batch_size": batch,
+            "dtype": dtype_name(next(model.unet.parameters()).dtype)}
