@@ -324,8 +324,10 @@ def latents_shape(path: Path) -> tuple[int, ...]:
         fail(f"{path}: not a readable latents file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
-def plan_items(inputs: list[Path], family: str | None, max_pixels: int | None = None) -> list[Item]:
-    """Header pass over every input (before any work): readable, and latents only for x2."""
+def plan_items(inputs: list[Path], family: str | None, max_pixels: int | None = None,
+               decode: bool = False) -> list[Item]:
+    """Pass over every input before any work: readable, and latents only for x2. From the headers alone (the dry
+    run), or with ``decode`` each image decoded once and dropped, so a corrupt one fails before the first output."""
     from .pipelines import upscale_io as io
     items = []
     for path in inputs:
@@ -343,6 +345,8 @@ def plan_items(inputs: list[Path], family: str | None, max_pixels: int | None = 
         else:
             try:
                 items.append(Item(path, io.image_size(path, max_pixels), path))
+                if decode:
+                    io.read_image(path, max_pixels)
             except io.UpscaleIOError as e:
                 fail(str(e))
     return items
@@ -611,7 +615,7 @@ def cmd_upscale(args) -> int:
     _settings(args, meta, family)  # before loading gigabytes
 
     # header pass: every input readable (and of the right kind) before any work
-    items = plan_items(inputs, family, args.max_pixels)
+    items = plan_items(inputs, family, args.max_pixels, decode=not args.dry_run)
     try:
         outputs = io.plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
     except io.UpscaleIOError as e:
