@@ -7,23 +7,11 @@ from ..models.latent_upscaler import KUNetConfig, kunet_state_keys
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from .keymap import CONV1X1, KeyMap
-from .ldm import FEED_FORWARD, nest
+from .ldm import ATTENTION, nest, transformer_rules  # the transformer blocks are named alike in both layouts
 
 RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
             "skip": "conv_shortcut", "feature_mod": "spade"}
-ATTENTION = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
 VAE_ATTENTION = {"norm": "group_norm", **ATTENTION}
-
-
-def transformer_rules(sdup: str, ext: str, depth: int) -> list[tuple[str, str]]:
-    rules = [(sdup, ext)]
-    for k in range(depth):
-        blk_s, blk_e = f"{sdup}.blocks.{k}", f"{ext}.transformer_blocks.{k}"
-        rules.append((blk_s, blk_e))
-        for a in ("attn1", "attn2"):
-            rules += nest(f"{blk_s}.{a}", f"{blk_e}.{a}", ATTENTION)
-        rules += nest(blk_s, blk_e, FEED_FORWARD)
-    return rules
 
 
 def unet_rules(cfg: UNetConfig) -> list[tuple[str, str]]:
@@ -119,7 +107,7 @@ def vae_config(cfg: dict) -> VAEConfig:
 # diffusers ``UNet2DConditionModel`` with K-blocks (stabilityai/sd-x2-latent-upscaler ``unet/``) <-> sdup ``KUNet``.
 #
 # All tensors keep their shapes (the attention projections are Linear with bias on both sides), so the
-# table is only prefix renames (SPEC §4.3/4.4):
+# table is only prefix renames:
 #
 #     time_features                 time_proj                      (F/2,)
 #     mapping.cond_proj / fc1 / fc2 time_embedding.cond_proj / linear_1 / linear_2
