@@ -30,7 +30,9 @@ from .io import (CheckpointError, component_config, component_file, describe_pat
                  is_vae_folder, read_shapes, read_state_dict)
 from .keymap import KeyMap, KeyMismatch
 
-# What the weights cannot tell: per-family inference constants (SPEC §2.1, §3.1, §4, §5.1).
+# What the weights cannot tell: per-family inference constants, from the upstream YAML configs (SD1
+# v1-inference.yaml, SD2 v2-inference.yaml, x4-upscaling.yaml, StableSR v2-finetune_text_T_512.yaml) and the
+# x2 notebook / diffusers scheduler config; a YAML passed to ``load`` overrides them.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd1": dict(prediction="eps", scale_factor=0.18215, linear_start=0.00085, linear_end=0.012),
     "sd2": dict(prediction="eps", scale_factor=0.18215, linear_start=0.00085, linear_end=0.012),
@@ -213,7 +215,15 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
     if ema:
         if not ema_keys:
             raise CheckpointError(f"{name}: ema=True but the file has no model_ema.* weights")
-        unet_ext = {k: other.get(ldm.ema_key(k), v) for k, v in unet_ext.items()}
+        no_copy = [ldm.ema_key(k) for k in unet_ext if ldm.ema_key(k) not in ema_keys]
+        stray = sorted(ema_keys - {ldm.ema_key(k) for k in unet_ext})
+        if no_copy or stray:  # a partial EMA set: never mix EMA and raw weights silently
+            raise CheckpointError(
+                f"{name}: ema=True but the EMA set does not match the UNet: {len(ema_keys)} model_ema.* weights in "
+                f"the file, {len(no_copy)} of the {len(unet_ext)} UNet weights have none (e.g. {(no_copy or ['-'])[0]}), "
+                f"{len(stray)} match no UNet weight (e.g. {(stray or ['-'])[0]}); load without ema=True to use the "
+                "model.diffusion_model.* weights")
+        unet_ext = {k: other[ldm.ema_key(k)] for k in unet_ext}
     out.unet = b.module(factory, b.map(ldm.unet_keymap(ucfg, _meta_keys(factory)), unet_ext, "unet (model.diffusion_model.*)"))
     out.configs["unet"] = ucfg
     b.report["unet"] = len(unet_ext)
@@ -338,11 +348,10 @@ def _diffusers_component(out: LoadedModel, comp: str, sd: dict, cfg_json: dict |
     family = out.family
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     if comp == "unet" and family == "x2":
-        from ..models.latent_upscaler import KUNet, KUNetConfig
-        from .diffusers import kunet_diffusers_keymap
+        from ..models.latent_upscaler import KUNet
         from .kdiffusion import kunet_config_from_shapes
-        cfg = KUNetConfig.from_diffusers(cfg_json) if cfg_json else kunet_config_from_shapes(shapes, "diffusers")
-        out.unet = b.module(lambda: KUNet(cfg), b.map(kunet_diffusers_keymap(cfg), sd, what))
+        cfg = dfs.kunet_config(cfg_json) if cfg_json else kunet_config_from_shapes(shapes, "diffusers")
+        out.unet = b.module(lambda: KUNet(cfg), b.map(dfs.kunet_diffusers_keymap(cfg), sd, what))
     elif comp == "unet":
         cfg = dfs.unet_config(cfg_json) if cfg_json else unet_config_from_diffusers_shapes(shapes, family)
         out.unet = b.module(lambda: UNet(cfg), b.map(dfs.unet_keymap(cfg, _meta_keys(lambda: UNet(cfg))), sd, what))
@@ -409,19 +418,10 @@ def _load_diffusers(folder: Path, b: _Build, *, prediction, variant=None, reader
 # sdup's own single file: flat "component.key" tensors + configs in the safetensors metadata
 
 def _config_classes() -> dict[str, type]:
+    from ..models.latent_upscaler import KUNetConfig
+    from ..models.stablesr import CFWConfig, TimeAwareEncoderConfig
     from ..models.text import TextConfig
-    classes = [UNetConfig, VAEConfig, TextConfig]
-    try:
-        from ..models.stablesr import CFWConfig, TimeAwareEncoderConfig
-        classes += [TimeAwareEncoderConfig, CFWConfig]
-    except ImportError:
-        pass
-    try:
-        from ..models.latent_upscaler import KUNetConfig
-        classes.append(KUNetConfig)
-    except ImportError:
-        pass
-    return {c.__name__: c for c in classes}
+    return {c.__name__: c for c in (UNetConfig, VAEConfig, TextConfig, TimeAwareEncoderConfig, CFWConfig, KUNetConfig)}
 
 
 def save_sdup(model: LoadedModel, path: str | Path) -> None:
@@ -486,15 +486,15 @@ def _load_sdup(name: str, sd: dict, meta: dict, b: _Build) -> LoadedModel:
 
 def _load_kdiffusion(name: str, sd: dict, b: _Build) -> LoadedModel:
     from ..models.latent_upscaler import KUNet
-    from .kdiffusion import KDIFFUSION_IGNORABLE, kunet_config_from_shapes, kunet_kdiffusion_keymap
+    from .kdiffusion import kunet_config_from_shapes, kunet_kdiffusion_keymap
     d = FAMILY_DEFAULTS["x2"]
     out = LoadedModel(family="x2", source=name, prediction=d["prediction"], scale_factor=d["scale_factor"], report=b.report,
                       schedule={"linear_start": d["linear_start"], "linear_end": d["linear_end"], "timesteps": 1000})
     cfg = kunet_config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}, "kdiffusion")
-    ignore = KDIFFUSION_IGNORABLE if callable(KDIFFUSION_IGNORABLE) else KDIFFUSION_IGNORABLE.__contains__
-    out.unet = b.module(lambda: KUNet(cfg), b.map(kunet_kdiffusion_keymap(cfg), sd, "k-diffusion model", ignore=ignore))
+    km = kunet_kdiffusion_keymap(cfg)  # accepts and drops the fixed kernel buffers (km.kernels) itself
+    out.unet = b.module(lambda: KUNet(cfg), b.map(km, sd, "k-diffusion model"))
     out.configs["unet"] = cfg
-    n = sum(1 for k in sd if ignore(k))
+    n = sum(1 for k in sd if k in km.kernels)
     b.report["unet"] = len(sd) - n
     if n:
         b.report.setdefault("dropped", {})["fixed resampling kernels"] = n
