@@ -37,12 +37,21 @@ def meta_tensors(shapes):
 
 
 def assert_consumed(model, shapes, expected_dropped=()):
-    """The strict meta load already proved the mapping; check counts and shapes once more explicitly."""
+    """The strict meta load already proved the mapping; check counts and shapes once more explicitly, and
+    key by key: each key of the file is read by exactly one of the loader's maps or dropped for a stated
+    reason; the maps name no key the file lacks and fill every tensor of the sdup modules, nothing more."""
     n_file = len(shapes)
     n_loaded = sum(v for k, v in model.report.items() if k not in ("dropped", "mismatch"))
     n_dropped = sum(model.report.get("dropped", {}).values())
     assert "mismatch" not in model.report
     assert n_loaded + n_dropped == n_file
+    read = [k for km in model.keymaps.values() for e in km.entries for k in e.ext]
+    dropped = [k for keys in model.dropped.values() for k in keys]
+    assert len(read) == len(set(read)) and len(dropped) == len(set(dropped)) and not set(read) & set(dropped)
+    assert set(read) | set(dropped) == set(shapes)
+    filled = [k for km in model.keymaps.values() for e in km.entries for k in e.sdup]
+    state = [f"{comp}.{k}" for comp, m in model.components().items() for k in m.state_dict()]
+    assert sorted(filled) == sorted(state)
 
 
 def test_every_manifest_is_covered_by_a_test():
