@@ -10,7 +10,7 @@ from helpers import MANIFESTS
 from sdup.checkpoints import CheckpointError, detect, read_shapes
 from sdup.checkpoints.loader import inspect, load_state_dict
 
-# manifest -> (family, layout, diffusers config repo or None, {component: million parameters} (SPEC §0))
+# manifest -> (family, layout, diffusers config repo or None, {component: million parameters} (the published counts))
 ORIGINAL = {
     "sd-v1-4.json": ("sd1", {"unet": 859.52, "vae": 83.65}),
     "v2-1_512-ema-pruned.json": ("sd2", {}),
@@ -93,6 +93,9 @@ def test_full_ema_manifest_swaps_in_the_ema_weights():
     assert any("not selected" in r for r in plain.report["dropped"])
     used = load_state_dict(meta_tensors(both), name="full-ema", device="meta", dtype=None, ema=True)
     assert any("swapped" in r for r in used.report["dropped"])
+    assert_consumed(plain, both)
+    assert_consumed(used, both)
+    assert {k for e in used.keymaps["unet"].entries for k in e.ext} == set(ema) - {"model_ema.decay", "model_ema.num_updates"}
     n_ema = len([k for k in ema if k not in ("model_ema.decay", "model_ema.num_updates")])
     assert n_ema == plain.report["unet"] == 686
 

@@ -28,7 +28,7 @@ from .detect import (CLIP, OPENCLIP, STRUCT, UNET, VAE, Detection, detect, unet_
                      unet_config_from_shapes, vae_config_from_diffusers_shapes, vae_config_from_shapes)
 from .io import (CheckpointError, component_config, component_file, describe_path, is_diffusers_folder,
                  is_vae_folder, read_shapes, read_state_dict)
-from .keymap import KeyMap, KeyMismatch
+from .keymap import Entry, KeyMap, KeyMismatch
 
 # What the weights cannot tell: per-family inference constants, from the upstream YAML configs (SD1
 # v1-inference.yaml, SD2 v2-inference.yaml, x4-upscaling.yaml, StableSR v2-finetune_text_T_512.yaml) and the
@@ -68,8 +68,7 @@ class LoadedModel:
     dropped: dict = field(default_factory=dict, repr=False)  # reason -> the file's keys dropped for it
     keymaps: dict = field(default_factory=dict, repr=False)  # component -> the KeyMap it was loaded with, full
     # names on both sides ("unet.conv_in.weight" <-> "model.diffusion_model.input_blocks.0.0.weight"); empty for
-    # sdup files. With ema=True the UNet's map names the model.diffusion_model.* keys whose model_ema.* copies
-    # (ldm.ema_key) were loaded.
+    # sdup files. With ema=True the UNet's map names the model_ema.* copies it read (ldm.ema_key).
 
     def components(self) -> dict[str, nn.Module]:
         return {k: getattr(self, k) for k in ("unet", "vae", "text_encoder", "struct_encoder") if getattr(self, k) is not None}
@@ -242,6 +241,9 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
         unet_ext = {k: other[ldm.ema_key(k)] for k in unet_ext}
     km = ldm.unet_keymap(ucfg, _meta_keys(factory))
     out.unet = b.module(factory, b.map(km, unet_ext, f"unet ({UNET}*)", comp="unet", prefix=UNET))
+    if ema:  # record the keys actually read: the EMA copies
+        b.keymaps["unet"] = KeyMap(Entry(e.sdup, tuple(ldm.ema_key(k[len(UNET):]) for k in e.ext), e.op)
+                                   for e in b.keymaps["unet"].entries)
     out.configs["unet"] = ucfg
     b.report["unet"] = len(unet_ext)
 
@@ -290,8 +292,10 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
         b.report.setdefault("mismatch", {})["top level"] = {"missing": [], "unexpected": unknown}
     b.drop("schedule / EMA book-keeping buffers (recomputed from the config)",
            [k for k in other if k in ldm.IGNORED_BUFFERS])
-    b.drop("EMA weights " + ("(swapped into the UNet)" if ema else "(not selected: pass ema=True to use them)"),
-           sorted(ema_keys))
+    if ema:
+        b.drop("UNet weights replaced by their EMA copies (ema=True: swapped in)", [UNET + k for k in parts["unet"]])
+    else:
+        b.drop("EMA weights (not selected: pass ema=True to use them)", sorted(ema_keys))
     return out
 
 
