@@ -98,10 +98,10 @@ def unet_case(dcfg, h, w, batch=2, dtype=torch.float32):
 
 def kunet_case(h, w, batch=2, dtype=torch.float32):
     from diffusers import UNet2DConditionModel
-    from sdup.checkpoints.diffusers import kunet_diffusers_keymap
-    from sdup.models.latent_upscaler import KUNet, KUNetConfig
+    from sdup.checkpoints.diffusers import kunet_config, kunet_diffusers_keymap
+    from sdup.models.latent_upscaler import KUNet
     ref = UNet2DConditionModel(**cfg(X2, "unet")).eval()
-    c = KUNetConfig.from_diffusers(dict(ref.config))
+    c = kunet_config(dict(ref.config))
     mine = KUNet(c).eval()
     mine.load_state_dict(kunet_diffusers_keymap(c).to_sdup(ref.state_dict()))
     (mine, plain), ref = prepared(mine, dtype), ref.to(dtype)

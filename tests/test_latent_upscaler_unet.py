@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import FIXTURES, MANIFESTS, assert_parity, randomize_
-from sdup.checkpoints.diffusers import kunet_diffusers_keymap
-from sdup.checkpoints.kdiffusion import (KDIFFUSION_IGNORABLE, NOISE_AUG_KEY, kdiffusion_kernels,
+from sdup.checkpoints.diffusers import kunet_config, kunet_diffusers_config, kunet_diffusers_keymap
+from sdup.checkpoints.kdiffusion import (NOISE_AUG_KEY, kdiffusion_kernels,
                                          kunet_config_from_shapes, kunet_kdiffusion_keymap)
 from sdup.checkpoints.keymap import KeyMismatch
-from sdup.models.latent_upscaler import KUNet, KUNetConfig, kunet_diffusers_config
+from sdup.models.latent_upscaler import KUNet, KUNetConfig
 from sdup.nn import use_attention_backend
 from sdup.optimize import fuse_qkv
 
@@ -32,7 +32,7 @@ KDIFFUSION_CONFIG = {"model": {
 
 def fixture_unet():
     """(KUNet, its config, the diffusers state dict) of the fixture folder."""
-    cfg = KUNetConfig.from_diffusers(json.loads((UNET_DIR / "config.json").read_text()))
+    cfg = kunet_config(json.loads((UNET_DIR / "config.json").read_text()))
     ext = load_file(str(UNET_DIR / "diffusion_pytorch_model.safetensors"))
     unet = KUNet(cfg).eval()
     unet.load_state_dict(kunet_diffusers_keymap(cfg).to_sdup(ext))
@@ -67,7 +67,7 @@ def test_fixture_forward_parity(backend, fused):
 def test_fixture_config_sources_agree():
     _, cfg, ext = fixture_unet()
     used = json.loads((LU / "unet_config_used.json").read_text())
-    assert KUNetConfig.from_diffusers(used) == cfg
+    assert kunet_config(used) == cfg
     assert kunet_config_from_shapes({k: v.shape for k, v in ext.items()}, "diffusers", head_dim=8) == cfg
     assert cfg.channels == (32, 32, 64, 64) and cfg.depths == (1, 1, 1, 1) and cfg.head_dim == 8
     assert cfg.mapping_out == 64 and cfg.mapping_cond_dim == 160 and cfg.cross_cond_dim == 32
@@ -92,7 +92,7 @@ def random_pair():
     ref = UNet2DConditionModel(**TINY_DIFFUSERS).eval()
     randomize_(ref, seed=1, std=0.05)
     ref.time_proj.weight.copy_(torch.randn(ref.time_proj.weight.shape, generator=torch.Generator().manual_seed(2)))
-    cfg = KUNetConfig.from_diffusers(TINY_DIFFUSERS)
+    cfg = kunet_config(TINY_DIFFUSERS)
     unet = KUNet(cfg).eval()
     unet.load_state_dict(kunet_diffusers_keymap(cfg).to_sdup(ref.state_dict()))
     return ref, unet, cfg
@@ -256,7 +256,7 @@ def test_full_size_kdiffusion_key_set():
     assert all(expected[k] == v for k, v in SPEC_42_SHAPES.items())
     assert len(ext) == 566
     assert round(sum(torch.Size(s).numel() for s in ext.values()) / 1e6, 2) == 372.56
-    assert sum(1 for k in ext if KDIFFUSION_IGNORABLE(k)) == 6
+    assert sum(1 for k in ext if k in kdiffusion_kernels(cfg)) == 6
     assert kunet_config_from_shapes(ext, "kdiffusion") == cfg
     assert KUNetConfig.from_kdiffusion(KDIFFUSION_CONFIG["model"]) == cfg
 
@@ -291,7 +291,7 @@ def test_both_layouts_give_the_same_module():
     original = kdiffusion_dict(unet)
     kcfg = replace(cfg, noise_aug_embed=True)
     from_original = KUNet(kcfg).eval()
-    from_original.load_state_dict(kunet_kdiffusion_keymap(kcfg).to_sdup(original, ignore=KDIFFUSION_IGNORABLE))
+    from_original.load_state_dict(kunet_kdiffusion_keymap(kcfg).to_sdup(original))
     a, b = unet.state_dict(), from_original.state_dict()
     assert set(b) - set(a) == {"noise_aug_features.weight"}
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -299,7 +299,7 @@ def test_both_layouts_give_the_same_module():
     args = (f["in.sample"], f["in.timestep"], f["in.timestep_cond"], f["in.encoder_hidden_states"])
     assert torch.equal(unet(*args), from_original(*args))
     # kernels are optional on load but must hold the fixed values when present
-    without_kernels = {k: v for k, v in original.items() if not KDIFFUSION_IGNORABLE(k)}
+    without_kernels = {k: v for k, v in original.items() if k not in kdiffusion_kernels(kcfg)}
     kunet_kdiffusion_keymap(kcfg).to_sdup(without_kernels)
     bad = dict(original)
     bad["inner_model.u_net.d_blocks.1.0.kernel"] = bad["inner_model.u_net.d_blocks.1.0.kernel"] * 2
@@ -338,24 +338,24 @@ def test_manifest_maps_onto_full_size_kunet():
     assert cfg == KUNetConfig()
     assert kunet_diffusers_keymap(cfg).shapes_to_sdup(shapes) == meta_shapes(cfg)  # strict: raises on any mismatch
     published = json.loads((MANIFESTS / "diffusers_configs.json").read_text())["configs"]
-    assert KUNetConfig.from_diffusers(published["stabilityai/sd-x2-latent-upscaler"]["unet"]) == cfg
+    assert kunet_config(published["stabilityai/sd-x2-latent-upscaler"]["unet"]) == cfg
     assert round(sum(torch.Size(s).numel() for s in shapes.values()) / 1e6, 2) == 372.56
 
 
 def test_diffusers_config_round_trip():
-    for cfg in (KUNetConfig(), KUNetConfig.from_diffusers(TINY_DIFFUSERS)):
-        assert KUNetConfig.from_diffusers(kunet_diffusers_config(cfg)) == cfg
+    for cfg in (KUNetConfig(), kunet_config(TINY_DIFFUSERS)):
+        assert kunet_config(kunet_diffusers_config(cfg)) == cfg
 
 
 def test_unrepresentable_configs_are_refused():
     with pytest.raises(ValueError, match="cannot be expressed"):  # self-attention placement diffusers cannot express
         kunet_diffusers_config(replace(KUNetConfig(), self_attn_depths=(False, True, False, True)))
     with pytest.raises(ValueError, match="not representable"):  # deepest width != time-embedding width
-        KUNetConfig.from_diffusers({**TINY_DIFFUSERS, "block_out_channels": [32, 32, 64, 128]})
+        kunet_config({**TINY_DIFFUSERS, "block_out_channels": [32, 32, 64, 128]})
     with pytest.raises(ValueError, match="patch_size"):
         KUNetConfig.from_kdiffusion({**KDIFFUSION_CONFIG["model"], "patch_size": 2})
     with pytest.raises(ValueError, match="not a K-UNet"):
-        KUNetConfig.from_diffusers({**TINY_DIFFUSERS, "down_block_types": ["CrossAttnDownBlock2D"] * 4})
+        kunet_config({**TINY_DIFFUSERS, "down_block_types": ["CrossAttnDownBlock2D"] * 4})
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kdiffusion"])

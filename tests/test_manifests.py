@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from helpers import MANIFESTS
-from sdup.checkpoints import detect, read_shapes
+from sdup.checkpoints import CheckpointError, detect, read_shapes
 from sdup.checkpoints.loader import inspect, load_state_dict
 
-# manifest -> (family, layout, diffusers config repo or None, {component: million parameters} (SPEC §0))
+# manifest -> (family, layout, diffusers config repo or None, {component: million parameters} (the published counts))
 ORIGINAL = {
     "sd-v1-4.json": ("sd1", {"unet": 859.52, "vae": 83.65}),
     "v2-1_512-ema-pruned.json": ("sd2", {}),
@@ -37,12 +37,21 @@ def meta_tensors(shapes):
 
 
 def assert_consumed(model, shapes, expected_dropped=()):
-    """The strict meta load already proved the mapping; check counts and shapes once more explicitly."""
+    """The strict meta load already proved the mapping; check counts and shapes once more explicitly, and
+    key by key: each key of the file is read by exactly one of the loader's maps or dropped for a stated
+    reason; the maps name no key the file lacks and fill every tensor of the sdup modules, nothing more."""
     n_file = len(shapes)
     n_loaded = sum(v for k, v in model.report.items() if k not in ("dropped", "mismatch"))
     n_dropped = sum(model.report.get("dropped", {}).values())
     assert "mismatch" not in model.report
     assert n_loaded + n_dropped == n_file
+    read = [k for km in model.keymaps.values() for e in km.entries for k in e.ext]
+    dropped = [k for keys in model.dropped.values() for k in keys]
+    assert len(read) == len(set(read)) and len(dropped) == len(set(dropped)) and not set(read) & set(dropped)
+    assert set(read) | set(dropped) == set(shapes)
+    filled = [k for km in model.keymaps.values() for e in km.entries for k in e.sdup]
+    state = [f"{comp}.{k}" for comp, m in model.components().items() for k in m.state_dict()]
+    assert sorted(filled) == sorted(state)
 
 
 def test_every_manifest_is_covered_by_a_test():
@@ -84,8 +93,36 @@ def test_full_ema_manifest_swaps_in_the_ema_weights():
     assert any("not selected" in r for r in plain.report["dropped"])
     used = load_state_dict(meta_tensors(both), name="full-ema", device="meta", dtype=None, ema=True)
     assert any("swapped" in r for r in used.report["dropped"])
+    assert_consumed(plain, both)
+    assert_consumed(used, both)
+    assert {k for e in used.keymaps["unet"].entries for k in e.ext} == set(ema) - {"model_ema.decay", "model_ema.num_updates"}
     n_ema = len([k for k in ema if k not in ("model_ema.decay", "model_ema.num_updates")])
     assert n_ema == plain.report["unet"] == 686
+
+
+@pytest.mark.parametrize("drop", ["model_ema.diffusion_modelout2bias", "model_ema.diffusion_modelinput_blocks00weight"])
+def test_partial_ema_set_is_an_error(drop):
+    shapes, _ = read_shapes(MANIFESTS / "sd-v1-4.json")
+    ema, _ = read_shapes(MANIFESTS / "sd-v1-4-full-ema.model_ema_keys.json")
+    ema.pop(drop)
+    ema["model_ema.diffusion_modelextraweight"] = (3,)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict(meta_tensors({**shapes, **ema}), name="partial", device="meta", dtype=None, ema=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "686 model_ema.* weights in the file" in msg and f"1 of the 686 UNet weights have none (e.g. {drop})" in msg
+    assert "1 match no UNet weight (e.g. model_ema.diffusion_modelextraweight)" in msg
+    # without ema=True the (unused) EMA set is only reported as dropped
+    plain = load_state_dict(meta_tensors({**shapes, **ema}), name="partial", device="meta", dtype=None)
+    assert any("not selected" in r for r in plain.report["dropped"])
+
+
+def test_reshape_error_names_the_keys_and_shapes():
+    shapes, _ = read_shapes(MANIFESTS / "sd-v1-4.json")
+    shapes["model.diffusion_model.input_blocks.1.1.proj_in.weight"] = (320, 320, 3, 3)  # SD1 stores a 1x1 conv
+    with pytest.raises(ValueError) as e:
+        load_state_dict(meta_tensors(shapes), name="sd1", device="meta", dtype=None)
+    assert str(e.value) == ("unet (model.diffusion_model.*): input_blocks.1.1.proj_in.weight (320, 320, 3, 3) -> "
+                            "down.0.attn.0.proj_in.weight (conv1x1): expected shape (320, 320, 1, 1), got (320, 320, 3, 3)")
 
 
 @pytest.mark.parametrize("name", list(DIFFUSERS))

@@ -2,28 +2,17 @@
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
-from ..models.latent_upscaler import KUNetConfig, kunet_state_keys
+from ..models.latent_upscaler import KUNetConfig, kunet_state_keys, split_io_channels
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from .keymap import CONV1X1, KeyMap
-from .ldm import FEED_FORWARD, nest
+from .ldm import ATTENTION, nest, transformer_rules  # the transformer blocks are named alike in both layouts
 
 RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
             "skip": "conv_shortcut", "feature_mod": "spade"}
-ATTENTION = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
 VAE_ATTENTION = {"norm": "group_norm", **ATTENTION}
-
-
-def transformer_rules(sdup: str, ext: str, depth: int) -> list[tuple[str, str]]:
-    rules = [(sdup, ext)]
-    for k in range(depth):
-        blk_s, blk_e = f"{sdup}.blocks.{k}", f"{ext}.transformer_blocks.{k}"
-        rules.append((blk_s, blk_e))
-        for a in ("attn1", "attn2"):
-            rules += nest(f"{blk_s}.{a}", f"{blk_e}.{a}", ATTENTION)
-        rules += nest(blk_s, blk_e, FEED_FORWARD)
-    return rules
 
 
 def unet_rules(cfg: UNetConfig) -> list[tuple[str, str]]:
@@ -119,7 +108,7 @@ def vae_config(cfg: dict) -> VAEConfig:
 # diffusers ``UNet2DConditionModel`` with K-blocks (stabilityai/sd-x2-latent-upscaler ``unet/``) <-> sdup ``KUNet``.
 #
 # All tensors keep their shapes (the attention projections are Linear with bias on both sides), so the
-# table is only prefix renames (SPEC §4.3/4.4):
+# table is only prefix renames:
 #
 #     time_features                 time_proj                      (F/2,)
 #     mapping.cond_proj / fc1 / fc2 time_embedding.cond_proj / linear_1 / linear_2
@@ -167,3 +156,99 @@ def kunet_diffusers_keymap(cfg: KUNetConfig) -> KeyMap:
             raise ValueError(f"level {level}: self-attention without cross-attention has no diffusers K-block")
     keys = [k for k in kunet_state_keys(cfg) if not k.startswith("noise_aug_features.")]
     return KeyMap.from_rules(keys, kunet_diffusers_rules(cfg))
+
+
+# the K-UNet's unet/config.json <-> KUNetConfig
+
+def kunet_config(config: dict) -> KUNetConfig:
+    """From a diffusers ``unet/config.json`` of a K-block ``UNet2DConditionModel``.
+
+    diffusers derives the self-attention placement from channel widths (down: the last level;
+    up: levels whose width equals the next-shallower width and the time-embedding width), so only
+    configs where that agrees with one self-attention flag per level are accepted."""
+    downs, ups = list(config["down_block_types"]), list(config["up_block_types"])
+    if not all(t in ("KDownBlock2D", "KCrossAttnDownBlock2D") for t in downs) or \
+            not all(t in ("KUpBlock2D", "KCrossAttnUpBlock2D") for t in ups):
+        raise ValueError(f"not a K-UNet: down {downs}, up {ups}")
+    for key, want in (("time_embedding_type", "fourier"), ("mid_block_type", None), ("conv_in_kernel", 1),
+                      ("conv_out_kernel", 1), ("act_fn", "gelu"), ("timestep_post_act", "gelu")):
+        if config.get(key, want) != want:
+            raise ValueError(f"K-UNet config: {key} = {config.get(key)!r}, expected {want!r}")
+    if config.get("flip_sin_to_cos", True) is not True:
+        raise ValueError("K-UNet config: flip_sin_to_cos must be true (cos first)")
+    boc = list(config["block_out_channels"])
+    n = len(boc)
+    lpb = config.get("layers_per_block", 2)
+    depths = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
+    cross = ["CrossAttn" in t for t in downs]
+    if cross != ["CrossAttn" in t for t in reversed(ups)]:
+        raise ValueError(f"down/up block types disagree on cross-attention: {downs} / {ups}")
+    head_dim = config.get("attention_head_dim", 64)
+    if isinstance(head_dim, (list, tuple)):
+        if len(set(head_dim)) != 1:
+            raise ValueError(f"per-level attention_head_dim {head_dim} is not supported")
+        head_dim = head_dim[0]
+    mapping_out = config.get("time_embedding_dim") or 2 * boc[0]
+    self_attn = kunet_self_attention(boc, cross, mapping_out)
+    in_ch, out_ch = config.get("in_channels", 8), config.get("out_channels", 5)
+    input_channels, unet_cond, has_var = split_io_channels(in_ch, out_ch)
+    cross_dim = config.get("cross_attention_dim", 768)
+    if isinstance(cross_dim, (list, tuple)):
+        cross_dim = cross_dim[0]
+    return KUNetConfig(input_channels=input_channels, unet_cond_channels=unet_cond, channels=boc, depths=depths,
+                       self_attn_depths=self_attn, cross_attn_depths=cross, mapping_out=mapping_out,
+                       mapping_cond_dim=config.get("time_cond_proj_dim") or 0,
+                       cross_cond_dim=cross_dim if any(cross) else 0, head_dim=head_dim, has_variance=has_var)
+
+
+def kunet_self_attention(channels: Sequence[int], cross: Sequence[bool], temb_dim: int) -> tuple[bool, ...]:
+    """Per-level self-attention of a diffusers K-UNet, checked to be one flag per level (what the
+    k-diffusion model has): the deepest level only, and it must have cross-attention."""
+    n = len(channels)
+    down = [cross[b] and b == n - 1 for b in range(n)]                    # KCrossAttnDownBlock2D without downsampler
+    up = [cross[b] and channels[b] == channels[max(b - 1, 0)] == temb_dim  # KCrossAttnUpBlock2D "is_first_block"
+          for b in range(n)]
+    if down != up or not down[n - 1]:
+        raise ValueError(f"diffusers K-UNet with channels {list(channels)}, cross-attention {list(cross)} and time "
+                         f"embedding width {temb_dim} places self-attention down {down} / up {up}: not representable "
+                         "(diffusers needs the deepest level to have cross-attention and width == 2 * channels[0])")
+    return tuple(down)
+
+
+def kunet_diffusers_config(cfg: KUNetConfig) -> dict:
+    """The diffusers ``unet/config.json`` equivalent to ``cfg`` (raises if diffusers cannot express it).
+    ``noise_aug_embed`` has no diffusers counterpart and is not written."""
+    if cfg.self_attn_depths != kunet_self_attention(cfg.channels, cfg.cross_attn_depths, cfg.mapping_out):
+        raise ValueError(f"self_attn_depths {cfg.self_attn_depths} cannot be expressed by diffusers' K-blocks")
+    if cfg.group_size != 32:
+        raise ValueError("diffusers K-blocks hard-code GroupNorm groups of 32 channels")
+    if any(c < cfg.group_size for c in cfg.channels):
+        raise ValueError("diffusers K-blocks need every width >= 32 (they use channels // 32 groups without a floor)")
+    depths = list(cfg.depths)
+    out = {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": cfg.input_channels + cfg.unet_cond_channels,
+        "out_channels": cfg.out_channels,
+        "down_block_types": ["KCrossAttnDownBlock2D" if c else "KDownBlock2D" for c in cfg.cross_attn_depths],
+        "mid_block_type": None,
+        "up_block_types": ["KCrossAttnUpBlock2D" if c else "KUpBlock2D" for c in reversed(cfg.cross_attn_depths)],
+        "block_out_channels": list(cfg.channels),
+        "layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
+        "act_fn": "gelu",
+        "norm_num_groups": None,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": cfg.cross_cond_dim or 768,
+        "attention_head_dim": cfg.head_dim,
+        "time_cond_proj_dim": cfg.mapping_cond_dim or None,
+        "resnet_time_scale_shift": "scale_shift",
+        "time_embedding_type": "fourier",
+        "timestep_post_act": "gelu",
+        "flip_sin_to_cos": True,
+        "conv_in_kernel": 1,
+        "conv_out_kernel": 1,
+        "only_cross_attention": False,
+        "sample_size": None,
+    }
+    if cfg.mapping_out != 2 * cfg.channels[0]:
+        out["time_embedding_dim"] = cfg.mapping_out
+    return out

@@ -117,10 +117,8 @@ def save_diffusers(model: LoadedModel, folder: str | Path) -> None:
     if model.unet is not None:
         sd = model.unet.state_dict()
         if model.family == "x2":
-            from .diffusers import kunet_diffusers_keymap
-            from ..models.latent_upscaler import kunet_diffusers_config
-            parts["unet"] = (kunet_diffusers_keymap(model.configs["unet"]).to_ext(sd),
-                             kunet_diffusers_config(model.configs["unet"]), "diffusion_pytorch_model")
+            parts["unet"] = (dfs.kunet_diffusers_keymap(model.configs["unet"]).to_ext(sd),
+                             dfs.kunet_diffusers_config(model.configs["unet"]), "diffusion_pytorch_model")
         else:
             parts["unet"] = (dfs.unet_keymap(model.configs["unet"], sd).to_ext(sd),
                              unet_diffusers_config(model.configs["unet"]), "diffusion_pytorch_model")

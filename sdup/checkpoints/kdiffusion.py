@@ -2,7 +2,7 @@
 
 File: ``laion_text_cond_latent_upscaler_2_1_00470000_slim.pth``, dict key ``model_ema``: the state dict of
 the notebook's ``NoiseLevelAndTextConditionedUpscaler`` wrapper, i.e. ``inner_model.*`` (k-diffusion
-``ImageDenoiserModelV1``) plus the wrapper's ``low_res_noise_embed.weight`` (SPEC §4.2).
+``ImageDenoiserModelV1``) plus the wrapper's ``low_res_noise_embed.weight``.
 
     inner_model.timestep_embed.weight (F/2, 1)       time_features.weight (F/2,)               FLAT
     inner_model.mapping_cond / mapping.0 / mapping.2 mapping.cond_proj / fc1 / fc2
@@ -26,9 +26,9 @@ low-res latent, the first 128 values of mapping_cond); sdup keeps it as an optio
 the KUNet (``KUNetConfig.noise_aug_embed``, see ``KUNet.noise_level_embedding``) so noise augmentation
 works with the original file. diffusers does not ship it (noise level 0 only, where it has no effect).
 
-The ``*.kernel`` buffers (fixed [1,3,3,1]/8 blur kernels, non-persistent in sdup and diffusers) are
-ignorable on load (``KDIFFUSION_IGNORABLE``) but checked to hold the fixed values when present, and are
-written back on export, so a strict k-diffusion ``load_state_dict`` accepts what ``to_ext`` produces.
+The ``*.kernel`` buffers (fixed [1,3,3,1]/8 blur kernels, non-persistent in sdup and diffusers; their exact
+keys: ``kdiffusion_kernels(cfg)``) are optional on load but checked to hold the fixed values when present,
+and are written back on export, so a strict k-diffusion ``load_state_dict`` accepts what ``to_ext`` produces.
 """
 from __future__ import annotations
 
@@ -42,16 +42,6 @@ from .keymap import CONV1X1, FLAT, SPLIT, Entry, KeyMap, Op
 
 INNER = "inner_model."
 NOISE_AUG_KEY = "low_res_noise_embed.weight"
-_KERNEL = re.compile(r"^inner_model\.u_net\.[du]_blocks\.\d+\.\d+\.kernel$")
-
-
-def is_kdiffusion_ignorable(key: str) -> bool:
-    """The fixed resampling kernels (recomputed, never loaded)."""
-    return _KERNEL.match(key) is not None
-
-
-KDIFFUSION_IGNORABLE = is_kdiffusion_ignorable
-
 RESBLOCK = {"norm1.to_scale_shift": "main.0.mapper", "conv1": "main.2", "norm2.to_scale_shift": "main.4.mapper",
             "conv2": "main.6", "skip": "skip"}
 SELF_ATTENTION = {"norm.to_scale_shift": "norm_in.mapper", "out_proj": "out_proj"}

@@ -32,15 +32,18 @@ class Op:
 
 def _drop_trailing_ones(n: int):
     def f(t: list) -> list:
-        if t[0].ndim != 2 + n or any(s != 1 for s in t[0].shape[2:]):
-            raise ValueError(f"expected a weight of shape (out, in{', 1' * n}), got {tuple(t[0].shape)}")
-        return [t[0].reshape(t[0].shape[:2])]
+        shape = tuple(t[0].shape)
+        if len(shape) != 2 + n or any(s != 1 for s in shape[2:]):
+            want = shape[:2] + (1,) * n if len(shape) >= 2 else f"(out, in{', 1' * n})"
+            raise ValueError(f"expected shape {want}, got {shape}")
+        return [t[0].reshape(shape[:2])]
     return f
 
 
 def _flat(t: list) -> list:
-    if t[0].ndim != 2 or t[0].shape[1] != 1:
-        raise ValueError(f"expected a weight of shape (n, 1), got {tuple(t[0].shape)}")
+    shape = tuple(t[0].shape)
+    if len(shape) != 2 or shape[1] != 1:
+        raise ValueError(f"expected shape {(shape[0], 1) if shape else '(n, 1)'}, got {shape}")
     return [t[0].reshape(-1)]
 
 
@@ -149,7 +152,12 @@ class KeyMap:
         out = {}
         for e in self.entries:
             if all(k in ext for k in e.ext):
-                out.update(zip(e.sdup, e.to_sdup([ext[k] for k in e.ext])))
+                try:
+                    out.update(zip(e.sdup, e.to_sdup([ext[k] for k in e.ext])))
+                except (ValueError, RuntimeError) as err:  # a reshape / concatenation that does not fit
+                    found = ", ".join(f"{k} {tuple(ext[k].shape)}" for k in e.ext)
+                    raise ValueError(f"{what}: {found} -> {', '.join(e.sdup)} ({e.op.name}): "
+                                     f"{str(err).splitlines()[0]}") from None
         return out
 
     def to_ext(self, sd: Mapping[str, torch.Tensor]) -> dict:

@@ -25,13 +25,15 @@ from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from . import diffusers as dfs
 from . import ldm
-from .detect import (CLIP, OPENCLIP, STRUCT, Detection, detect, unet_config_from_diffusers_shapes, unet_config_from_shapes,
-                     vae_config_from_diffusers_shapes, vae_config_from_shapes)
+from .detect import (CLIP, OPENCLIP, STRUCT, UNET, VAE, Detection, detect, unet_config_from_diffusers_shapes,
+                     unet_config_from_shapes, vae_config_from_diffusers_shapes, vae_config_from_shapes)
 from .io import (CheckpointError, component_config, component_file, describe_path, is_diffusers_folder,
                  is_vae_folder, read_shapes, read_state_dict)
-from .keymap import KeyMap, KeyMismatch
+from .keymap import Entry, KeyMap, KeyMismatch
 
-# What the weights cannot tell: per-family inference constants (SPEC §2.1, §3.1, §4, §5.1).
+# What the weights cannot tell: per-family inference constants, from the upstream YAML configs (SD1
+# v1-inference.yaml, SD2 v2-inference.yaml, x4-upscaling.yaml, StableSR v2-finetune_text_T_512.yaml) and the
+# x2 notebook / diffusers scheduler config; a YAML passed to ``load`` overrides them.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd1": dict(prediction="eps", scale_factor=0.18215, linear_start=0.00085, linear_end=0.012),
     "sd2": dict(prediction="eps", scale_factor=0.18215, linear_start=0.00085, linear_end=0.012),
@@ -64,6 +66,10 @@ class LoadedModel:
     schedule: dict = field(default_factory=dict)   # linear_start, linear_end, timesteps (+ x4 noise augmentation)
     configs: dict = field(default_factory=dict)    # component -> config dataclass
     report: dict = field(default_factory=dict)     # component -> number of tensors loaded; "dropped" -> {reason: n}
+    dropped: dict = field(default_factory=dict, repr=False)  # reason -> the file's keys dropped for it
+    keymaps: dict = field(default_factory=dict, repr=False)  # component -> the KeyMap it was loaded with, full
+    # names on both sides ("unet.conv_in.weight" <-> "model.diffusion_model.input_blocks.0.0.weight"); empty for
+    # sdup files. With ema=True the UNet's map names the model_ema.* copies it read (ldm.ema_key).
 
     def components(self) -> dict[str, nn.Module]:
         return {k: getattr(self, k) for k in ("unet", "vae", "text_encoder", "struct_encoder") if getattr(self, k) is not None}
@@ -93,8 +99,19 @@ class _Build:
 
     def __init__(self, device, dtype, strict: bool, report: dict):
         self.device, self.dtype, self.strict, self.report = torch.device(device), dtype, strict, report
+        self.keymaps: dict[str, KeyMap] = {}
+        self.dropped: dict[str, list[str]] = {}
 
-    def map(self, km: KeyMap, ext: dict, what: str, ignore=lambda k: False) -> dict:
+    def drop(self, reason: str, keys) -> None:
+        """Record keys of the file that are dropped on purpose (nothing if ``keys`` is empty)."""
+        keys = list(keys)
+        if keys:
+            self.dropped[reason] = keys
+            self.report.setdefault("dropped", {})[reason] = len(keys)
+
+    def map(self, km: KeyMap, ext: dict, what: str, ignore=lambda k: False, *, comp: str, prefix: str = "") -> dict:
+        """``km.to_sdup`` on one component's tensors (external names without ``prefix``); records the map."""
+        self.keymaps[comp] = km.with_prefix(f"{comp}.", prefix)
         try:
             return km.to_sdup(ext, what, ignore=ignore)
         except KeyMismatch as e:
@@ -204,14 +221,14 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
         if target in LDM_TARGETS and family not in LDM_TARGETS[target]:
             raise CheckpointError(f"{name}: the YAML describes {target} ({' / '.join(LDM_TARGETS[target])}) but the "
                                   f"weights look like {family}: pass the YAML of this checkpoint's family")
-    out = LoadedModel(family=family, source=name, report=b.report)
+    out = LoadedModel(family=family, source=name, report=b.report, dropped=b.dropped, keymaps=b.keymaps)
     if family in ("stablesr_cfw_vae", "vae"):
         return _load_vae_only(out, sd, params, b)
     out.prediction = _prediction(family, yaml, Path(name).name, prediction)
     _ldm_constants(out, params)
     parts = ldm.split_components(sd)
     shapes = {c: {k: tuple(v.shape) for k, v in p.items()} for c, p in parts.items()}
-    dropped = b.report.setdefault("dropped", {})
+    b.report.setdefault("dropped", {})  # present (maybe empty) for every original single file
 
     # UNet (+ the EMA copies of a -full-ema file when asked)
     unet_ext, other = parts.get("unet", {}), parts["other"]
@@ -228,8 +245,20 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
     if ema:
         if not ema_keys:
             raise CheckpointError(f"{name}: ema=True but the file has no model_ema.* weights")
-        unet_ext = {k: other.get(ldm.ema_key(k), v) for k, v in unet_ext.items()}
-    out.unet = b.module(factory, b.map(ldm.unet_keymap(ucfg, _meta_keys(factory)), unet_ext, "unet (model.diffusion_model.*)"))
+        no_copy = [ldm.ema_key(k) for k in unet_ext if ldm.ema_key(k) not in ema_keys]
+        stray = sorted(ema_keys - {ldm.ema_key(k) for k in unet_ext})
+        if no_copy or stray:  # a partial EMA set: never mix EMA and raw weights silently
+            raise CheckpointError(
+                f"{name}: ema=True but the EMA set does not match the UNet: {len(ema_keys)} model_ema.* weights in "
+                f"the file, {len(no_copy)} of the {len(unet_ext)} UNet weights have none (e.g. {(no_copy or ['-'])[0]}), "
+                f"{len(stray)} match no UNet weight (e.g. {(stray or ['-'])[0]}); load without ema=True to use the "
+                "model.diffusion_model.* weights")
+        unet_ext = {k: other[ldm.ema_key(k)] for k in unet_ext}
+    km = ldm.unet_keymap(ucfg, _meta_keys(factory))
+    out.unet = b.module(factory, b.map(km, unet_ext, f"unet ({UNET}*)", comp="unet", prefix=UNET))
+    if ema:  # record the keys actually read: the EMA copies
+        b.keymaps["unet"] = KeyMap(Entry(e.sdup, tuple(ldm.ema_key(k[len(UNET):]) for k in e.ext), e.op)
+                                   for e in b.keymaps["unet"].entries)
     out.configs["unet"] = ucfg
     b.report["unet"] = len(unet_ext)
 
@@ -237,7 +266,8 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
     if "vae" in parts:
         vcfg = VAEConfig.from_ldm(params["first_stage_config"]["params"]) if yaml else vae_config_from_shapes(shapes["vae"])
         km = ldm.vae_keymap(vcfg, _meta_keys(lambda: AutoencoderKL(vcfg)))
-        out.vae = b.module(lambda: AutoencoderKL(vcfg), b.map(km, parts["vae"], "vae (first_stage_model.*)"), keep_fp32=True)
+        out.vae = b.module(lambda: AutoencoderKL(vcfg), b.map(km, parts["vae"], f"vae ({VAE}*)", comp="vae", prefix=VAE),
+                           keep_fp32=True)
         out.configs["vae"] = vcfg
         b.report["vae"] = len(parts["vae"])
 
@@ -247,14 +277,14 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
         hf = any(k.startswith(CLIP) for k in sd)
         prefix = CLIP if hf else OPENCLIP
         tcfg, km, ignore = _text_parts(shapes["text_encoder"], params.get("cond_stage_config"), "hf" if hf else "openclip")
-        text_sd = b.map(km, parts["text_encoder"], f"text encoder ({prefix}*)", ignore=ignore)
-        n_ignored = sum(1 for k in parts["text_encoder"] if ignore(k))
-        if n_ignored:
-            dropped["text-tower tensors this model never uses (position_ids, last block, projection)"] = n_ignored
+        text_sd = b.map(km, parts["text_encoder"], f"text encoder ({prefix}*)", ignore=ignore, comp="text_encoder",
+                        prefix=prefix)
+        ignored = [prefix + k for k in parts["text_encoder"] if ignore(k)]
+        b.drop("text-tower tensors this model never uses (position_ids, last block, projection)", ignored)
         out.text_encoder = b.module(lambda: TextEncoder(tcfg), text_sd)
         out.tokenizer = _tokenizer_for(tcfg)
         out.configs["text_encoder"] = tcfg
-        b.report["text_encoder"] = len(parts["text_encoder"]) - n_ignored
+        b.report["text_encoder"] = len(parts["text_encoder"]) - len(ignored)
 
     # StableSR time-aware encoder
     if "struct_encoder" in parts:
@@ -264,7 +294,8 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
                 else struct_encoder_config_from_shapes(shapes["struct_encoder"]))
         km = struct_encoder_keymap(scfg, _meta_keys(lambda: TimeAwareEncoder(scfg)))
         out.struct_encoder = b.module(lambda: TimeAwareEncoder(scfg),
-                                      b.map(km, parts["struct_encoder"], f"time-aware encoder ({STRUCT}*)"))
+                                      b.map(km, parts["struct_encoder"], f"time-aware encoder ({STRUCT}*)",
+                                            comp="struct_encoder", prefix=STRUCT))
         out.configs["struct_encoder"] = scfg
         b.report["struct_encoder"] = len(parts["struct_encoder"])
 
@@ -274,11 +305,12 @@ def _load_ldm(name: str, sd: dict, det: Detection, yaml: dict | None, b: _Build,
         if b.strict:
             raise KeyMismatch(f"{name}: top level", [], unknown)
         b.report.setdefault("mismatch", {})["top level"] = {"missing": [], "unexpected": unknown}
-    buffers = [k for k in other if k in ldm.IGNORED_BUFFERS]
-    if buffers:
-        dropped["schedule / EMA book-keeping buffers (recomputed from the config)"] = len(buffers)
-    if ema_keys:
-        dropped["EMA weights " + ("(swapped into the UNet)" if ema else "(not selected: pass ema=True to use them)")] = len(ema_keys)
+    b.drop("schedule / EMA book-keeping buffers (recomputed from the config)",
+           [k for k in other if k in ldm.IGNORED_BUFFERS])
+    if ema:
+        b.drop("UNet weights replaced by their EMA copies (ema=True: swapped in)", [UNET + k for k in parts["unet"]])
+    else:
+        b.drop("EMA weights (not selected: pass ema=True to use them)", sorted(ema_keys))
     return out
 
 
@@ -298,14 +330,12 @@ def _load_vae_only(out: LoadedModel, sd: dict, params: dict, b: _Build) -> Loade
         cfg = CFWConfig.from_ldm(params) if params else cfw_config_from_shapes(shapes)
         factory, ignore = (lambda: CFWAutoencoder(cfg)), CFW_IGNORABLE
         km = cfw_vae_keymap(cfg, _meta_keys(factory))
-        n = sum(1 for k in sd if ignore(k))
-        if n:
-            b.report.setdefault("dropped", {})["CFW training losses (loss.*)"] = n
+        b.drop("CFW training losses (loss.*)", [k for k in sd if ignore(k)])
     else:
         cfg = VAEConfig.from_ldm(params) if params else vae_config_from_shapes(shapes)
         factory, ignore = (lambda: AutoencoderKL(cfg)), (lambda k: False)
         km = ldm.vae_keymap(cfg, _meta_keys(factory))
-    out.vae = b.module(factory, b.map(km, sd, "vae", ignore=ignore), keep_fp32=True)
+    out.vae = b.module(factory, b.map(km, sd, "vae", ignore=ignore, comp="vae"), keep_fp32=True)
     out.configs["vae"] = cfg
     b.report["vae"] = sum(1 for k in sd if not ignore(k))
     return out
@@ -353,20 +383,20 @@ def _diffusers_component(out: LoadedModel, comp: str, sd: dict, cfg_json: dict |
     family = out.family
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     if comp == "unet" and family == "x2":
-        from ..models.latent_upscaler import KUNet, KUNetConfig
-        from .diffusers import kunet_diffusers_keymap
+        from ..models.latent_upscaler import KUNet
         from .kdiffusion import kunet_config_from_shapes
-        cfg = KUNetConfig.from_diffusers(cfg_json) if cfg_json else kunet_config_from_shapes(shapes, "diffusers")
-        out.unet = b.module(lambda: KUNet(cfg), b.map(kunet_diffusers_keymap(cfg), sd, what))
+        cfg = dfs.kunet_config(cfg_json) if cfg_json else kunet_config_from_shapes(shapes, "diffusers")
+        out.unet = b.module(lambda: KUNet(cfg), b.map(dfs.kunet_diffusers_keymap(cfg), sd, what, comp=comp))
     elif comp == "unet":
         cfg = dfs.unet_config(cfg_json) if cfg_json else unet_config_from_diffusers_shapes(shapes, family)
-        out.unet = b.module(lambda: UNet(cfg), b.map(dfs.unet_keymap(cfg, _meta_keys(lambda: UNet(cfg))), sd, what))
+        out.unet = b.module(lambda: UNet(cfg), b.map(dfs.unet_keymap(cfg, _meta_keys(lambda: UNet(cfg))), sd, what,
+                                                     comp=comp))
     elif comp == "vae":
         cfg = dfs.vae_config(cfg_json) if cfg_json else vae_config_from_diffusers_shapes(shapes)
         if cfg_json and cfg_json.get("scaling_factor") and family != "x4":  # the x4 pipeline forces 0.08333
             out.scale_factor = cfg_json["scaling_factor"]
         km = dfs.vae_keymap(cfg, _meta_keys(lambda: AutoencoderKL(cfg)))
-        out.vae = b.module(lambda: AutoencoderKL(cfg), b.map(km, sd, what), keep_fp32=True)
+        out.vae = b.module(lambda: AutoencoderKL(cfg), b.map(km, sd, what, comp=comp), keep_fp32=True)
     else:
         from ..models.text import TextEncoder
         from .hf_clip import HF_CLIP_IGNORABLE, hf_clip_keymap
@@ -375,11 +405,10 @@ def _diffusers_component(out: LoadedModel, comp: str, sd: dict, cfg_json: dict |
             shapes = {f"text_model.{k}": v for k, v in shapes.items()}
         cfg = _hf_text_config(shapes, family, cfg_json)
         ignore = HF_CLIP_IGNORABLE.__contains__
-        out.text_encoder = b.module(lambda: TextEncoder(cfg), b.map(hf_clip_keymap(cfg), sd, what, ignore=ignore))
+        out.text_encoder = b.module(lambda: TextEncoder(cfg), b.map(hf_clip_keymap(cfg), sd, what, ignore=ignore,
+                                                                                comp=comp))
         out.tokenizer = _tokenizer_for(cfg)
-        n = sum(1 for k in sd if ignore(k))
-        if n:
-            b.report.setdefault("dropped", {})["text position_ids (a constant arange)"] = n
+        b.drop("text position_ids (a constant arange)", [k for k in sd if ignore(k)])
         sd = {k: v for k, v in sd.items() if not ignore(k)}
     out.configs[comp] = cfg
     b.report[comp] = len(sd)
@@ -393,6 +422,7 @@ def _load_diffusers(folder: Path, b: _Build, *, prediction, variant=None, reader
     d = FAMILY_DEFAULTS[family]
     sched = component_config(folder, "scheduler") or {}
     out = LoadedModel(family=family, source=str(folder), scale_factor=d["scale_factor"], report=b.report,
+                      dropped=b.dropped, keymaps=b.keymaps,
                       prediction=prediction or {"epsilon": "eps", "v_prediction": "v", "sample": "sample"}.get(
                           sched.get("prediction_type"), d.get("prediction")))
     if bare_vae:  # the VAE's own config.json knows its latent scale (SD: 0.18215)
@@ -424,19 +454,10 @@ def _load_diffusers(folder: Path, b: _Build, *, prediction, variant=None, reader
 # sdup's own single file: flat "component.key" tensors + configs in the safetensors metadata
 
 def _config_classes() -> dict[str, type]:
+    from ..models.latent_upscaler import KUNetConfig
+    from ..models.stablesr import CFWConfig, TimeAwareEncoderConfig
     from ..models.text import TextConfig
-    classes = [UNetConfig, VAEConfig, TextConfig]
-    try:
-        from ..models.stablesr import CFWConfig, TimeAwareEncoderConfig
-        classes += [TimeAwareEncoderConfig, CFWConfig]
-    except ImportError:
-        pass
-    try:
-        from ..models.latent_upscaler import KUNetConfig
-        classes.append(KUNetConfig)
-    except ImportError:
-        pass
-    return {c.__name__: c for c in classes}
+    return {c.__name__: c for c in (UNetConfig, VAEConfig, TextConfig, TimeAwareEncoderConfig, CFWConfig, KUNetConfig)}
 
 
 def save_sdup(model: LoadedModel, path: str | Path) -> None:
@@ -499,18 +520,18 @@ def _load_sdup(name: str, sd: dict, meta: dict, b: _Build) -> LoadedModel:
 
 def _load_kdiffusion(name: str, sd: dict, b: _Build) -> LoadedModel:
     from ..models.latent_upscaler import KUNet
-    from .kdiffusion import KDIFFUSION_IGNORABLE, kunet_config_from_shapes, kunet_kdiffusion_keymap
+    from .kdiffusion import kunet_config_from_shapes, kunet_kdiffusion_keymap
     d = FAMILY_DEFAULTS["x2"]
-    out = LoadedModel(family="x2", source=name, prediction=d["prediction"], scale_factor=d["scale_factor"], report=b.report,
+    out = LoadedModel(family="x2", source=name, prediction=d["prediction"], scale_factor=d["scale_factor"],
+                      report=b.report, dropped=b.dropped, keymaps=b.keymaps,
                       schedule={"linear_start": d["linear_start"], "linear_end": d["linear_end"], "timesteps": 1000})
     cfg = kunet_config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}, "kdiffusion")
-    ignore = KDIFFUSION_IGNORABLE if callable(KDIFFUSION_IGNORABLE) else KDIFFUSION_IGNORABLE.__contains__
-    out.unet = b.module(lambda: KUNet(cfg), b.map(kunet_kdiffusion_keymap(cfg), sd, "k-diffusion model", ignore=ignore))
+    km = kunet_kdiffusion_keymap(cfg)  # accepts and drops the fixed kernel buffers (km.kernels) itself
+    out.unet = b.module(lambda: KUNet(cfg), b.map(km, sd, "k-diffusion model", comp="unet"))
     out.configs["unet"] = cfg
-    n = sum(1 for k in sd if ignore(k))
-    b.report["unet"] = len(sd) - n
-    if n:
-        b.report.setdefault("dropped", {})["fixed resampling kernels"] = n
+    kernels = [k for k in sd if k in km.kernels]
+    b.report["unet"] = len(sd) - len(kernels)
+    b.drop("fixed resampling kernels", kernels)
     return out
 
 
@@ -528,7 +549,7 @@ def load_state_dict(sd: dict, *, name: str = "checkpoint", metadata: dict | None
     if det.family == "x2" and det.layout == "kdiffusion":
         return _load_kdiffusion(name, sd, b)
     if det.component is not None:  # one diffusers component on its own
-        out = LoadedModel(family=det.family, source=name, report=b.report,
+        out = LoadedModel(family=det.family, source=name, report=b.report, dropped=b.dropped, keymaps=b.keymaps,
                           prediction=prediction or FAMILY_DEFAULTS.get(det.family, {}).get("prediction"))
         _diffusers_component(out, det.component, sd, component_config, b, f"{det.component} ({name})")
         return out
