@@ -4,7 +4,7 @@
 
 ``from_environment()`` reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT) and joins
 the group: gloo on the CPU, nccl on CUDA with one device per local rank. Without those variables, or with a world of
-one, it returns None and nothing of torch.distributed is imported: a plain run stays a single process.
+one, it returns None and joins nothing: a plain run stays a single process.
 
 Every collective here carries each rank's status with its data (``exchange``): a rank whose work raised sends
 its error instead of its result, so every rank stops with the same one line naming the rank that failed, instead
@@ -69,6 +69,8 @@ def exchange(work: Callable[[], T], group: Group | None) -> list[T]:
     raised, every rank raises ``RankFailed`` naming the first rank that failed and its one-line error."""
     try:
         mine = ("ok", work())
+    except SystemExit as e:  # a one-line error already printed by this rank (the CLI's fail)
+        mine = ("error", f"stopped with exit code {e.code}")
     except Exception as e:  # noqa: BLE001 - sent to the others, then raised here too
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         mine = ("error", f"{type(e).__name__}: {first}" if not isinstance(e, (ValueError, OSError)) else first)

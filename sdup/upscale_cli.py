@@ -538,6 +538,8 @@ def run_item(model, family: str, item: Item, img, prompt, negative, settings: di
                   vae_overlap=plan["vae_overlap"], vae_dtype=DTYPES[args.vae_dtype], progress=progress)
     with torch.inference_mode():
         job = JOBS[family](model, item, img, common)
+        if job.tiler is not None:
+            job.tiler.group = getattr(args, "group", None)  # torchrun: each step's tiles split over the ranks
         return finish(job, sample(job))
 
 
@@ -623,8 +625,12 @@ def cmd_upscale(args) -> int:
     if args.dry_run:
         return dry_run(args, meta, family, scale, items, outputs)
     todo = [(it, o) for it, o in zip(items, outputs) if not (args.skip_existing and io.is_done(o))]
+    group = getattr(args, "group", None)
+    if group is not None:  # every rank works on the main rank's list (made before any rank writes)
+        from .distributed import exchange
+        todo = exchange(lambda: todo, group)[0]
     for it, o in zip(items, outputs):
-        if args.skip_existing and io.is_done(o):
+        if args.skip_existing and io.is_done(o) and (group is None or group.is_main):
             print(f"skip {it.path}{f'[{it.index}]' if it.index is not None else ''} ({o} exists)")
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
@@ -719,7 +725,8 @@ def load_model(args, family: str):
     """The weights (plus --vae), checked complete, with fused q/k/v and, with --compile, a compiled UNet."""
     from .optimize import compile_model, fuse_qkv
     from .pipelines.common import DTYPES
-    device = _device(args.device)
+    group = getattr(args, "group", None)
+    device = _device(args.device or (group.device if group is not None and group.device != "cpu" else None))
     model = _load(args.weights, args.config, device, DTYPES[args.dtype])
     if family == "x2":
         _attach_vae(model, args, device)
@@ -736,29 +743,30 @@ def load_model(args, family: str):
 
 
 def run_all(args, model, family: str, scale, todo, prompt, negative, settings: dict, lo: int) -> None:
-    """The loop: read, prepare -> sample -> finish, write; a user-facing failure ends in one line."""
+    """The loop: read, prepare -> sample -> finish, write; a user-facing failure ends in one line. Under torchrun
+    (``args.group``) the inputs are dealt out to the ranks in rounds, or, for a single input, its tiles are."""
     from tqdm import tqdm
-    from .pipelines import upscale_io as io
-    progress = not args.quiet
-    bar = tqdm(todo, desc="images", unit="img", disable=not progress or len(todo) < 2, file=sys.stderr)
+    from .distributed import RankFailed, exchange
+    group = getattr(args, "group", None)
+    main = group is None or group.is_main
+    world = 1 if group is None or len(todo) == 1 else group.world_size
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet or not main or len(todo) < 2,
+               file=sys.stderr)
     path = None
     try:
-        for it, out in bar:
-            path, img, size = it.path, None, it.size
-            if it.index is None:
-                img = io.read_image(path, args.max_pixels)
-                for n in img.notes:
-                    io.note(n)
-                if min(img.size) < lo:
-                    fail(f"{path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's minimum {lo}x{lo}")
-                size = img.size
-            plan = tile_settings(args, latent_size(model, family, size, it.latent, scale, args.input_size), family)
-            t0 = time.time()
-            result = run_item(model, family, it, img, prompt, negative, settings, args, plan, progress)
-            write_output(args, it, img, out, result, scale, time.time() - t0)
-    except io.UpscaleIOError as e:
+        for first in range(0, len(todo), world):
+            k = first + (group.rank if world > 1 else 0)
+            path = todo[k][0].path if k < len(todo) else None
+            writer = main or world > 1  # one input over all ranks (its tiles split): the main rank writes it
+            work = (lambda: run_one(args, model, family, scale, *todo[k], prompt, negative, settings, lo, writer)) \
+                if k < len(todo) else (lambda: None)
+            for line in (exchange(work, group) if group is not None else [work()]):
+                if line and main:
+                    print(line)
+            bar.update(min(world, len(todo) - first))
+    except RankFailed as e:
         fail(str(e))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # UpscaleIOError included
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except RuntimeError as e:  # torch.OutOfMemoryError and friends; anything else is a bug: keep the traceback
         if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
@@ -767,6 +775,29 @@ def run_all(args, model, family: str, scale, todo, prompt, negative, settings: d
              "(see --dry-run for the estimate) or --dtype fp16")
     except KeyboardInterrupt as e:
         fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)")
+
+
+def run_one(args, model, family: str, scale, it: Item, out: Path, prompt, negative, settings: dict, lo: int,
+            writer: bool) -> str | None:
+    """Read, upscale and (``writer``) write one input; returns the line to print."""
+    from .pipelines import upscale_io as io
+    img, size = None, it.size
+    if it.index is None:
+        img = io.read_image(it.path, args.max_pixels)
+        for n in img.notes:
+            io.note(n)
+        if min(img.size) < lo:
+            raise io.UpscaleIOError(f"{it.path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's "
+                                    f"minimum {lo}x{lo}")
+        size = img.size
+    plan = tile_settings(args, latent_size(model, family, size, it.latent, scale, args.input_size), family)
+    t0 = time.time()
+    progress = not args.quiet and writer
+    result = run_item(model, family, it, img, prompt, negative, settings, args, plan, progress)
+    if not writer:  # tile-parallel: every rank computed the same image, the main rank writes it
+        return None
+    write_output(args, it, img, out, result, scale, time.time() - t0)
+    return f"wrote {out}"
 
 
 def write_output(args, it: Item, img, out: Path, result, scale, seconds: float) -> None:
@@ -786,7 +817,6 @@ def write_output(args, it: Item, img, out: Path, result, scale, seconds: float) 
     out.parent.mkdir(parents=True, exist_ok=True)
     io.write_image(out, result.images[0], img.alpha if img is not None else None,
                    bits=img.bits if img is not None else 8, parameters=params)
-    print(f"wrote {out}")
 
 
 def _latents_source(path: Path):
@@ -795,6 +825,11 @@ def _latents_source(path: Path):
 
 
 def upscale_main(argv=None, prog: str | None = None) -> int:
+    from . import distributed
     args = build_parser(prog).parse_args(argv)
-    with sigterm_as_interrupt():
-        return cmd_upscale(args)
+    args.group = distributed.from_environment()  # None unless started by torchrun with more than one process
+    try:
+        with sigterm_as_interrupt():
+            return cmd_upscale(args)
+    finally:
+        distributed.close(args.group)

@@ -156,12 +156,16 @@ class TiledModel:
     * Outputs: a tensor (B, C_out, h, w) or a tuple of them (a ``DiscreteDenoiser`` returns (eps, x0)); each is
       blended as ``sum_i w_i out_i / sum_i w_i`` in float64 and cast back.
     * One tile covering the latent calls ``model_fn`` once on the untouched inputs (bit-identical).
+    * ``group`` (``sdup.distributed.Group``): each rank runs every ``world_size``-th batch of tiles, the outputs are
+      exchanged, and every rank blends all of them in the same order: bit-identical to one process (at the same
+      number of threads per process: some CPU kernels round differently with another thread count).
     Tiles are visited x-offset outer, y-offset inner (upstream order).  Attributes of ``model_fn`` are forwarded.
     """
 
     def __init__(self, model_fn: Callable, tile=64, overlap=32, tile_batch: int = 1, weights: str = "symmetric",
-                 progress: bool = False):
+                 progress: bool = False, group=None):
         self.model_fn = model_fn
+        self.group = group  # sdup.distributed.Group: the tile batches are split over its ranks
         self.progress = progress  # a transient tqdm bar over the tiles of each call
         self.tile = _pair(tile)
         self.overlap = _pair(overlap)
@@ -195,38 +199,58 @@ class TiledModel:
         th, tw, tiles = self.grid(H, W)
         if len(tiles) == 1:
             return self.model_fn(x, t, **cond)
-        w = self._weights(th, tw, x.device)
-        acc: list[Tensor] | None = None
-        wsum = torch.zeros(H, W, dtype=w.dtype, device=x.device)
-        single = True
+        batches = [tiles[k:k + self.tile_batch] for k in range(0, len(tiles), self.tile_batch)]
         bar = None
-        if self.progress:
+        if self.progress and (self.group is None or self.group.is_main):
             from tqdm.auto import tqdm
             bar = tqdm(total=len(tiles), desc="tiles", unit="tile", leave=False)
-        for k in range(0, len(tiles), self.tile_batch):
-            crops = tiles[k:k + self.tile_batch]
-            n = len(crops)
-            xin = torch.cat([x[..., y:y + th, x0:x0 + tw] for y, x0 in crops])
-            out = self.model_fn(xin, _take(t, B, H, W, crops, th, tw), **_take(cond, B, H, W, crops, th, tw))
-            single = not isinstance(out, (tuple, list))
+
+        def run(crops):  # one model call on a batch of tiles -> its outputs, a list
+            out = self.model_fn(torch.cat([x[..., y:y + th, x0:x0 + tw] for y, x0 in crops]),
+                                _take(t, B, H, W, crops, th, tw), **_take(cond, B, H, W, crops, th, tw))
+            if bar is not None:
+                bar.update(len(crops) * (1 if self.group is None else self.group.world_size))
+            return out
+
+        if self.group is None:
+            outputs = [run(crops) for crops in batches]
+        else:  # this rank's share of the tile batches, then everyone's outputs on every rank, in tile order
+            from ..distributed import exchange, shard
+            mine = {k: run(batches[k]) for k in shard(range(len(batches)), self.group)}
+            outputs = [None] * len(batches)
+            for part in exchange(lambda: {k: _to(o, "cpu") for k, o in mine.items()}, self.group):
+                for k, o in part.items():
+                    outputs[k] = _to(o, x.device)
+        if bar is not None:
+            bar.close()
+        return self._blend(outputs, batches, B, H, W, th, tw, x.device)
+
+    def _blend(self, outputs, batches, B, H, W, th, tw, device):
+        """``sum_i w_i out_i / sum_i w_i`` over the tiles, in visiting order (float64 on the CPU)."""
+        w = self._weights(th, tw, device)
+        single = not isinstance(outputs[0], (tuple, list))
+        acc, dtypes = None, None
+        wsum = torch.zeros(H, W, dtype=w.dtype, device=device)
+        for out, crops in zip(outputs, batches):
             outs = [out] if single else list(out)
             if acc is None:
-                acc = [torch.zeros((B, o.shape[1], H, W), dtype=w.dtype, device=x.device) for o in outs]
+                acc = [torch.zeros((B, o.shape[1], H, W), dtype=w.dtype, device=device) for o in outs]
                 dtypes = [o.dtype for o in outs]
             for o, a in zip(outs, acc):
-                if o.shape[0] != n * B or tuple(o.shape[-2:]) != (th, tw):
+                if o.shape[0] != len(crops) * B or tuple(o.shape[-2:]) != (th, tw):
                     raise ValueError(f"model output {tuple(o.shape)} does not match the tile batch "
-                                     f"({n * B}, C, {th}, {tw})")
+                                     f"({len(crops) * B}, C, {th}, {tw})")
                 for i, (y, x0) in enumerate(crops):
                     a[..., y:y + th, x0:x0 + tw] += o[i * B:(i + 1) * B].to(w.dtype) * w
             for y, x0 in crops:
                 wsum[y:y + th, x0:x0 + tw] += w
-            if bar is not None:
-                bar.update(n)
-        if bar is not None:
-            bar.close()
         res = [(a / wsum).to(dt) for a, dt in zip(acc, dtypes)]
         return res[0] if single else tuple(res)
+
+
+def _to(out, device):
+    """A model output (a tensor or a tuple of them) on ``device``."""
+    return out.to(device) if isinstance(out, Tensor) else type(out)(o.to(device) for o in out)
 
 
 def _take(v: Any, B: int, H: int, W: int, crops, th: int, tw: int) -> Any:
