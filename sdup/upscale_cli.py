@@ -532,15 +532,13 @@ def run_item(model, family: str, item: Item, img, prompt, negative, settings: di
     """prepare -> sample -> finish of one input, under ``torch.inference_mode()``."""
     import torch
     from .pipelines.common import DTYPES
-    from .pipelines.job import finish, sample
+    from .pipelines.job import run
     common = dict(settings, prompt=prompt, negative_prompt=negative, seed=args.seed, color_fix_mode=args.color_fix,
                   tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
                   vae_overlap=plan["vae_overlap"], vae_dtype=DTYPES[args.vae_dtype], progress=progress)
     with torch.inference_mode():
         job = JOBS[family](model, item, img, common)
-        if job.tiler is not None:
-            job.tiler.group = getattr(args, "group", None)  # torchrun: each step's tiles split over the ranks
-        return finish(job, sample(job))
+        return run(job, getattr(args, "group", None))  # torchrun: each step's tiles split over the ranks
 
 
 def _load(path: str, config: str | None, device: str, dtype):

@@ -60,6 +60,46 @@ def test_folder_and_tiles_over_two_ranks_equal_one_process(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "t1.png")), np.asarray(Image.open(tmp_path / "t2.png")))
 
 
+LIBRARY = textwrap.dedent("""
+    import sys, torch, sdup
+    from sdup import distributed
+    from sdup.pipelines.stablesr import upscale_stablesr
+    from sdup.pipelines.x2_latent import upscale_latents_x2
+    fixtures, what, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    group = distributed.from_environment()  # None in the single process
+    g = torch.Generator().manual_seed(0)
+    if what == "stablesr":
+        d = fixtures + "/stablesr/"
+        model, cfw = sdup.load(d + "model.ckpt", config=d + "config.yaml"), sdup.load(d + "cfw_vae.ckpt",
+                                                                                      config=d + "cfw_vae_config.yaml")
+        r = upscale_stablesr(model, cfw, torch.rand(1, 3, 12, 20, generator=g), steps=2, input_size=32, sampler="ddim",
+                             guidance=3.0, negative_prompt=[3, 4, 5], seed=5, tile=8, tile_overlap=4, progress=False,
+                             group=group)
+    else:
+        model = sdup.load(fixtures + "/latent_upscaler/diffusers")
+        text = dict(prompt_embeds=torch.randn(1, 77, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g))
+        r = upscale_latents_x2(model, torch.randn(1, 4, 8, 12, generator=g), **text, steps=2, guidance=1.0, seed=2,
+                               tile=16, tile_overlap=8, decode=False, progress=False, group=group)
+    if group is None or group.is_main:
+        torch.save(dict(latents=r.latents, images=r.images, tiles=r.parameters.get("tiling")), out)
+""")
+
+
+@pytest.mark.parametrize("what", ["stablesr", "x2"])
+def test_library_tile_parallel_equals_one_process(tmp_path, what):
+    """upscale_stablesr / upscale_latents_x2(group=from_environment()): the same latents and images, bit for bit."""
+    import torch
+    script = tmp_path / "lib.py"
+    script.write_text(LIBRARY)
+    one = single(script, FIXTURES, what, tmp_path / "one.pt")
+    two = torchrun(script, FIXTURES, what, tmp_path / "two.pt")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["tiles"] is not None and a["tiles"]["tile"] in (8, 16)  # several tiles per step
+    assert torch.equal(a["latents"], b["latents"])
+    assert (a["images"] is None and b["images"] is None) or torch.equal(a["images"], b["images"])
+
+
 FAULTS = textwrap.dedent("""
     import os, sys
     from sdup import distributed

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -63,6 +63,14 @@ def sample(job: Job) -> Tensor:
                           callback=job.callback, disable=not job.progress, **job.options).float()
 
 
+def run(job: Job, group=None) -> Result:
+    """``finish(job, sample(job))``. ``group`` (``sdup.distributed.Group``, e.g. ``from_environment()`` under torchrun):
+    the latent tiles of every step are split over its ranks, and every rank gets the single-process result."""
+    if group is not None and job.tiler is not None:
+        job.tiler.group = group
+    return finish(job, sample(job))
+
+
 def finish(job: Job, latents: Tensor) -> Result:
     """Decode, colour fix, crop, resize and clamp to [0, 1]; the parameters with the sampler and grid actually run."""
     images = None

@@ -61,7 +61,7 @@ from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
 from .common import (Result, check_finite, check_int, check_images, pad_to_multiple, prompt_context, record_prompts,
                      resolve_generators)
-from .job import Job, base_parameters, check_color_fix, finish, guided, sample, start_noise, tiled
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tiled
 
 Tensor = torch.Tensor
 SAMPLERS = ("ddpm", "ddim")   # the reference scripts' samplers (DDIM with its timestep quirk, see stablesr_denoiser)
@@ -261,8 +261,8 @@ def _cfw_decoding(model, cfw, feats: list, dec_w: float) -> Callable[[Tensor], T
 
 @torch.inference_mode()
 def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
-                     negative_prompt: str | Sequence[str] | Tensor = "", **options) -> Result:
+                     negative_prompt: str | Sequence[str] | Tensor = "", *, group=None, **options) -> Result:
     """Super-resolve images: ``finish(job, sample(job))`` of ``prepare_stablesr`` (same arguments) under
     ``torch.inference_mode()``.  Returns ``Result(images (B, 3, s*h, s*w) in [0, 1], latents, parameters)``."""
     job = prepare_stablesr(model, cfw_vae, image, prompt, negative_prompt, **options)
-    return finish(job, sample(job))
+    return run(job, group)

@@ -95,8 +95,7 @@ from ..diffusion.samplers import SIGMA_SAMPLERS, get_sampler, randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
 from .common import (Result, check_finite, check_int, decode_latents, dtype_name, pad_to_multiple, prompt_rows,
                      record_prompts, resolve_generators, token_ids)
-from .job import (Job, base_parameters, check_color_fix, finish, guided, sample, start_noise, tile_parameters,
-                  tiled)
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
@@ -493,8 +492,8 @@ def _x2_decoding(job: Job, vae, scale_factor: float, image, in_hw, low: Tensor, 
 
 @torch.inference_mode()
 def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str] | Tensor | None = "",
-                       negative_prompt: str | Sequence[str] | Tensor = "", **options) -> Result:
+                       negative_prompt: str | Sequence[str] | Tensor = "", *, group=None, **options) -> Result:
     """Upscale SD latents (or ``image=``) 2x: ``finish(job, sample(job))`` of ``prepare_x2`` (same arguments) under
     ``torch.inference_mode()``.  ``Result.images`` is None with ``decode=False``."""
     job = prepare_x2(model, latents, prompt, negative_prompt, **options)
-    return finish(job, sample(job))
+    return run(job, group)

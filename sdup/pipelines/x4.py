@@ -75,8 +75,7 @@ from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .common import (Result, check_finite, check_int, check_images, decode_scaled, dtype_name, pad_to_multiple,
                      prompt_context, record_prompts, resolve_generators)
-from .job import (Job, base_parameters, check_color_fix, finish, guided, ldm_grid, sample, start_noise, tile_parameters,
-                  tiled)
+from .job import Job, base_parameters, check_color_fix, guided, ldm_grid, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
 SAMPLERS = SAMPLER_NAMES   # every sampler of the registry runs on the x4 v network
@@ -290,8 +289,8 @@ def _start(model, padded: Tensor, levels: Tensor, generators, aug_noise, x_T, de
 
 @torch.inference_mode()
 def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
-               negative_prompt: str | Sequence[str] | Tensor = "", **options) -> Result:
+               negative_prompt: str | Sequence[str] | Tensor = "", *, group=None, **options) -> Result:
     """Upscale low-res images 4x: ``finish(job, sample(job))`` of ``prepare_x4`` (same arguments) under
     ``torch.inference_mode()``.  Returns ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``."""
     job = prepare_x4(model, image, prompt, negative_prompt, **options)
-    return finish(job, sample(job))
+    return run(job, group)
