@@ -1,57 +1,14 @@
-"""Tiling: latent-tile diffusion (any sampler) and seam-free tiled VAE encode / decode (SPEC §5.6 B, §7.14, §8).
+"""Tiling: latent tiles for the diffusion model (any sampler) and the exact tiled VAE (docs/tiling.md).
 
-Latent tiles for the diffusion model
-------------------------------------
-``tile_grid`` is StableSR's canvas grid (offsets 0, T-O, 2(T-O), ... while start + T < size; the last tile is
-forced to end at the border; a size <= T gives one tile, and the tile shrinks to the image).
-``gaussian_weights`` gives the blend weights: ``"reference"`` is StableSR's ``_gaussian_weights`` bit for bit
-(numpy float64, var 0.01, x centre (T-1)/2 but y centre T/2, factor 1/sqrt(2 pi var)); ``"symmetric"`` (default)
-uses the centre (T-1)/2 on both axes; ``"uniform"`` is MultiDiffusion's plain average.
-``TiledModel(model_fn, tile, overlap, tile_batch, weights)`` is a drop-in replacement for any model callable
-``model_fn(x, t, **cond)``: it runs the model on tiles and blends the outputs with the weights normalised by their
-sum (accumulated in float64).  Put it around the raw network (``DiffusionWrapper``), under ``CFG`` and the
-denoisers, like StableSR (guidance and x0 formation on the blended output), or around a denoiser; both work with
-every sampler.
-
-Tiled VAE (exact by default)
-----------------------------
-``tiled_decode`` / ``tiled_encode`` run the convolutional part of the decoder (everything after the mid block) /
-encoder (everything before the mid block) tile by tile, and everything at the mid resolution on the whole map:
-
-* **Convolutions** see their real neighbours: every tile is cropped with a halo equal to the exact receptive field
-  of the tiled ops up to the next checkpoint (computed from the op list: +1 per 3x3 conv, halved through a nearest x2 upsample, 2h+2 through
-  the stride-2 downsample), and each 3x3 conv is evaluated *valid* on interior sides (the tile shrinks by one pixel
-  there) and zero-padded only on real image borders, exactly like the full-image conv.  Asymmetric VAE downsampling
-  keeps its parity (tiles are aligned to the latent grid).
-* **GroupNorm** uses statistics of the WHOLE image: every GN layer is a barrier; a sweep over all tiles accumulates
-  per-sample, per-channel weighted sums of x and x^2 over each tile's own share of the image (the normalised
-  feather weights, a partition of unity; per tile shifted by the tile's channel mean, rows reduced in fp32, the
-  rest and the accumulation across tiles in float64), the group mean / biased variance are formed once, and every
-  tile is then normalised with them (fp32 affine, as GroupNorm32).
-* **Mid block** (ResBlocks + the single-head attention over all positions) runs on the full mid-resolution map; the
-  attention runs over query chunks with the selected ``sdup.nn`` backend (math backend: logits chunk x N, at most
-  64 MiB by default; sdpa: its own memory-efficient kernel), plus ~4 maps of C_mid x N.  Exact.
-* Overlapping output regions are **feathered** (linear ramps over the actual overlap, normalised to sum to 1).
-
-So with the default ``halo=None`` the tiled result equals the untiled one up to floating-point summation order
-(no approximation at all); the measured differences are ~1e-6 of the output range.  Passing a smaller ``halo``
-(latent px) trades exactness for compute: interior tile sides are then zero-padded once the halo is used up (the
-only approximation), and the feathering hides the resulting seams.
-
-Memory vs compute: GN barriers are sequential, so a sweep must reach barrier k in every tile before barrier k can
-be applied.  Tile states (activation + pending skip) are kept between sweeps while they fit in ``store_bytes``;
-otherwise a tile is recomputed from the last checkpoint.  Full maps after every ResBlock and every up/down
-sample become checkpoints (segment boundaries, re-cut with a fresh halo) when they fit in ``store_bytes / 2`` (or
-are no larger than the start map, which is stored anyway).  ``store_device="cpu"`` keeps states and checkpoints in
-host memory (multidiffusion style) so that a GPU holds only the mid maps, the output and one tile.  Peak memory on
-the compute device is therefore about mid-block maps + output + one tile's working set (+ ``store_bytes`` unless
-offloaded), independent of the image size except for the mid-resolution and output maps.  Compute: with enough
-store, ~1x a plain decode plus halo/overlap overhead (measured 1.3-3x for tiny 12-px tiles); with ``store_bytes=0``
-every GN sweep recomputes from the last checkpoint, up to ~(number of GN layers / 2) decodes plus the overhead of
-the larger halo -- avoid it for large models (x4 decoder with 12-px tiles: 30x a plain decode).
-
-Not supported here: StableSR's CFW fusion (decode with w > 0) and the encoder's ``return_features`` (both need
-full-resolution feature maps); a CFW autoencoder is decoded with w = 0 (its plain SD decoder).
+* ``tile_grid`` / ``gaussian_weights``: StableSR's canvas grid and blend weights (``"reference"`` bit for bit,
+  ``"symmetric"``, ``"uniform"``).
+* ``TiledModel(model_fn, tile, overlap, tile_batch, weights)``: a drop-in for a model callable ``model_fn(x, t,
+  **cond)`` that runs it on latent tiles and blends the outputs (weights normalised by their sum, float64).
+* ``tiled_decode`` / ``tiled_encode``: ``vae.decode`` / ``vae.encode`` with bounded memory and no seams.  They run
+  the VAE's own stages (``Decoder.stages`` / ``Encoder.stages``): the mid block on the whole latent (its attention
+  over query chunks), the convolutional stages on tiles cropped with their exact receptive field, every GroupNorm
+  with the statistics of the whole image.  The result equals the untiled one up to float rounding.
+* ``estimate_vae_bytes`` / ``needs_tiling`` / ``auto_tile``: memory estimates and tile sizes from a budget.
 """
 from __future__ import annotations
 
@@ -682,9 +639,9 @@ def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, 
     px (approximate, cheaper); ``store_bytes``: memory for kept tile states and level checkpoints (None =
     ``auto_store_bytes``; 0 = always recompute); ``store_device``: where they live (e.g. ``"cpu"`` while decoding
     on a GPU: GPU memory then holds only the mid maps, the output and one tile); ``attn_chunk``: query chunk of the
-    mid attention (default: see ``_chunked_attention``); ``fuse_inputs``: the decoder's per-level hook inputs (a CFW
-    autoencoder: ``vae.fuse_inputs(enc_features, w)``); ``info``: a dict that receives the number of tiles, of
-    sweeps and the largest halo used (latent px).
+    mid attention (default 1024; with the math backend, what keeps the fp32 logits within 64 MiB); ``fuse_inputs``:
+    the decoder's per-level hook inputs (a CFW autoencoder: ``vae.fuse_inputs(enc_features, w)``); ``info``: a dict
+    that receives the number of tiles, of sweeps and the largest halo used (latent px).
     """
     stages = vae.decoder.stages(fuse_inputs)
     m = stages.index(vae.decoder.mid) + 1
@@ -743,7 +700,7 @@ def estimate_vae_bytes(cfg, shape: Sequence[int], kind: str = "decode", dtype=to
     (``tile=None``): 4 live activations of the largest level (a ResBlock keeps input, normalised, conv output and the
     sum) plus the mid block (5 maps of C_mid at latent resolution) and the output.  Tiled: the mid block, the output,
     ``store_bytes`` and 5 live activations of a (tile + 2 halo)^2 tile at the largest level.  Efficient attention is
-    assumed (chunked logits are counted as 256 MiB at most).
+    assumed (the chunked attention logits are counted as 256 MiB at most).
     """
     f = 2 ** (len(cfg.ch_mult) - 1)
     B = shape[0]
