@@ -31,10 +31,49 @@ def test_chunked_attention_never_builds_the_full_matrix(monkeypatch):
     A = importlib.import_module("sdup.nn.attention")
     seen = []
     real = A.attention_math
-    monkeypatch.setattr(A, "attention_math", lambda q, k, v: seen.append(q.shape[-2]) or real(q, k, v))
+    monkeypatch.setattr(A, "attention_math", lambda q, k, v, bias=None: seen.append(q.shape[-2]) or real(q, k, v, bias))
     q = torch.randn(1, 1, 1000, 8)
     A.attention_chunked(q, q, q, chunk_size=128)
     assert max(seen) == 128 and sum(seen) == 1000
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 1, 1, 45), (2, 3, 70, 45), (70, 45)])
+@pytest.mark.parametrize("backend", ["sdpa", "math", "chunked", "triton", "auto"])
+def test_attention_bias_on_every_backend(backend, bias_shape):
+    """An additive logit bias (a key mask (B, 1, 1, Nk) as the K-UNet uses, a full (B, H, Nq, Nk) one, a
+    broadcast (Nq, Nk) one) gives softmax(q k^T / sqrt(D) + bias) v on every backend; triton (no bias input) and auto
+    run sdpa then, without trying the kernel."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (70, 45, 45))
+    bias = torch.randn(bias_shape, generator=g) * 3
+    if bias_shape[1] == 1:
+        bias[..., 30:] = -10000.0  # padded keys
+    explicit = torch.softmax(q @ k.transpose(-1, -2) / 4.0 + bias, dim=-1) @ v
+    with use_attention_backend(backend, chunk_size=16):
+        out = attention(q, k, v, bias=bias)
+    assert_parity(out, explicit)
+    assert (attention(q, k, v) - out).abs().max() > 1e-2  # the bias does something
+
+
+@pytest.mark.parametrize("inner", ["math", "sdpa"])
+def test_chunked_backend_runs_its_blocks_with_the_chunk_backend(inner, monkeypatch):
+    import importlib
+    A = importlib.import_module("sdup.nn.attention")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (100, 30, 30))
+    bias = torch.randn(1, 2, 100, 30, generator=g)
+    ref = attention_math(q, k, v, bias)
+    calls = []
+    real = A.attention
+    monkeypatch.setattr(A, "attention", lambda q, k, v, backend=None, bias=None: (
+        calls.append((backend, q.shape[-2], None if bias is None else bias.shape[-2])),
+        real(q, k, v, backend, bias))[1])
+    with use_attention_backend("chunked", chunk_size=32, chunk_backend=inner):
+        assert_parity(real(q, k, v, bias=bias), ref)
+    assert calls == [(inner, 32, 32), (inner, 32, 32), (inner, 32, 32), (inner, 4, 4)]
+    assert get_attention_backend() == "auto" and A._state["chunk_backend"] == "math"
+    with pytest.raises(ValueError, match="itself"):
+        set_attention_backend("chunked", chunk_backend="chunked")
 
 
 def test_backend_switching_and_errors():

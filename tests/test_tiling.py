@@ -191,15 +191,16 @@ def test_tiled_decode_matches_decode(ch_mult):
     vae = tiny_vae(ch_mult)
     z = torch.randn(2, 4, 20, 28, generator=torch.Generator().manual_seed(0))
     ref = vae.decode(z)
-    one = tiled_decode(vae, z)                                          # 64 >= 28: one tile
-    assert tiled_decode.last_info["tiles"] == 1
+    info = {}
+    one = tiled_decode(vae, z, info=info)                               # 64 >= 28: one tile
+    assert info["tiles"] == 1
     assert_parity(one, ref, what="one tile")
     errs = {}
     for kw in [dict(tile=8, overlap=2), dict(tile=(6, 10), overlap=(0, 3)),
                dict(tile=8, overlap=2, store_bytes=0),                   # always recompute from the mid output
                dict(tile=7, overlap=3, store_bytes=64 << 10)]:           # partly kept, partly recomputed
-        out = tiled_decode(vae, z, **kw)
-        assert tiled_decode.last_info["tiles"] > 10
+        out = tiled_decode(vae, z, **kw, info=info)
+        assert info["tiles"] > 10
         # exact halos + whole-image GroupNorm statistics: only float summation order differs (~1e-6 measured)
         errs[str(kw)] = assert_parity(out, ref, what=str(kw))
     print(f"tiled decode vs decode: max|Δ| {max(errs.values()):.1e}")
@@ -216,6 +217,43 @@ def test_tiled_encode_matches_encode(ch_mult):
         assert_parity(tp.logvar, post.logvar, what=f"logvar {kw}")
     with pytest.raises(ValueError, match="divisible"):
         tiled_encode(vae, img[..., :90, :])
+
+
+def test_tiled_vae_runs_the_modules_own_forwards():
+    """The tiled decode / encode call the VAE's own stages: a forward hook on a decoder ResBlock, an upsample and
+    an encoder ResBlock (here: an affine change of their outputs) is seen by the tiled passes as by the untiled ones."""
+    vae = tiny_vae((1, 2, 2))
+    z = torch.randn(1, 4, 16, 20, generator=torch.Generator().manual_seed(4))
+    img = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    hooked = [vae.decoder.up[1].res[0], vae.decoder.up[0].upsample, vae.encoder.down[1].res[0]]
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(tuple(out.shape))
+        return out * 1.5 + 0.25
+    plain = vae.decode(z), vae.encode(img).mean
+    handles = [m.register_forward_hook(hook) for m in hooked]
+    try:
+        ref, ref_mean = vae.decode(z), vae.encode(img).mean
+        calls.clear()
+        info = {}
+        out = tiled_decode(vae, z, tile=6, overlap=2, info=info)
+        assert len(calls) == 2 * info["tiles"] == 40                   # each hooked decoder stage once per tile
+        mean = tiled_encode(vae, img, tile=24, overlap=8).mean
+    finally:
+        for h in handles:
+            h.remove()
+    assert_parity(out, ref, what="hooked tiled decode")
+    assert_parity(mean, ref_mean, what="hooked tiled encode")
+    assert (ref - plain[0]).abs().max() > 1e-2 and (ref_mean - plain[1]).abs().max() > 1e-2  # the hooks matter
+
+
+def test_tiled_vae_refuses_stages_it_cannot_tile():
+    vae = tiny_vae((1, 2, 2))
+    z = torch.randn(1, 4, 8, 8)
+    vae.decoder.up[1].res[0].time_proj = torch.nn.Linear(4, 64)       # a UNet-style ResBlock
+    with pytest.raises(ValueError, match="Linear"):
+        tiled_decode(vae, z, tile=4, overlap=2)
 
 
 def seam_excess(img, ref, cuts_y, cuts_x):

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn.attention import attention, get_attention_backend, merge_heads, project_qkv, split_heads
+from ..nn.attention import attention, merge_heads, project_qkv, split_heads
 from ..nn.layers import Conv2d
 
 NOISE_AUG_STD = 2.0  # std of the wrapper's random Fourier frequencies (only matters for fresh init)
@@ -201,15 +201,6 @@ def tokens_to_image(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], -1, height, width)
 
 
-def attention_with_key_bias(q, k, v, key_bias: torch.Tensor) -> torch.Tensor:
-    """``sdup.nn.attention`` plus an additive per-key logit bias (B, 1, 1, Nk) (that entry point has no
-    mask argument). The sdpa backend passes it as ``attn_mask``; the others use the fp32 math path."""
-    if get_attention_backend() in ("auto", "sdpa", "triton"):  # the fused kernel has no bias
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias.to(q.dtype))
-    logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]) + key_bias.float()  # (B, H, Nq, Nk)
-    return (logits.softmax(dim=-1) @ v.float()).to(q.dtype)
-
-
 class SelfAttention2d(nn.Module):
     """x + out_proj(attention over the pixels of AdaGN(x)); heads of ``head_dim`` channels."""
 
@@ -251,8 +242,7 @@ class CrossAttention2d(nn.Module):
         text = self.text_norm(context)                                                   # (B, L, ctx)
         k = split_heads(self.k_proj(text), self.heads)                                   # (B, h, L, D)
         v = split_heads(self.v_proj(text), self.heads)
-        attended = attention(q, k, v) if context_bias is None else attention_with_key_bias(q, k, v, context_bias)
-        out = self.out_proj(merge_heads(attended))                                       # (B, HW, C)
+        out = self.out_proj(merge_heads(attention(q, k, v, bias=context_bias)))          # (B, HW, C)
         return x + tokens_to_image(out, height, width)
 
 

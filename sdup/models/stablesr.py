@@ -285,17 +285,17 @@ class FusionLayer(nn.Module):
         self.rrdb = nn.Sequential(*(RRDB(channels) for _ in range(num_blocks)))
         self.fuse_out = ResBlock(channels, channels, eps=VAE_EPS)
 
-    def forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float) -> torch.Tensor:
-        """enc, dec: (B, C, H, W) -> (B, C, H, W)"""
+    def forward(self, dec: torch.Tensor, enc: torch.Tensor, w: float) -> torch.Tensor:
+        """dec, enc: (B, C, H, W) -> (B, C, H, W)"""
         f = self.fuse_out(self.rrdb(self.fuse_in(torch.cat([enc, dec], dim=1))))
         return dec + w * f
 
 
 class CFWDecoder(Decoder):
-    """The SD decoder with a ``FusionLayer`` after the ResBlocks (before the upsample) of every level but
-    the deepest and the full-resolution one: f=8 -> 512 ch at H/4 and 256 ch at H/2 (upstream
+    """The SD decoder with a ``FusionLayer`` as the ``fuse`` hook (after the ResBlocks, before the upsample) of every
+    level but the deepest and the full-resolution one: f=8 -> 512 ch at H/4 and 256 ch at H/2 (upstream
     ``fusion_layer_2``, ``fusion_layer_1``); f=4 -> one. ``decoder.up`` is in execution order (0 = deepest),
-    so the fusion layer of resolution level i sits at ``up[n-1-i].fuse``."""
+    so the fusion layer of resolution level i sits at ``up[n-1-i].fuse``. ``forward`` is ``Decoder.forward``."""
 
     def __init__(self, cfg: CFWConfig):
         super().__init__(cfg)
@@ -305,20 +305,14 @@ class CFWDecoder(Decoder):
             i = n - 1 - j
             level.fuse = FusionLayer(cfg.ch * cfg.ch_mult[i], cfg.num_fuse_block) if i in fused else None
 
-    def forward(self, z, enc_features: Sequence[torch.Tensor] | None = None, w: float = 0.0):
-        """z: (B, z_channels, h, w) after post_quant_conv; enc_features: ``CFWAutoencoder.encode``'s list
-        (index 0 = encoder level 1); w: fusion weight (0 = the plain SD decoder, the fusion is skipped)."""
+    def fuse_inputs(self, enc_features: Sequence[torch.Tensor], w: float) -> list[dict | None] | None:
+        """``Decoder.forward``'s hook inputs: ``enc_features`` (``CFWAutoencoder.encode``'s list, index 0 = encoder
+        level 1) and the fusion weight w for every fused level; None for w = 0 (the fusion is skipped)."""
+        if w == 0:
+            return None
         n = len(self.up)
-        h = self.mid(self.conv_in(z))
-        for j, level in enumerate(self.up):
-            for res in level.res:
-                h = res(h)
-            if level.fuse is not None and w != 0:
-                i = n - 1 - j                      # resolution level of this decoder level
-                h = level.fuse(enc_features[i - 1], h, w)
-            if level.upsample is not None:
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return [None if level.fuse is None else dict(enc=enc_features[n - 2 - j], w=w)  # level n-1-j's features
+                for j, level in enumerate(self.up)]
 
 
 class CFWAutoencoder(nn.Module):
@@ -343,16 +337,20 @@ class CFWAutoencoder(nn.Module):
         moments, feats = self.encoder(image, return_features=True)
         return DiagonalGaussian(self.quant_conv(moments)), [feats[i] for i in self.cfg.feature_levels()]
 
-    def decode(self, z: torch.Tensor, enc_features: Sequence[torch.Tensor] | None = None,
-               w: float | None = None) -> torch.Tensor:
-        """z: (B, embed_dim, h, w), unscaled (StableSR passes samples / 0.18215) -> (B, 3, f*h, f*w).
+    def fuse_inputs(self, enc_features: Sequence[torch.Tensor] | None = None,
+                    w: float | None = None) -> list[dict | None] | None:
+        """The decoder's ``fuse_inputs`` for ``decode(z, enc_features, w)`` (``tiling.tiled_decode`` takes them too).
 
         w defaults to ``cfg.fusion_w``; without ``enc_features`` only w = 0 (the plain SD decoder) is
         possible, and it is what you get when w is left at its default."""
         if enc_features is None:
             if w not in (None, 0, 0.0):
                 raise ValueError(f"CFW decode with w={w} needs the enc_features from encode()")
-            w = 0.0
-        elif w is None:
-            w = self.cfg.fusion_w
-        return self.decoder(self.post_quant_conv(z), enc_features, float(w))
+            return None
+        return self.decoder.fuse_inputs(enc_features, float(self.cfg.fusion_w if w is None else w))
+
+    def decode(self, z: torch.Tensor, enc_features: Sequence[torch.Tensor] | None = None,
+               w: float | None = None) -> torch.Tensor:
+        """z: (B, embed_dim, h, w), unscaled (StableSR passes samples / 0.18215) -> (B, 3, f*h, f*w); ``enc_features``
+        and w: see ``fuse_inputs``."""
+        return self.decoder(self.post_quant_conv(z), self.fuse_inputs(enc_features, w))

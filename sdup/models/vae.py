@@ -10,8 +10,9 @@ Scale factors (0.18215, 0.08333) belong to the pipelines, not to this module.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -102,18 +103,23 @@ class Encoder(nn.Module):
         self.norm_out = group_norm(ch, VAE_EPS)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
+    def stages(self) -> list[Callable]:
+        """What ``forward`` runs, in order, each stage on the previous one's output: conv_in, per level its ResBlocks
+        and downsample, mid, norm_out, SiLU, conv_out.  ``tiling.tiled_encode`` runs the same list (the stages
+        before ``mid`` on tiles)."""
+        stages = [self.conv_in]
+        for level in self.down:
+            stages += [*level.res] + ([level.downsample] if level.downsample is not None else [])
+        return stages + [self.mid, self.norm_out, F.silu, self.conv_out]
+
     def forward(self, x, return_features: bool = False):
         """x: (B, 3, H, W) in [-1, 1] -> (B, 2z, H/f, W/f); with ``return_features`` also the per-level
         outputs (after each level's ResBlocks, before its downsample), which StableSR's CFW decoder fuses."""
-        h = self.conv_in(x)
-        feats = []
-        for level in self.down:
-            for res in level.res:
-                h = res(h)
-            feats.append(h)
-            if level.downsample is not None:
-                h = level.downsample(h)
-        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        h, feats = x, []
+        for stage in self.stages():
+            if stage is self.mid or isinstance(stage, Downsample):
+                feats.append(h)  # (B, C_i, H/2^i, W/2^i): the output of level i
+            h = stage(h)
         return (h, feats) if return_features else h
 
 
@@ -129,19 +135,33 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 level.res.append(ResBlock(ch, cfg.ch * mult, eps=VAE_EPS))
                 ch = cfg.ch * mult
+            level.fuse = None  # per-level hook after the ResBlocks: fuse(h, **inputs) -> h (StableSR's CFW)
             level.upsample = Upsample(ch) if i != 0 else None
             self.up.append(level)
         self.norm_out = group_norm(ch, VAE_EPS)
         self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z):
-        h = self.mid(self.conv_in(z))
-        for level in self.up:
-            for res in level.res:
-                h = res(h)
+    def stages(self, fuse_inputs: Sequence[dict | None] | None = None) -> list[Callable]:
+        """What ``forward`` runs, in order, each stage on the previous one's output: conv_in, mid, per level its
+        ResBlocks, its ``fuse`` hook (when set and ``fuse_inputs[j]`` is given; called as ``fuse(h, **inputs)``)
+        and its upsample, then norm_out, SiLU, conv_out.  ``tiling.tiled_decode`` runs the same list (the stages
+        after ``mid`` on tiles)."""
+        stages = [self.conv_in, self.mid]
+        for j, level in enumerate(self.up):
+            stages += [*level.res]
+            if level.fuse is not None and fuse_inputs is not None and fuse_inputs[j] is not None:
+                stages.append(functools.partial(level.fuse, **fuse_inputs[j]))
             if level.upsample is not None:
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                stages.append(level.upsample)
+        return stages + [self.norm_out, F.silu, self.conv_out]
+
+    def forward(self, z, fuse_inputs: Sequence[dict | None] | None = None):
+        """z: (B, z_channels, h, w) (after post_quant_conv) -> (B, out_ch, f*h, f*w); ``fuse_inputs``: per level
+        (``up`` order), the keyword inputs of its ``fuse`` hook, or None."""
+        h = z
+        for stage in self.stages(fuse_inputs):
+            h = stage(h)
+        return h
 
 
 class DiagonalGaussian:

@@ -1,6 +1,7 @@
 """One attention entry point with interchangeable backends.
 
     out = attention(q, k, v)          # q: (B, H, Nq, D), k/v: (B, H, Nk, D) -> (B, H, Nq, D)
+    out = attention(q, k, v, bias=b)  # b: added to the logits, broadcastable to (B, H, Nq, Nk) (e.g. a key mask)
 
 Backends (pick with ``set_attention_backend`` or the ``use_attention_backend`` context manager):
 
@@ -10,10 +11,10 @@ Backends (pick with ``set_attention_backend`` or the ``use_attention_backend`` c
 * ``"triton"``  sdup's fused flash-attention forward (``sdup.nn.triton_attention``; CUDA, or the CPU under
   ``TRITON_INTERPRET=1``).  If triton is missing or the kernel fails, it falls back to sdpa with one warning.
 * ``"math"``    the readable reference: softmax(q kᵀ / √D) v, logits and softmax in fp32.
-* ``"chunked"`` the math path over blocks of queries; peak memory is chunk × Nk, never Nq × Nk.
-  Needed for the VAE mid-block at large resolutions (a 512² map is 262144 tokens).
+* ``"chunked"`` blocks of ``chunk_size`` queries, each through ``chunk_backend`` (default ``"math"``: peak memory
+  chunk × Nk, never Nq × Nk).  The tiled VAE runs the mid-block attention this way (a 512² map is 262144 tokens).
 
-No model here uses an attention mask, so there is none in the signature.
+Every backend takes ``bias``; the Triton kernel has none, so a call with a bias runs sdpa (``attn_mask``) instead.
 """
 from __future__ import annotations
 
@@ -25,15 +26,21 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "math", "chunked", "triton")
-_state = {"backend": "auto", "chunk_size": 4096, "triton_failed": False}
+_state = {"backend": "auto", "chunk_size": 4096, "chunk_backend": "math", "triton_failed": False}
 
 
-def set_attention_backend(name: str, chunk_size: int | None = None) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+def set_attention_backend(name: str, chunk_size: int | None = None, chunk_backend: str | None = None) -> None:
+    """``chunk_size`` / ``chunk_backend``: the query block of the ``"chunked"`` backend and what runs each block."""
+    for backend in (name, chunk_backend or "math"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if chunk_backend == "chunked":
+        raise ValueError("the chunked backend cannot run its blocks with itself")
     _state["backend"] = name
     if chunk_size is not None:
         _state["chunk_size"] = int(chunk_size)
+    if chunk_backend is not None:
+        _state["chunk_backend"] = chunk_backend
 
 
 def get_attention_backend() -> str:
@@ -41,32 +48,39 @@ def get_attention_backend() -> str:
 
 
 @contextlib.contextmanager
-def use_attention_backend(name: str, chunk_size: int | None = None):
+def use_attention_backend(name: str, chunk_size: int | None = None, chunk_backend: str | None = None):
     saved = dict(_state)
-    set_attention_backend(name, chunk_size)
+    set_attention_backend(name, chunk_size, chunk_backend)
     try:
         yield
     finally:
         _state.update(saved)
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Reference path. Logits and softmax are computed in fp32 (what SD2-family models need in fp16)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    if bias is not None:
+        logits = logits + bias.float()
     weights = logits.softmax(dim=-1)
     return (weights @ v.float()).to(q.dtype)
 
 
-def attention_chunked(q, k, v, chunk_size: int | None = None) -> torch.Tensor:
-    """The math path over query blocks: memory O(chunk_size × Nk) instead of O(Nq × Nk)."""
+def attention_chunked(q, k, v, chunk_size: int | None = None, bias: torch.Tensor | None = None,
+                      backend: str | None = None) -> torch.Tensor:
+    """``backend`` (default: the ``chunk_backend`` setting, ``"math"``) over blocks of ``chunk_size`` queries:
+    with the math path, memory O(chunk_size × Nk) instead of O(Nq × Nk)."""
     chunk_size = chunk_size or _state["chunk_size"]
+    backend = backend or _state["chunk_backend"]
     if q.shape[-2] <= chunk_size:
-        return attention_math(q, k, v)
+        return attention(q, k, v, backend=backend, bias=bias)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     for start in range(0, q.shape[-2], chunk_size):
-        stop = start + chunk_size
-        out[..., start:stop, :] = attention_math(q[..., start:stop, :], k, v)
+        rows = slice(start, start + chunk_size)
+        block_bias = bias if bias is None or bias.dim() < 2 or bias.shape[-2] == 1 else bias[..., rows, :]
+        out[..., rows, :] = attention(q[..., rows, :], k, v, backend=backend, bias=block_bias)
     return out
 
 
@@ -91,21 +105,23 @@ def _use_triton(q: torch.Tensor) -> bool:
     return available()
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D + bias) v with the selected backend; ``bias`` broadcastable to (B, H, Nq, Nk) or None."""
     backend = backend or _state["backend"]
     if backend == "auto":
         backend = "triton" if _use_triton(q) else "sdpa"
     if backend == "triton":
-        out = _triton(q, k, v)
+        out = _triton(q, k, v) if bias is None else None  # the kernel has no bias input
         if out is not None:
             return out
         backend = "sdpa"
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     if backend == "math":
-        return attention_math(q, k, v)
+        return attention_math(q, k, v, bias)
     if backend == "chunked":
-        return attention_chunked(q, k, v)
+        return attention_chunked(q, k, v, bias=bias)
     raise ValueError(f"unknown attention backend {backend!r}")
 
 

@@ -1,69 +1,27 @@
-"""Tiling: latent-tile diffusion (any sampler) and seam-free tiled VAE encode / decode (SPEC §5.6 B, §7.14, §8).
+"""Tiling: latent tiles for the diffusion model (any sampler) and the exact tiled VAE (docs/tiling.md).
 
-Latent tiles for the diffusion model
-------------------------------------
-``tile_grid`` is StableSR's canvas grid (offsets 0, T-O, 2(T-O), ... while start + T < size; the last tile is
-forced to end at the border; a size <= T gives one tile, and the tile shrinks to the image).
-``gaussian_weights`` gives the blend weights: ``"reference"`` is StableSR's ``_gaussian_weights`` bit for bit
-(numpy float64, var 0.01, x centre (T-1)/2 but y centre T/2, factor 1/sqrt(2 pi var)); ``"symmetric"`` (default)
-uses the centre (T-1)/2 on both axes; ``"uniform"`` is MultiDiffusion's plain average.
-``TiledModel(model_fn, tile, overlap, tile_batch, weights)`` is a drop-in replacement for any model callable
-``model_fn(x, t, **cond)``: it runs the model on tiles and blends the outputs with the weights normalised by their
-sum (accumulated in float64).  Put it around the raw network (``DiffusionWrapper``), under ``CFG`` and the
-denoisers, like StableSR (guidance and x0 formation on the blended output), or around a denoiser; both work with
-every sampler.
-
-Tiled VAE (exact by default)
-----------------------------
-``tiled_decode`` / ``tiled_encode`` run the convolutional part of the decoder (everything after the mid block) /
-encoder (everything before the mid block) tile by tile, and everything at the mid resolution on the whole map:
-
-* **Convolutions** see their real neighbours: every tile is cropped with a halo equal to the exact receptive field
-  of the tiled ops up to the next checkpoint (computed from the op list: +1 per 3x3 conv, halved through a nearest x2 upsample, 2h+2 through
-  the stride-2 downsample), and each 3x3 conv is evaluated *valid* on interior sides (the tile shrinks by one pixel
-  there) and zero-padded only on real image borders, exactly like the full-image conv.  Asymmetric VAE downsampling
-  keeps its parity (tiles are aligned to the latent grid).
-* **GroupNorm** uses statistics of the WHOLE image: every GN layer is a barrier; a sweep over all tiles accumulates
-  per-sample, per-channel weighted sums of x and x^2 over each tile's own share of the image (the normalised
-  feather weights, a partition of unity; per tile shifted by the tile's channel mean, rows reduced in fp32, the
-  rest and the accumulation across tiles in float64), the group mean / biased variance are formed once, and every
-  tile is then normalised with them (fp32 affine, as GroupNorm32).
-* **Mid block** (ResBlocks + the single-head attention over all positions) runs on the full mid-resolution map; the
-  attention runs over query chunks with the selected ``sdup.nn`` backend (math backend: logits chunk x N, at most
-  64 MiB by default; sdpa: its own memory-efficient kernel), plus ~4 maps of C_mid x N.  Exact.
-* Overlapping output regions are **feathered** (linear ramps over the actual overlap, normalised to sum to 1).
-
-So with the default ``halo=None`` the tiled result equals the untiled one up to floating-point summation order
-(no approximation at all); the measured differences are ~1e-6 of the output range.  Passing a smaller ``halo``
-(latent px) trades exactness for compute: interior tile sides are then zero-padded once the halo is used up (the
-only approximation), and the feathering hides the resulting seams.
-
-Memory vs compute: GN barriers are sequential, so a sweep must reach barrier k in every tile before barrier k can
-be applied.  Tile states (activation + pending skip) are kept between sweeps while they fit in ``store_bytes``;
-otherwise a tile is recomputed from the last checkpoint.  Full maps after every ResBlock and every up/down
-sample become checkpoints (segment boundaries, re-cut with a fresh halo) when they fit in ``store_bytes / 2`` (or
-are no larger than the start map, which is stored anyway).  ``store_device="cpu"`` keeps states and checkpoints in
-host memory (multidiffusion style) so that a GPU holds only the mid maps, the output and one tile.  Peak memory on
-the compute device is therefore about mid-block maps + output + one tile's working set (+ ``store_bytes`` unless
-offloaded), independent of the image size except for the mid-resolution and output maps.  Compute: with enough
-store, ~1x a plain decode plus halo/overlap overhead (measured 1.3-3x for tiny 12-px tiles); with ``store_bytes=0``
-every GN sweep recomputes from the last checkpoint, up to ~(number of GN layers / 2) decodes plus the overhead of
-the larger halo -- avoid it for large models (x4 decoder with 12-px tiles: 30x a plain decode).
-
-Not supported here: StableSR's CFW fusion (decode with w > 0) and the encoder's ``return_features`` (both need
-full-resolution feature maps); a CFW autoencoder is decoded with w = 0 (its plain SD decoder).
+* ``tile_grid`` / ``gaussian_weights``: StableSR's canvas grid and blend weights (``"reference"`` bit for bit,
+  ``"symmetric"``, ``"uniform"``).
+* ``TiledModel(model_fn, tile, overlap, tile_batch, weights)``: a drop-in for a model callable ``model_fn(x, t,
+  **cond)`` that runs it on latent tiles and blends the outputs (weights normalised by their sum, float64).
+* ``tiled_decode`` / ``tiled_encode``: ``vae.decode`` / ``vae.encode`` with bounded memory and no seams.  They run
+  the VAE's own stages (``Decoder.stages`` / ``Encoder.stages``): the mid block on the whole latent (its attention
+  over query chunks), the convolutional stages on tiles cropped with their exact receptive field, every GroupNorm
+  with the statistics of the whole image.  The result equals the untiled one up to float rounding.
+* ``estimate_vae_bytes`` / ``needs_tiling`` / ``auto_tile``: memory estimates and tile sizes from a budget.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.vae import DiagonalGaussian
-from ..nn import attention
+from ..nn import Downsample, Upsample, get_attention_backend, use_attention_backend
 
 Tensor = torch.Tensor
 
@@ -273,50 +231,82 @@ def _take(v: Any, B: int, H: int, W: int, crops, th: int, tw: int) -> Any:
 
 
 # ================================================================================================
-# tiled VAE: op lists
+# tiled VAE: the stages
 
 
-@dataclass
-class _Op:
-    kind: str            # "conv" | "up" | "down" | "push" | "add" | "gn" | "ckpt"
-    mod: Any = None      # conv / norm module (add: the 1x1 skip conv or None)
+class _Barrier(Exception):
+    """Raised by the GroupNorm pre-hook when the whole-image statistics of that norm are not known yet (after the
+    tile's share was added to them): the tile stops there until every tile has contributed."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+        self.stage, self.state = None, None  # where the tile stopped (set by _Engine._forward)
 
 
-def _resblock_ops(res) -> list[_Op]:
-    if getattr(res, "time_proj", None) is not None or getattr(res, "feature_mod", None) is not None:
-        raise ValueError("tiled VAE: ResBlocks with time embedding / feature modulation are not supported")
-    return [_Op("push"), _Op("gn", res.norm1), _Op("conv", res.conv1), _Op("gn", res.norm2), _Op("conv", res.conv2),
-            _Op("add", res.skip), _Op("ckpt")]
+_POINTWISE = (F.silu,)  # the plain functions allowed as stages
 
 
-def _decoder_ops(decoder) -> list[_Op]:
-    """Everything after the mid block (input: the mid output at latent resolution)."""
-    ops: list[_Op] = []
-    for level in decoder.up:
-        for res in level.res:
-            ops += _resblock_ops(res)
-        if level.upsample is not None:
-            ops += [_Op("up", level.upsample.conv), _Op("ckpt")]
-    return ops + [_Op("gn", decoder.norm_out), _Op("conv", decoder.conv_out)]
+def _stage_module(stage):
+    """The module behind a stage (a ``functools.partial`` of a module is a hook with its inputs bound)."""
+    return stage.func if isinstance(stage, functools.partial) else stage
 
 
-def _encoder_ops(encoder) -> list[_Op]:
-    """conv_in and the down path (output: the mid block's input at latent resolution)."""
-    ops = [_Op("conv", encoder.conv_in)]
-    for level in encoder.down:
-        for res in level.res:
-            ops += _resblock_ops(res)
-        if level.downsample is not None:
-            if not getattr(level.downsample, "asymmetric_pad", False):
-                raise ValueError("tiled VAE expects the LDM asymmetric-pad downsample")
-            ops += [_Op("down", level.downsample.conv), _Op("ckpt")]
-    return ops
-
-
-def _check_conv3(conv, stride=1):
-    if tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (stride, stride) or conv.groups != 1 \
-            or tuple(conv.dilation) != (1, 1):
+def _check_conv(conv: nn.Conv2d, stride: int = 1, padding: int | None = None):
+    k = conv.kernel_size[0]
+    ok = tuple(conv.kernel_size) in ((3, 3), (1, 1)) and tuple(conv.stride) == (stride, stride) \
+        and conv.groups == 1 and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros" \
+        and tuple(conv.padding) == ((k // 2,) * 2 if padding is None else (padding, padding))
+    if not ok:
         raise ValueError(f"tiled VAE: unexpected conv {conv}")
+
+
+def _geometry(stage) -> tuple[str, int]:
+    """(kind, depth) of a stage: ``"up"`` (nearest x2, then a 3x3 conv), ``"down"`` (pad right / bottom, stride-2
+    3x3 conv) or ``"local"`` with ``depth`` = its number of 3x3 convs (the longest chain of them at most: exact for
+    the sequential and dense stacks here).  Stages may hold only convs and GroupNorms (plus parameter-free layers)."""
+    m = _stage_module(stage)
+    if not isinstance(m, nn.Module):
+        if m in _POINTWISE:
+            return "local", 0
+        raise ValueError(f"tiled VAE: unknown stage {stage!r} (plain functions must be one of {_POINTWISE})")
+    if isinstance(m, Upsample):
+        _check_conv(m.conv)
+        return "up", 1
+    if isinstance(m, Downsample):
+        if not m.asymmetric_pad:
+            raise ValueError("tiled VAE expects the LDM asymmetric-pad downsample")
+        _check_conv(m.conv, stride=2, padding=0)
+        return "down", 1
+    depth = 0
+    for sub in m.modules():
+        if isinstance(sub, nn.Conv2d):
+            _check_conv(sub)
+            depth += sub.kernel_size[0] == 3
+        elif not isinstance(sub, nn.GroupNorm) and next(sub.parameters(recurse=False), None) is not None:
+            raise ValueError(f"tiled VAE: {type(sub).__name__} inside {type(m).__name__} is not a conv or a "
+                             "GroupNorm (time embeddings, attention: not supported on tiles)")
+    return "local", depth
+
+
+def _out_channels(stage, c: int) -> int:
+    """Channels after a stage: those of its last conv (``c`` without one)."""
+    m = _stage_module(stage)
+    convs = [s for s in m.modules() if isinstance(s, nn.Conv2d)] if isinstance(m, nn.Module) else []
+    return convs[-1].out_channels if convs else c
+
+
+def _receptive_halo(geoms: Sequence[tuple[str, int]], r_start: int) -> int:
+    """Halo (latent px) that keeps every position of a tile exact through the stages (backward receptive field)."""
+    h = 0
+    for kind, depth in reversed(geoms):
+        if kind == "up":
+            h = math.ceil((h + 1) / 2)
+        elif kind == "down":
+            h = 2 * h + 2
+        else:
+            h += depth
+    return math.ceil(h / r_start)
 
 
 # ================================================================================================
@@ -368,67 +358,15 @@ def _feather(starts: Sequence[int], tile: int, size: int, r: int) -> list[Tensor
 
 
 class _State:
-    """A tile's activation ``t`` whose top-left pixel is (y0, x0) at resolution r, plus pending skip tensors."""
+    """A tile's activation ``t`` whose top-left pixel is (y0, x0) of the image at resolution r."""
 
-    __slots__ = ("t", "y0", "x0", "r", "stack")
+    __slots__ = ("t", "y0", "x0", "r")
 
-    def __init__(self, t, y0, x0, r, stack=None):
+    def __init__(self, t, y0, x0, r):
         self.t, self.y0, self.x0, self.r = t, y0, x0, r
-        self.stack = stack or []
 
     def nbytes(self) -> int:
-        uniq = {id(a): a for a in [self.t] + [s[0] for s in self.stack]}
-        return sum(a.numel() * a.element_size() for a in uniq.values())
-
-
-def _pads(st: _State, req, full) -> tuple[int, int, int, int]:
-    """Zero-pad a side by one when it is a real image border or when its halo is used up (approximate mode)."""
-    ry0, ry1, rx0, rx1 = req
-    Hr, Wr = full
-    h, w = st.t.shape[-2:]
-    top = 1 if (st.y0 == 0 or st.y0 >= ry0) else 0
-    bottom = 1 if (st.y0 + h == Hr or st.y0 + h <= ry1) else 0
-    left = 1 if (st.x0 == 0 or st.x0 >= rx0) else 0
-    right = 1 if (st.x0 + w == Wr or st.x0 + w <= rx1) else 0
-    return left, right, top, bottom
-
-
-def _conv3(conv, st: _State, req, full) -> _State:
-    l, r_, t, b = _pads(st, req, full)
-    x = st.t
-    if (l, r_, t, b) == (1, 1, 1, 1):
-        out = F.conv2d(x, conv.weight, conv.bias, padding=1)
-    else:
-        out = F.conv2d(F.pad(x, (l, r_, t, b)) if (l or r_ or t or b) else x, conv.weight, conv.bias)
-    return _State(out, st.y0 - t + 1, st.x0 - l + 1, st.r, st.stack)
-
-
-def _down(conv, st: _State, req, full) -> _State:
-    x, y0, x0 = st.t, st.y0, st.x0
-    if y0 % 2:
-        x, y0 = x[..., 1:, :], y0 + 1
-    if x0 % 2:
-        x, x0 = x[..., :, 1:], x0 + 1
-    h, w = x.shape[-2:]
-    bottom = 1 if (y0 + h == full[0] or y0 + h <= req[1]) else 0
-    right = 1 if (x0 + w == full[1] or x0 + w <= req[3]) else 0
-    if bottom or right:
-        x = F.pad(x, (0, right, 0, bottom))
-    out = F.conv2d(x, conv.weight, conv.bias, stride=2)
-    return _State(out, y0 // 2, x0 // 2, st.r // 2, st.stack)
-
-
-def _receptive_halo(ops: Sequence[_Op], r_start: int) -> int:
-    """Halo (latent px) that makes every position of a tile exact after ``ops`` (backward receptive field)."""
-    h = 0
-    for op in reversed(ops):
-        if op.kind == "conv":
-            h += 1
-        elif op.kind == "up":
-            h = math.ceil((h + 1) / 2)
-        elif op.kind == "down":
-            h = 2 * h + 2
-    return math.ceil(h / r_start)
+        return self.t.numel() * self.t.element_size()
 
 
 # ================================================================================================
@@ -436,19 +374,25 @@ def _receptive_halo(ops: Sequence[_Op], r_start: int) -> int:
 
 
 class _Engine:
-    def __init__(self, ops, grid: _Grid, r0: int, store_bytes: int, halo: int | None, progress: bool, desc: str,
-                 store_device=None):
-        self.ops, self.grid, self.r0 = ops, grid, r0
+    """Runs ``stages`` (what the model's forward calls, in order) on tiles, with whole-image GroupNorm statistics."""
+
+    def __init__(self, stages, grid: _Grid, r0: int, store_bytes: int | None, halo: int | None, progress: bool,
+                 desc: str, store_device=None):
+        self.stages, self.grid = list(stages), grid
+        self.geoms = [_geometry(s) for s in self.stages]
+        self.r_at = [r0]  # resolution before stage i
+        for kind, _ in self.geoms:
+            r = self.r_at[-1]
+            self.r_at.append(2 * r if kind == "up" else r // 2 if kind == "down" else r)
+        self.norms = [m for s in self.stages if isinstance(_stage_module(s), nn.Module)
+                      for m in _stage_module(s).modules() if isinstance(m, nn.GroupNorm)]
         self.store_bytes = None if store_bytes is None else max(0, int(store_bytes))  # None: auto_store_bytes in run
         self.store_device = None if store_device is None else torch.device(store_device)
         self.dev = None
         self.halo = halo
-        self.stats: dict[int, tuple[Tensor, Tensor]] = {}
-        # resolution after ops[:i] (channels: set by run() from the input)
-        self.r_at = [r0]
-        for op in ops:
-            self.r_at.append(self.r_at[-1] * 2 if op.kind == "up" else self.r_at[-1] // 2 if op.kind == "down"
-                             else self.r_at[-1])
+        self.stats: dict[nn.GroupNorm, tuple[Tensor, Tensor]] = {}  # (B, C) fp32 scale and shift of each norm
+        self.acc = None    # [norm, sum w x, sum w x^2, r] of the norm being gathered
+        self.where = None  # (tile, state) of the stage being run, for the GroupNorm hooks
         self.c_at: list[int] = []
         self.progress = progress
         self.desc = desc
@@ -465,69 +409,88 @@ class _Engine:
         return _State(src[..., y0:y1, x0:x1].to(self.dev), y0, x0, r)
 
     def _move(self, st: _State, device) -> _State:
-        """The state on ``device`` (tensors shared between the activation and the skip stack stay shared)."""
         if device is None or st.t.device == device:
             return st
-        moved = {}
+        return _State(st.t.to(device, non_blocking=device.type == "cuda"), st.y0, st.x0, st.r)  # host->GPU only
 
-        def mv(a):
-            if id(a) not in moved:
-                moved[id(a)] = a.to(device, non_blocking=device.type == "cuda")  # host->GPU only
-            return moved[id(a)]
-        return _State(mv(st.t), st.y0, st.x0, st.r, [(mv(a), y, x) for a, y, x in st.stack])
+    def _cut(self, v, st: _State):
+        """A full-image map passed to a hook, cut to the tile (other inputs unchanged)."""
+        if not isinstance(v, Tensor):
+            return v
+        full = (self.grid.H * st.r, self.grid.W * st.r)
+        if v.ndim != 4 or tuple(v.shape[-2:]) != full:
+            raise ValueError(f"tiled VAE: hook input {tuple(v.shape)} is not a map of the image at {full}")
+        h, w = st.t.shape[-2:]
+        return v[..., st.y0:st.y0 + h, st.x0:st.x0 + w].to(self.dev)
+
+    def _call(self, s: int, st: _State, tile) -> Tensor:
+        stage = self.stages[s]
+        self.where = (tile, st)
+        if isinstance(stage, functools.partial):  # a hook with its inputs: cut their maps to the tile
+            return stage.func(st.t, *stage.args, **{k: self._cut(v, st) for k, v in stage.keywords.items()})
+        return stage(st.t)
 
     def _forward(self, st: _State, i: int, j: int, tile) -> _State:
-        g = self.grid
-        for k in range(i, j):
-            op = self.ops[k]
-            r = st.r * (2 if op.kind == "up" else 1)
-            req, full = g.region(tile, r), (g.H * r, g.W * r)
-            if op.kind == "conv":
-                st = _conv3(op.mod, st, req, full)
-            elif op.kind == "up":
-                st = _conv3(op.mod, _State(F.interpolate(st.t, scale_factor=2.0, mode="nearest"), 2 * st.y0,
-                                           2 * st.x0, r, st.stack), req, full)
-            elif op.kind == "down":
-                st = _down(op.mod, st, req, full)
-            elif op.kind == "push":
-                st = _State(st.t, st.y0, st.x0, st.r, st.stack + [(st.t, st.y0, st.x0)])
-            elif op.kind == "add":
-                s, sy, sx = st.stack[-1]
-                h, w = st.t.shape[-2:]
-                dy, dx = st.y0 - sy, st.x0 - sx
-                if dy < 0 or dx < 0 or dy + h > s.shape[-2] or dx + w > s.shape[-1]:
-                    raise RuntimeError("tiled VAE: skip tensor does not cover the residual branch")
-                s = s[..., dy:dy + h, dx:dx + w]
-                if op.mod is not None:
-                    s = F.conv2d(s, op.mod.weight, op.mod.bias)
-                st = _State(s + st.t, st.y0, st.x0, st.r, st.stack[:-1])
-            elif op.kind == "gn":
-                scale, shift = self.stats[k]
-                x = st.t
-                y = (x.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
-                st = _State(F.silu(y), st.y0, st.x0, st.r, st.stack)
-            # "ckpt": no-op
+        """Stages i..j-1 on one tile.  Tensors keep their size: 3x3 convs zero-pad every side, which is exact on
+        image borders and spoils one more pixel per conv on the others (the halo is wider than that)."""
+        for s in range(i, j):
+            try:
+                t = self._call(s, st, tile)
+            except _Barrier as stop:
+                stop.stage, stop.state = s, st
+                raise
+            kind = self.geoms[s][0]
+            if kind == "up":
+                st = _State(t, 2 * st.y0, 2 * st.x0, 2 * st.r)
+            elif kind == "down":
+                if st.y0 % 2 or st.x0 % 2:
+                    raise RuntimeError("tiled VAE: a tile reached a downsample at an odd offset (internal error)")
+                st = _State(t, st.y0 // 2, st.x0 // 2, st.r // 2)
+            else:
+                st = _State(t, st.y0, st.x0, st.r)
+        self.where = None
         return st
 
-    def _own(self, st: _State, tile) -> tuple[Tensor, Tensor, Tensor, tuple]:
-        """The tile's region of ``st.t`` and its normalised weights."""
+    def _own(self, x: Tensor, st: _State, tile) -> tuple[Tensor, Tensor, Tensor, tuple]:
+        """The tile's own region of ``x`` (a map with the geometry of ``st``) and its normalised weights."""
         req = self.grid.region(tile, st.r)
-        h, w = st.t.shape[-2:]
+        h, w = x.shape[-2:]
         dy0, dy1, dx0, dx1 = req[0] - st.y0, req[1] - st.y0, req[2] - st.x0, req[3] - st.x0
         if dy0 < 0 or dx0 < 0 or dy1 > h or dx1 > w:
             raise RuntimeError("tiled VAE: tile lost its own region (internal error)")
-        wy, wx = self.grid.weights(tile, st.r, st.t.device)
-        return st.t[..., dy0:dy1, dx0:dx1], wy, wx, req
+        wy, wx = self.grid.weights(tile, st.r, x.device)
+        return x[..., dy0:dy1, dx0:dx1], wy, wx, req
 
-    def _accumulate(self, acc: list, st: _State, tile):
-        """Add the tile's weighted per-channel sums of x and x^2 (float64) to ``acc``.
+    # -- GroupNorm hooks (registered on every GroupNorm of the stages while run() runs)
+    def _gather(self, norm: nn.GroupNorm, args):
+        """Pre-hook: statistics not known yet -> add the tile's share to them and stop the tile."""
+        if norm in self.stats:
+            return None
+        tile, st = self.where
+        self._accumulate(norm, args[0], st, tile)
+        raise _Barrier(norm)
+
+    def _normalize(self, norm: nn.GroupNorm, args, out):
+        """Hook: the output normalised with the whole-image statistics instead (fp32 affine, as GroupNorm32)."""
+        scale, shift = self.stats[norm]
+        x = args[0]
+        return (x.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+
+    def _accumulate(self, norm, x: Tensor, st: _State, tile):
+        """Add the tile's weighted per-channel sums of x and x^2 (float64) to the sums of ``norm``.
 
         Per tile: shift by the tile's own channel mean m (fp32), rows reduced against the x-weights in fp32 (short
         dot products), the rest in float64; then sum w x = sum w (x-m) + m sum w and
         sum w x^2 = sum w (x-m)^2 + 2 m sum w (x-m) + m^2 sum w, so there is no cancellation within a tile."""
-        x, wy, wx, _ = self._own(st, tile)
+        x, wy, wx, _ = self._own(x, st, tile)
         dt = wy.dtype
         B, C = x.shape[:2]
+        if self.acc is None:
+            self.acc = [norm, torch.zeros(B, C, dtype=dt, device=x.device), torch.zeros(B, C, dtype=dt,
+                                                                                        device=x.device), st.r]
+        if self.acc[0] is not norm:
+            raise RuntimeError("tiled VAE: tiles stopped at different GroupNorms (internal error)")
+        s1, s2 = self.acc[1:3]
         wx32 = wx.to(torch.float32)
         wsum = wy.sum() * wx.sum()
         step = max(1, (1 << 22) // max(1, x[0, 0].numel() * B))  # ~4M elements per chunk
@@ -538,12 +501,12 @@ class _Engine:
             d1 = (xc @ wx32).to(dt) @ wy                      # (B, c)
             d2 = ((xc * xc) @ wx32).to(dt) @ wy
             m = m.flatten(1).to(dt)
-            acc[0][:, c0:c0 + step] += d1 + m * wsum
-            acc[1][:, c0:c0 + step] += d2 + 2 * m * d1 + m * m * wsum
+            s1[:, c0:c0 + step] += d1 + m * wsum
+            s2[:, c0:c0 + step] += d2 + 2 * m * d1 + m * m * wsum
 
-    def _finalize(self, k: int, acc, r: int):
-        norm = self.ops[k].mod
-        s1, s2 = acc
+    def _finalize(self):
+        norm, s1, s2, r = self.acc
+        self.acc = None
         B, C = s1.shape
         G = norm.num_groups
         n = (C // G) * (self.grid.H * r) * (self.grid.W * r)
@@ -555,7 +518,7 @@ class _Engine:
         beta = norm.bias.to(s1.dtype) if norm.bias is not None else torch.zeros_like(gamma)
         scale = gamma[None] * rstd.repeat_interleave(C // G, dim=1)
         shift = beta[None] - mean.repeat_interleave(C // G, dim=1) * scale
-        self.stats[k] = (scale.float(), shift.float())
+        self.stats[norm] = (scale.float(), shift.float())
 
     def _map_bytes(self, i: int, ref: Tensor) -> int:
         r = self.r_at[i]
@@ -563,123 +526,107 @@ class _Engine:
 
     # -- driver
     def run(self, src: Tensor) -> Tensor:
-        ops = self.ops
+        n = len(self.stages)
         self.dev = src.device
-        c = src.shape[1]
-        self.c_at = [c := (op.mod.out_channels if op.kind in ("conv", "up", "down") else c) for op in [_Op("")] + ops]
+        self.c_at = [src.shape[1]]
+        for stage in self.stages:
+            self.c_at.append(_out_channels(stage, self.c_at[-1]))
         if self.store_bytes is None:  # auto: room for the largest level map as a checkpoint
-            self.store_bytes = auto_store_bytes(max(self._map_bytes(i, src) for i in range(len(ops) + 1)))
+            self.store_bytes = auto_store_bytes(max(self._map_bytes(i, src) for i in range(n + 1)))
         bounds = [0]
-        for i, op in enumerate(ops):
-            # a level map no larger than the (always stored) start map is free; others need half the store budget
-            if op.kind == "ckpt" and self._map_bytes(i + 1, src) <= max(self.store_bytes // 2, self._map_bytes(0, src)):
+        for i, (kind, depth) in enumerate(self.geoms[:-1]):
+            # checkpoints after stages with convs; a map no larger than the (always stored) start map is free,
+            # others need half the store budget
+            if (kind != "local" or depth) and \
+                    self._map_bytes(i + 1, src) <= max(self.store_bytes // 2, self._map_bytes(0, src)):
                 bounds.append(i + 1)
-        bounds.append(len(ops))
-        barriers_total = sum(op.kind == "gn" for op in ops)
+        bounds.append(n)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=barriers_total + len(bounds) - 1, desc=self.desc)
-        for n, (a, b) in enumerate(zip(bounds, bounds[1:])):
-            inter = sum(self._map_bytes(j, src) for j in (a, b) if 0 < j < len(ops)
-                        and self._map_bytes(j, src) > self._map_bytes(0, src))
-            src = self._segment(a, b, src, max(0, self.store_bytes - inter), bar)
-        if bar is not None:
-            bar.close()
+            bar = tqdm(total=len(self.norms) + len(bounds) - 1, desc=self.desc)
+        hooks = [h for norm in self.norms for h in (norm.register_forward_pre_hook(self._gather),
+                                                    norm.register_forward_hook(self._normalize))]
+        try:
+            for a, b in zip(bounds, bounds[1:]):
+                inter = sum(self._map_bytes(j, src) for j in (a, b) if 0 < j < n
+                            and self._map_bytes(j, src) > self._map_bytes(0, src))
+                src = self._segment(a, b, src, max(0, self.store_bytes - inter), bar)
+        finally:
+            for h in hooks:
+                h.remove()
+            if bar is not None:
+                bar.close()
         return src
 
     def _segment(self, a: int, b: int, src: Tensor, keep_budget: int, bar) -> Tensor:
-        g, r_a, r_b = self.grid, self.r_at[a], self.r_at[b]
-        halo = _receptive_halo(self.ops[a:b], r_a)
+        """Stages a..b-1 on every tile: sweeps that each gather the statistics of the next GroupNorm (the tiles
+        stop there; their states are kept while they fit in ``keep_budget``, else recomputed from ``src``), then
+        the sweep that runs every tile to the end and assembles the output map with the feather weights."""
+        g = self.grid
+        halo = _receptive_halo(self.geoms[a:b], self.r_at[a])
         if self.halo is not None:
             halo = min(halo, int(self.halo))
         self.max_halo_used = max(self.max_halo_used, halo)
         kept: dict = {}
         kept_bytes = 0
-        B = src.shape[0]
-        adt = _acc_dtype(self.dev)
-        for k in range(a, b):
-            if self.ops[k].kind != "gn":
-                continue
-            C = self.c_at[k]
-            acc = [torch.zeros(B, C, dtype=adt, device=self.dev) for _ in range(2)]
+        while True:
+            out, gathering = None, None
             for tile in g.tiles:
                 i, st = kept.pop(tile, (a, None))
                 if st is None:
-                    st = self._crop(src, tile, halo, r_a)
+                    st = self._crop(src, tile, halo, self.r_at[a])
                 else:
                     kept_bytes -= st.nbytes()
                     st = self._move(st, self.dev)
-                st = self._forward(st, i, k, tile)
-                self._accumulate(acc, st, tile)
-                nb = st.nbytes()
-                if kept_bytes + nb <= keep_budget:
-                    kept[tile] = (k, self._move(st, self.store_device))
-                    kept_bytes += nb
-                del st
-            self._finalize(k, acc, self.r_at[k])
+                try:
+                    st = self._forward(st, i, b, tile)
+                except _Barrier as stop:
+                    gathering = stop.norm
+                    if kept_bytes + stop.state.nbytes() <= keep_budget:
+                        kept[tile] = (stop.stage, self._move(stop.state, self.store_device))
+                        kept_bytes += stop.state.nbytes()
+                    continue
+                out = self._assemble(out, st, tile, b < len(self.stages))
+            if (out is None) == (gathering is None):
+                raise RuntimeError("tiled VAE: some tiles stopped at a GroupNorm, others did not (internal error)")
             self.sweeps += 1
             if bar is not None:
                 bar.update(1)
-        # final sweep: assemble the segment's output map with the feather weights
-        out = None
-        for tile in g.tiles:
-            i, st = kept.pop(tile, (a, None))
-            st = self._crop(src, tile, halo, r_a) if st is None else self._move(st, self.dev)
-            st = self._forward(st, i, b, tile)
-            x, wy, wx, (ry0, ry1, rx0, rx1) = self._own(st, tile)
-            if out is None:
-                adt_out = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-                out_dev = self.store_device if (b < len(self.ops) and self.store_device is not None) else x.device
-                out = torch.zeros(B, x.shape[1], g.H * r_b, g.W * r_b, dtype=adt_out, device=out_dev)
-            w2 = (wy[:, None] * wx[None, :]).to(adt_out)
-            out[..., ry0:ry1, rx0:rx1] += (x.to(adt_out) * w2).to(out.device)
-            del st, x
-        self.sweeps += 1
-        if bar is not None:
-            bar.update(1)
-        return out.to(self.dev if b == len(self.ops) else out.device, src.dtype)
+            if gathering is None:
+                return out.to(out.device if b < len(self.stages) else self.dev, src.dtype)
+            self._finalize()
 
-
-# ================================================================================================
-# mid block on the full map (chunked attention)
-
-
-def _attn_chunk(n_tokens: int, attn_chunk: int | None, budget: int = 64 << 20) -> int:
-    """Query chunk so that the fp32 logits and their softmax (2 x chunk x N x 4 bytes) stay within ``budget``.
-    The sdpa backend never materialises the logits (its CPU / CUDA kernels work in blocks), so it gets chunks of
-    1024 queries: 64-query chunks re-read all keys 16x as often (measured 1.5x slower at N = 16384, C = 512)."""
-    if attn_chunk:
-        return int(attn_chunk)
-    from ..nn.attention import get_attention_backend
-    if get_attention_backend() in ("auto", "sdpa", "triton"):  # no materialised logits
-        return int(min(n_tokens, 1024))
-    return int(max(64, min(n_tokens, budget // max(1, 8 * n_tokens))))
-
-
-def _mid_attention(attn, x: Tensor, chunk: int) -> Tensor:
-    """``MidAttention`` forward with the queries in chunks: ``sdup.nn.attention`` (the selected backend) on
-    (B, 1, chunk, C) queries against all keys, so the math backend's logits are chunk x N, not N x N."""
-    b, c, h, w = x.shape
-    tokens = attn.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
-    k = attn.k_proj(tokens)[:, None]
-    v = attn.v_proj(tokens)[:, None]
-    out = x.clone()
-    flat = out.view(b, c, h * w)
-    for s in range(0, h * w, chunk):
-        q = attn.q_proj(tokens[:, s:s + chunk])[:, None]
-        flat[:, :, s:s + chunk] += attn.out_proj(attention(q, k, v)[:, 0]).transpose(1, 2)
-    return out
-
-
-def _mid(mid, x: Tensor, attn_chunk: int | None) -> Tensor:
-    x = mid.res1(x)
-    x = _mid_attention(mid.attn, x, _attn_chunk(x.shape[-2] * x.shape[-1], attn_chunk))
-    return mid.res2(x)
+    def _assemble(self, out: Tensor | None, st: _State, tile, intermediate: bool) -> Tensor:
+        """Add the tile's own region, times its feather weights, to the output map (created on the first call)."""
+        x, wy, wx, (ry0, ry1, rx0, rx1) = self._own(st.t, st, tile)
+        if out is None:
+            g = self.grid
+            dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            dev = self.store_device if (intermediate and self.store_device is not None) else x.device
+            out = torch.zeros(x.shape[0], x.shape[1], g.H * st.r, g.W * st.r, dtype=dt, device=dev)
+        w2 = (wy[:, None] * wx[None, :]).to(out.dtype)
+        out[..., ry0:ry1, rx0:rx1] += (x.to(out.dtype) * w2).to(out.device)
+        return out
 
 
 # ================================================================================================
 # public VAE API
+
+
+def _chunked_attention(n_tokens: int, attn_chunk: int | None, logits_budget: int = 64 << 20):
+    """Context for the mid block on the whole map: its attention over query chunks of ``attn_chunk``, each with the
+    selected backend.  Default chunk: math (and chunked) keep the fp32 logits and their softmax
+    (2 x chunk x N x 4 bytes) within ``logits_budget``; sdpa and triton, which never materialise them, get 1024."""
+    backend = get_attention_backend()
+    inner = "math" if backend in ("math", "chunked") else backend
+    if attn_chunk:
+        chunk = int(attn_chunk)
+    elif inner == "math":
+        chunk = max(64, min(n_tokens, logits_budget // max(1, 8 * n_tokens)))
+    else:
+        chunk = min(n_tokens, 1024)
+    return use_attention_backend("chunked", chunk_size=chunk, chunk_backend=inner)
 
 
 def _downscale(vae) -> int:
@@ -694,66 +641,68 @@ MAX_AUTO_STORE_BYTES = 4 << 30
 
 
 def auto_store_bytes(largest_map_bytes: int) -> int:
-    """The default ``store_bytes``: twice the largest level map (so every level can be a checkpoint and a GN sweep
-    recomputes at most one ResBlock), at least ``DEFAULT_STORE_BYTES``, at most 4 GiB.  The x4 decoder to 2048^2
-    (top map 128 x 2048^2 fp32 = 2 GiB) gets 4 GiB; with the old fixed 1 GiB its top two levels had no checkpoint
-    and every sweep recomputed them from the 512^2 level (measured: 35 min instead of minutes)."""
+    """The default ``store_bytes``: twice the largest level map (so every level can be a checkpoint and a GroupNorm
+    sweep recomputes at most one stage), at least ``DEFAULT_STORE_BYTES``, at most ``MAX_AUTO_STORE_BYTES``."""
     return int(min(MAX_AUTO_STORE_BYTES, max(DEFAULT_STORE_BYTES, 2 * largest_map_bytes)))
 
+
+def _run_info(info: dict | None, grid: _Grid, eng: _Engine) -> None:
+    if info is not None:
+        info.update(tiles=len(grid.tiles), sweeps=eng.sweeps, halo=eng.max_halo_used)
 
 
 @torch.inference_mode()
 def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, halo: int | None = None,
-                 store_bytes: int | None = None, store_device=None,
-                 attn_chunk: int | None = None) -> Tensor:
-    """``vae.decode(z)`` with bounded memory and no seams (see the module docstring).
+                 store_bytes: int | None = None, store_device=None, attn_chunk: int | None = None,
+                 fuse_inputs=None, info: dict | None = None) -> Tensor:
+    """``vae.decode(z)`` with bounded memory and no seams (docs/tiling.md): the decoder's own stages, everything
+    after the mid block on tiles.
 
-    z: (B, embed_dim, h, w), unscaled.  ``tile`` / ``overlap``: int or (h, w) in latent px; ``halo``: None = exact
-    receptive field (the result equals ``vae.decode`` up to float rounding), an int = at most that many latent px
-    (approximate, cheaper); ``store_bytes``: memory allowed for kept tile states and level checkpoints (None =
-    ``auto_store_bytes``: twice the largest level map, 1..4 GiB; 0 = always
-    recompute); ``store_device``: where they live (e.g. ``"cpu"`` while decoding on a GPU, as multidiffusion's Tiled
-    VAE does: GPU memory then holds only the mid maps, the output and one tile); ``attn_chunk``: query chunk of the mid attention (default from a 256 MiB logits budget).
+    z: (B, embed_dim, h, w), unscaled.  ``tile`` / ``overlap``: int or (h, w) in latent px; ``halo``: None = the
+    exact receptive field (the result equals ``vae.decode`` up to float rounding), an int = at most that many latent
+    px (approximate, cheaper); ``store_bytes``: memory for kept tile states and level checkpoints (None =
+    ``auto_store_bytes``; 0 = always recompute); ``store_device``: where they live (e.g. ``"cpu"`` while decoding
+    on a GPU: GPU memory then holds only the mid maps, the output and one tile); ``attn_chunk``: query chunk of the
+    mid attention (default 1024; with the math backend, what keeps the fp32 logits within 64 MiB); ``fuse_inputs``:
+    the decoder's per-level hook inputs (a CFW autoencoder: ``vae.fuse_inputs(enc_features, w)``); ``info``: a dict
+    that receives the number of tiles, of sweeps and the largest halo used (latent px).
     """
-    dec = vae.decoder
-    for op in _decoder_ops(dec):
-        if op.kind in ("conv", "up"):
-            _check_conv3(op.mod)
-    h = dec.conv_in(vae.post_quant_conv(z))
-    h = _mid(dec.mid, h, attn_chunk)
-    grid = _Grid(h.shape[-2], h.shape[-1], _pair(tile), _pair(overlap))
-    eng = _Engine(_decoder_ops(dec), grid, 1, store_bytes, halo, progress, "tiled VAE decode", store_device)
+    stages = vae.decoder.stages(fuse_inputs)
+    m = stages.index(vae.decoder.mid) + 1
+    grid = _Grid(z.shape[-2], z.shape[-1], _pair(tile), _pair(overlap))
+    eng = _Engine(stages[m:], grid, 1, store_bytes, halo, progress, "tiled VAE decode", store_device)
+    h = vae.post_quant_conv(z)
+    with _chunked_attention(z.shape[-2] * z.shape[-1], attn_chunk):
+        for stage in stages[:m]:  # conv_in and the mid block on the whole latent
+            h = stage(h)
     out = eng.run(h)
-    # diagnostics of the last call (tiles, GN/assembly sweeps, largest halo in latent px), used by the tests
-    tiled_decode.last_info = dict(tiles=len(grid.tiles), sweeps=eng.sweeps, halo=eng.max_halo_used)
+    _run_info(info, grid, eng)
     return out
 
 
 @torch.inference_mode()
 def tiled_encode(vae, image: Tensor, tile=512, overlap=32, progress: bool = False, *, halo: int | None = None,
-                 store_bytes: int | None = None, store_device=None,
-                 attn_chunk: int | None = None) -> DiagonalGaussian:
-    """``vae.encode(image)`` with bounded memory: the encoder's conv / down path runs on pixel tiles (``tile``,
-    ``overlap``: int or (h, w) in pixels, rounded down to multiples of the downscale factor f), the mid block,
-    ``norm_out``, ``conv_out`` and ``quant_conv`` on the latent-resolution map.  H and W must be multiples of f.
-    ``halo`` (latent px), ``store_bytes``, ``store_device``, ``attn_chunk``: as ``tiled_decode``."""
+                 store_bytes: int | None = None, store_device=None, attn_chunk: int | None = None,
+                 info: dict | None = None) -> DiagonalGaussian:
+    """``vae.encode(image)`` with bounded memory: the encoder's stages before the mid block run on pixel tiles
+    (``tile``, ``overlap``: int or (h, w) in pixels, rounded down to multiples of the downscale factor f), the rest
+    and ``quant_conv`` on the latent-resolution map.  H and W must be multiples of f.
+    ``halo`` (latent px), ``store_bytes``, ``store_device``, ``attn_chunk``, ``info``: as ``tiled_decode``."""
     f = _downscale(vae)
     H, W = image.shape[-2:]
     if H % f or W % f:
         raise ValueError(f"tiled_encode needs H and W divisible by {f}, got {H}x{W} (pad the image first)")
-    enc = vae.encoder
-    ops = _encoder_ops(enc)
-    for op in ops:
-        if op.kind in ("conv", "down"):
-            _check_conv3(op.mod, 2 if op.kind == "down" else 1)
+    stages = vae.encoder.stages()
+    m = stages.index(vae.encoder.mid)
     th, tw = _pair(tile)
     oh, ow = _pair(overlap)
     grid = _Grid(H // f, W // f, (max(1, th // f), max(1, tw // f)), (oh // f, ow // f))
-    eng = _Engine(ops, grid, f, store_bytes, halo, progress, "tiled VAE encode", store_device)
+    eng = _Engine(stages[:m], grid, f, store_bytes, halo, progress, "tiled VAE encode", store_device)
     h = eng.run(image)
-    tiled_encode.last_info = dict(tiles=len(grid.tiles), sweeps=eng.sweeps, halo=eng.max_halo_used)
-    h = _mid(enc.mid, h, attn_chunk)
-    h = enc.conv_out(F.silu(enc.norm_out(h)))
+    _run_info(info, grid, eng)
+    with _chunked_attention(grid.H * grid.W, attn_chunk):
+        for stage in stages[m:]:  # the mid block, norm_out, SiLU, conv_out on the whole latent
+            h = stage(h)
     return DiagonalGaussian(vae.quant_conv(h))
 
 
@@ -775,7 +724,7 @@ def estimate_vae_bytes(cfg, shape: Sequence[int], kind: str = "decode", dtype=to
     (``tile=None``): 4 live activations of the largest level (a ResBlock keeps input, normalised, conv output and the
     sum) plus the mid block (5 maps of C_mid at latent resolution) and the output.  Tiled: the mid block, the output,
     ``store_bytes`` and 5 live activations of a (tile + 2 halo)^2 tile at the largest level.  Efficient attention is
-    assumed (chunked logits are counted as 256 MiB at most).
+    assumed (the chunked attention logits are counted as 256 MiB at most).
     """
     f = 2 ** (len(cfg.ch_mult) - 1)
     B = shape[0]
