@@ -9,12 +9,14 @@ writer to finish wins.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
 import threading
 import uuid
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,3 +93,26 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (their relative names and contents, in sorted order): what a
+    recorded run names its weights by. Cached per (path, size, mtime) within a process."""
+    path = Path(path)
+    if path.is_file():
+        st = path.stat()
+        return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+    h = hashlib.sha256()
+    for p in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = p.stat()
+        h.update(f"{p.relative_to(path).as_posix()}\0{_file_sha256(str(p), st.st_size, st.st_mtime_ns)}\0".encode())
+    return h.hexdigest()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -63,7 +64,10 @@ def fail(msg: str):
 def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .pipelines.common import SAMPLER_NAMES
     from .pipelines.upscale_io import MAX_PIXELS
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs (quote globs)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs (quote globs)")
+    p.add_argument("--rerun", metavar="OUTPUT",
+                   help="run again what made OUTPUT (an image sdup wrote): the command recorded in it, on the input "
+                        "recorded in it, with the same weights (checked by their sha256), writing to -o")
     p.add_argument("-o", "--output", default=None,
                    help=f"output file (one input: NAME.png/.jpg/.webp/.tif) or folder (default {DEFAULT_OUTPUT})")
     p.add_argument("--format", choices=["png", "jpg", "webp", "tiff"], default=None,
@@ -811,10 +815,52 @@ def write_output(args, it: Item, img, out: Path, result, scale, seconds: float) 
         params.update(input_index=it.index, latents_source=_latents_source(it.path))
     if args.vae:
         params["vae"] = str(args.vae)
+    params.update(reproduction(args, it))
     params = {k: v for k, v in params.items() if v is not None}
     out.parent.mkdir(parents=True, exist_ok=True)
     io.write_image(out, result.images[0], img.alpha if img is not None else None,
                    bits=img.bits if img is not None else 8, parameters=params)
+
+
+PATH_OPTIONS = ("weights", "config", "vae")  # file options a recorded command names, resolved against its folder
+
+
+def reproduction(args, it: Item) -> dict:
+    """What ``--rerun`` needs: the command as given, the folder it ran in, the input's full path, and the weights' and
+    config's sha256."""
+    from .fileio import fingerprint
+    return dict(command=getattr(args, "argv", None), cwd=getattr(args, "cwd", None) or os.getcwd(),
+                input_path=str(it.path.resolve()),
+                weights_sha256=fingerprint(args.weights), config=str(Path(args.config).resolve()) if args.config else None,
+                config_sha256=fingerprint(args.config) if args.config else None)
+
+
+def rerun_args(parser, args):
+    """The arguments that made ``args.rerun``, on its recorded input, writing to ``-o``; the weights must be the same."""
+    from .fileio import fingerprint
+    from .pipelines import upscale_io as io
+    made = Path(args.rerun)
+    if args.inputs:
+        fail("--rerun takes no inputs: it runs the input recorded in the output")
+    try:
+        params = io.read_parameters(made) if made.is_file() else None
+    except (OSError, ValueError) as e:
+        fail(f"--rerun {made}: not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    if not params or "command" not in params:
+        fail(f"--rerun {made}: no recorded command (not written by this version of sdup's upscaler)")
+    old = parser.parse_args(params["command"])
+    for name in PATH_OPTIONS:
+        value = getattr(old, name)
+        if value and not Path(value).is_absolute():
+            setattr(old, name, str(Path(params["cwd"]) / value))
+    if old.weights and Path(old.weights).exists() and fingerprint(old.weights) != params.get("weights_sha256"):
+        fail(f"--rerun {made}: {old.weights} is not the file that made it (its sha256 differs)")
+    if params.get("config_sha256") and old.config and fingerprint(old.config) != params["config_sha256"]:
+        fail(f"--rerun {made}: {old.config} changed since the run (its sha256 differs)")
+    old.inputs, old.output, old.rerun = [params["input_path"]], args.output, None
+    old.argv, old.cwd = params["command"], params["cwd"]  # recorded again as they were
+    old.skip_existing, old.dry_run, old.quiet = False, args.dry_run, args.quiet
+    return old
 
 
 def _latents_source(path: Path):
@@ -824,7 +870,15 @@ def _latents_source(path: Path):
 
 def upscale_main(argv=None, prog: str | None = None) -> int:
     from . import distributed
-    args = build_parser(prog).parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.rerun:
+        args = rerun_args(parser, args)
+    elif not args.inputs:
+        parser.error("the following arguments are required: INPUT (or --rerun OUTPUT)")
+    else:
+        args.argv = argv
     args.group = distributed.from_environment()  # None unless started by torchrun with more than one process
     try:
         with sigterm_as_interrupt():

@@ -173,7 +173,7 @@ def test_dry_run_without_weights_writes_nothing(images, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["no_weights", "missing_weights", "wrong_model", "wrong_family", "not_upscaler",
                                   "unreadable", "noise_level", "too_small", "no_match", "file_for_many", "ddim_1000",
-                                  "config_other_family", "config_other_size"])
+                                  "config_other_family", "config_other_size", "text_tower_needs_yaml"])
 def test_errors(case, images, tmp_path, capsys):
     out = tmp_path / "out"
     args, msg = {
@@ -194,6 +194,8 @@ def test_errors(case, images, tmp_path, capsys):
                                 ["the YAML describes LatentDiffusion (sd1 / sd2)", "weights look like x4"]),
         "config_other_size": ([images, "--weights", X4 / "model.ckpt", "--config", ROOT / "configs" / "x4-upscaling.yaml",
                                "--quiet"], ["520 missing and 40 unexpected key(s), e.g. missing input_blocks", "inspect"]),
+        "text_tower_needs_yaml": ([images, "--weights", X4 / "model.ckpt", "--quiet"],
+                                  ["text encoder's shape cannot be inferred", "pass the checkpoint's upstream YAML"]),
     }[case]
     if case == "unreadable":
         (images / "bad.png").write_bytes(b"this is not a PNG at all")
@@ -584,3 +586,30 @@ def test_unwritable_output_fails_before_loading_the_model(images, tmp_path, caps
         assert_one_line_error(*run(capsys, images / "a.png", "-o", ro / "o.png", *WEIGHTS, *FAST),
                               ["o.png: cannot write the output there", "ermission denied"], ro)
     assert loads == []
+
+
+def test_rerun_from_an_output_gives_identical_pixels(images, tmp_path, capsys):
+    """The output records the command, its folder, the input's path and the weights' / config's sha256; --rerun runs
+    it again (here with a non-standard checkpoint that needs its --config) and gets the same pixels."""
+    import shutil
+    weights = tmp_path / "w.ckpt"
+    shutil.copy(X4 / "model.ckpt", weights)
+    args = ["--weights", weights, "--config", X4 / "config.yaml", "--steps", "2", "--quiet", "--seed", "9",
+            "--noise-level", "40", "--prompt-ids", "254,7,255"]
+    code, _, err = run(capsys, images, "-o", tmp_path / "first", *args)
+    assert code == 0, err
+    made = tmp_path / "first" / "b_x4.jpg"
+    p = io.read_parameters(made)
+    assert p["command"][0] == str(images) and p["input_path"] == str((images / "b.jpg").resolve())
+    assert len(p["weights_sha256"]) == 64 and p["config"] == str((X4 / "config.yaml").resolve())
+    code, _, err = run(capsys, "--rerun", made, "-o", tmp_path / "again.jpg")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "again.jpg")))
+    assert io.read_parameters(tmp_path / "again.jpg")["noise_level"] == 40
+    # other weights under the same name, a file without a record, inputs given as well: one line each
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert_one_line_error(*run(capsys, "--rerun", made, "-o", tmp_path / "x.jpg"),
+                          ["w.ckpt is not the file that made it"], tmp_path / "none")
+    assert_one_line_error(*run(capsys, "--rerun", images / "a.png"), ["no recorded command"], tmp_path / "none")
+    assert_one_line_error(*run(capsys, images / "a.png", "--rerun", made), ["--rerun takes no inputs"],
+                          tmp_path / "none")

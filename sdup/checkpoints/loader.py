@@ -168,7 +168,11 @@ def _text_parts(shapes: dict, yaml_cond: dict | None, layout: str):
         if cfg is None and "FrozenOpenCLIPEmbedder" in yaml_cond.get("target", ""):
             cfg = T.OPENCLIP_VIT_H14 if name in (None, "ViT-H-14") else None
     if cfg is None:
-        cfg = T.text_config_from_shapes(shapes, layout)
+        try:
+            cfg = T.text_config_from_shapes(shapes, layout)
+        except ValueError as e:  # e.g. a head count the shapes do not tell
+            raise CheckpointError(f"the text encoder's shape cannot be inferred from its weights ({e}): pass the "
+                                  f"checkpoint's upstream YAML (--config), which names it") from None
     if layout == "openclip":
         return cfg, hf_clip.openclip_keymap(cfg), hf_clip.openclip_ignorable(cfg).__contains__
     return cfg, hf_clip.hf_clip_keymap(cfg), hf_clip.HF_CLIP_IGNORABLE.__contains__

@@ -158,7 +158,7 @@ def text_config_from_shapes(shapes: Mapping[str, Sequence[int]], layout: Literal
     mlp = shapes[p + ("encoder.layers.0.mlp.fc1.weight" if hf else "transformer.resblocks.0.mlp.c_fc.weight")][0]
     if heads is None:
         if width % 64:
-            raise ValueError(f"width {width} is not a multiple of 64: pass heads explicitly")
+            raise ValueError(f"width {width} is not a multiple of 64, so the head count is unknown")
         heads = width // 64
     cfg = TextConfig(vocab_size=vocab, width=width, heads=heads, mlp_width=mlp, context_length=ctx,
                      layers=n_blocks if hf else n_blocks - 1, act="quick_gelu" if hf else "gelu",
