@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("no_grad")  # forward-only tests (conftest.
 LU = FIXTURES / "latent_upscaler"
 UNET_DIR = LU / "diffusers" / "unet"
 
-# the original k-diffusion config (config_laion_text_cond_latent_upscaler_2.json, SPEC §4.1)
+# the original k-diffusion config (config_laion_text_cond_latent_upscaler_2.json)
 KDIFFUSION_CONFIG = {"model": {
     "type": "image_v1", "input_channels": 4, "input_size": [48, 48], "patch_size": 1, "mapping_out": 768,
     "mapping_cond_dim": 896, "unet_cond_dim": 4, "depths": [4, 4, 4, 4], "channels": [384, 384, 768, 768],
@@ -157,7 +157,7 @@ def test_random_forward_parity_with_text_mask(random_pair):
 
 def original_key_shapes(F=768, C=(384, 384, 768, 768), depth=4, self_attn=(0, 0, 0, 1), cross=(0, 1, 1, 1),
                         text=768, cond=896, noise_feats=64) -> dict:
-    """Key -> shape of the original ``model_ema`` dict, written out from SPEC §4.1/§4.2 (k-diffusion's
+    """Key -> shape of the original ``model_ema`` dict, written out from the released config (k-diffusion's
     Sequential module lists: DBlock = [Identity|Downsample2d, (Res, [Self], [Cross]) x depth],
     UBlock = [(Res, [Self], [Cross]) x depth, Identity|Upsample2d])."""
     P = "inner_model."
@@ -208,7 +208,7 @@ def original_key_shapes(F=768, C=(384, 384, 768, 768), depth=4, self_attn=(0, 0,
     return keys
 
 
-SPEC_42_SHAPES = {  # literally from SPEC §4.2
+RELEASED_SHAPES = {  # shapes of the released sd-x2-latent-upscaler .pth
     "inner_model.timestep_embed.weight": (384, 1),
     "inner_model.mapping_cond.weight": (768, 896),
     "inner_model.proj_in.weight": (384, 8, 1, 1),
@@ -253,7 +253,7 @@ def test_full_size_kdiffusion_key_set():
     expected = original_key_shapes()
     assert set(ext) == set(expected), (sorted(set(ext) - set(expected))[:5], sorted(set(expected) - set(ext))[:5])
     assert ext == expected
-    assert all(expected[k] == v for k, v in SPEC_42_SHAPES.items())
+    assert all(expected[k] == v for k, v in RELEASED_SHAPES.items())
     assert len(ext) == 566
     assert round(sum(torch.Size(s).numel() for s in ext.values()) / 1e6, 2) == 372.56
     assert sum(1 for k in ext if k in kdiffusion_kernels(cfg)) == 6

@@ -186,7 +186,7 @@ def manifest(name):
     return {k: tuple(v[0]) for k, v in json.loads((MANIFESTS / name).read_text()).items()}
 
 
-def official_unet_cfg():  # SPEC §5.1: SD 2.1-base UNet
+def official_unet_cfg():  # StableSR's UNet: the SD 2.1-base UNet
     return UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
                       attention_resolutions=(4, 2, 1), num_head_channels=64, use_linear_in_transformer=True,
                       context_dim=1024, transformer_depth=1)
@@ -213,7 +213,7 @@ def test_stablesr_manifest_maps_fully():
     assert sft_feature_channels_from_shapes(parts["unet"]) == 256
     assert_shapes(unet, ldm.unet_keymap(ucfg, unet.state_dict()), parts["unet"])
     assert_shapes(enc, struct_encoder_keymap(scfg, enc.state_dict()), parts["struct_encoder"])
-    assert millions(unet) == 918.93 and millions(enc) == 52.49  # SPEC §0
+    assert millions(unet) == 918.93 and millions(enc) == 52.49  # the official checkpoint (manifest)
     inferred = struct_encoder_config_from_shapes(parts["struct_encoder"])
     assert set(inferred.attention_resolutions) == {1, 2, 4}
     assert inferred == TimeAwareEncoderConfig(attention_resolutions=inferred.attention_resolutions)
@@ -237,7 +237,7 @@ def test_cfw_manifest_maps_fully(name, n_loss):
     if n_loss:
         with pytest.raises(KeyMismatch, match="56 unexpected"):
             km.shapes_to_sdup(shapes)  # without the ignore rule the loss keys are unexpected
-    assert millions(vae.decoder) == 93.88  # SPEC §0
+    assert millions(vae.decoder) == 93.88  # the official checkpoint (manifest)
     fusion = [k for k in shapes if ".fusion_layer_" in k]
     assert len(fusion) == 156 and len(shapes) - n_loss - len(fusion) == 248
     # fusion_layer_2 = 512 channels at H/4 = sdup decoder level 1; fusion_layer_1 = 256 channels = level 2

@@ -59,7 +59,7 @@ def test_noise_augmentation_matches_upstream():
                                rtol=1e-6, atol=1e-7)
     assert_parity(noise_augment(d["in.x_low"], d["in.noise_level"], d["in.noise"], s), d["out.x_aug"],
                   what="x4 noise augmentation")
-    # SPEC §3.2 examples
+    # values of the official x4 noise schedule
     assert float(buf["sqrt_alphas_cumprod"][20]) == pytest.approx(0.99865, abs=1e-5)
     assert float(buf["sqrt_one_minus_alphas_cumprod"][350]) == pytest.approx(0.59960, abs=1e-5)
 

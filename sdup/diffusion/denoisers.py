@@ -1,4 +1,4 @@
-"""Model wrappers: raw network -> what the samplers need (SPEC §1.1, §1.6, §4.5).
+"""Model wrappers: raw network -> what the samplers need (discrete eps / v denoisers, Karras preconditioning, CFG).
 
 A *raw model* is any callable ``model(x, t, **cond) -> out`` (``out`` = eps, v, or the K-UNet's F).
 The wrappers compose:
@@ -109,7 +109,7 @@ class CFG:
 
 
 class DiscreteDenoiser:
-    """``(eps, x0) = D(x, t, **cond)`` at integer schedule indices ``t`` (SPEC §1.1).
+    """``(eps, x0) = D(x, t, **cond)`` at integer schedule indices ``t`` (the LDM / diffusers discrete schedule).
 
     ``betas`` define the schedule (upstream buffers via ``ldm_buffers``); ``prediction`` is ``"eps"`` or ``"v"``.
     The network receives ``timestep_map[t]`` when a map is given (respaced chains feed the ORIGINAL timesteps

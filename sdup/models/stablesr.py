@@ -1,4 +1,4 @@
-"""StableSR's model parts (IceClear/StableSR; SPEC §5): SFT layers for the SD 2.1 UNet, the time-aware
+"""StableSR's model parts (IceClear/StableSR): SFT layers for the SD 2.1 UNet, the time-aware
 encoder, and the CFW (controllable feature wrapping) autoencoder.
 
 StableSR = a frozen SD 2.1 UNet whose every ResBlock gets an SFT layer (upstream ``SPADE``) fed by a
@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..nn import Downsample, ResBlock, attention, group_norm, merge_heads, timestep_embedding
 from .unet import MidBlock, TimeEmbedding, UNet, UNetLevel
@@ -89,7 +90,7 @@ def remove_sft_layers(unet: UNet) -> UNet:
 
 
 # ------------------------------------------------------------------------------------------------
-# Time-aware encoder (upstream ``EncoderUNetModelWT``, SPEC §5.3)
+# Time-aware encoder (upstream ``EncoderUNetModelWT``)
 
 
 @dataclass
@@ -140,12 +141,12 @@ class LegacyAttentionBlock(nn.Module):
         self.out_proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)          # (B, N, C), N = H*W
-        qkv = self.qkv(tokens).view(b, h * w, self.heads, 3, c // self.heads)  # (B, N, heads, [q,k,v], ch)
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)            # 3 x (B, heads, N, ch)
-        out = self.out_proj(merge_heads(attention(q, k, v)))      # (B, N, C), head-major channels as upstream
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        h, w = x.shape[-2:]
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        # upstream's qkv channels are head-major: (heads, [q, k, v], ch)
+        q, k, v = rearrange(self.qkv(tokens), "b n (heads three ch) -> three b heads n ch", heads=self.heads, three=3)
+        out = self.out_proj(merge_heads(attention(q, k, v)))      # (B, N, C)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 
 
 class TimeAwareEncoder(nn.Module):
@@ -216,7 +217,7 @@ class TimeAwareEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# CFW autoencoder (upstream ``AutoencoderKLResi`` with ``Decoder_Mix``, SPEC §5.4)
+# CFW autoencoder (upstream ``AutoencoderKLResi`` with ``Decoder_Mix``)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Colour correction of super-resolved images against their low-resolution input (SPEC §5.7).
+"""Colour correction of super-resolved images against their low-resolution input (StableSR's AdaIN and wavelet fixes).
 
     out = color_fix(content, reference, mode="wavelet")   # "none" | "adain" | "wavelet"
 
