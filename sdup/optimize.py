@@ -3,6 +3,7 @@
     model = sdup.load("x4-upscaler-ema.safetensors")
     fuse_qkv(model)               # one q/k/v Linear per self-attention (what scripts/upscale.py and txt2img.py do)
     compile_model(model)          # torch.compile the UNet forward (and the VAE decoder's), shapes dynamic
+    to_memory_format(model, choose_memory_format("cpu", torch.bfloat16))   # channels_last where it pays
 
 ``fuse_qkv`` concatenates the weights once, at load time (never per call), and keeps the state dict's keys.
 ``compile_model`` compiles the *forward* of the UNet / VAE decoder in place (the modules, their state dicts and the
@@ -15,8 +16,14 @@ convolutions and GEMMs either way.  Measured with scripts/bench.py; correctness:
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 import torch.nn as nn
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def compile_model(model, *, unet: bool = True, vae_decoder: bool = True, dynamic: bool | None = True,
@@ -92,3 +99,45 @@ def _join_qkv_keys(module, state_dict, prefix, *args):
         parts = [f"{prefix}{name}.{kind}" for name in _QKV]
         if all(p in state_dict for p in parts):
             state_dict[f"{prefix}qkv_proj.{kind}"] = torch.cat([state_dict.pop(p) for p in parts])
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (the ``avx512_bf16`` or ``amx_bf16`` flags of /proc/cpuinfo):
+    there torch's bf16 matmuls / convolutions run 2x (AVX-512 BF16) to ~10x (AMX) faster than fp32; elsewhere they
+    are emulated (~50x slower than fp32 on an AVX2 CPU, docs/bench.md).  False where the flags cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_memory_format(device, dtype: torch.dtype) -> str:
+    """The activation / conv-weight layout that is faster for ``dtype`` on ``device``: "channels_last" (NHWC) or
+    "contiguous" (NCHW).
+
+    channels_last for fp16 / bf16 on CUDA and on CPUs with native bf16 (``cpu_has_native_bf16``): oneDNN's half
+    precision convolutions work in NHWC, so NCHW activations are reordered on every call (docs/bench.md: the
+    measurements).  contiguous for fp32 on the CPU (slower in channels_last on a 2-core AVX2 CPU) and anything
+    else not measured."""
+    device = torch.device(device)
+    if dtype in HALF_DTYPES and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
+        return "channels_last"
+    return "contiguous"
+
+
+def to_memory_format(model, memory_format: str):
+    """Store the 4-d weights (the convolutions') of a ``LoadedModel``'s components or of an ``nn.Module`` in
+    ``memory_format`` ("contiguous" / "channels_last"), in place; returns ``model``.
+
+    Convolutions whose weight is channels_last produce channels_last outputs from either input layout, so the
+    activations follow without converting the inputs; every sdup forward accepts both layouts (the token
+    reshapes are views in either) and returns values equal within rounding.  The state dict keeps its keys
+    and values (only the strides change)."""
+    fmt = MEMORY_FORMATS[memory_format]
+    roots = model.components().values() if hasattr(model, "components") else [model]
+    for root in roots:
+        root.to(memory_format=fmt)
+    return model
