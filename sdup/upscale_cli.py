@@ -114,6 +114,9 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="VAE decode precision for x4 / x2 (default fp32; a non-finite half decode is redone in fp32; "
                         "tiled decodes and StableSR's CFW decoder always run in fp32)")
+    p.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
+                   help="conv weight / activation layout (auto: channels_last for half precision on CUDA and on CPUs "
+                        "with native bf16, else contiguous; sdup.optimize.choose_memory_format)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="wrap the UNet in torch.compile")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output file already exists")
@@ -705,8 +708,8 @@ def cmd_upscale(args) -> int:
         h, w = it.size
         if it.index is None and min(h, w) < lo:
             fail(f"{it.path}: {w}x{h} is smaller than the {family} model's minimum {lo}x{lo}")
-    from .optimize import compile_model, fuse_qkv
-    fuse_qkv(model)  # one q/k/v matmul per self-attention (the state dict is unchanged)
+    from .optimize import compile_model, prepare
+    memory_format = prepare(model, args.memory_format)  # fused q/k/v, bf16 oneDNN Linears, layout (state dict unchanged)
     if args.compile:
         compile_model(model, vae_decoder=False)  # UNet forward, dynamic shapes (tiles / sizes do not recompile)
 
@@ -733,7 +736,7 @@ def cmd_upscale(args) -> int:
             params = result.sample_parameters(0)
             params.pop("batch_index", None)
             params.update(input=path.name, seed=args.seed, scale=scale, tiling=params.get("tiling", "off"),
-                          seconds=round(time.time() - t0, 2))
+                          seconds=round(time.time() - t0, 2), memory_format=memory_format)
             if img is not None:
                 params.update(input_bits=img.bits, alpha="upscaled separately (bicubic)" if img.alpha is not None else None)
             else:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -16,7 +17,7 @@ from sdup import optimize
 from sdup.checkpoints.diffusers import kunet_diffusers_keymap
 from sdup.models.latent_upscaler import KUNet, KUNetConfig
 from sdup.nn import GroupNorm32
-from sdup.optimize import choose_memory_format, fuse_qkv, to_memory_format
+from sdup.optimize import OneDNNLinear, choose_memory_format, fuse_qkv, prepare, to_memory_format, use_onednn_linear
 
 CL = torch.channels_last
 
@@ -29,12 +30,13 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CL)
 
 
-def unet_call(family: str):
-    """(the fixture's UNet forward as a function of (unet, x), the input x, the reference output)."""
+def unet_call(family: str, dtype=torch.float32):
+    """(the fixture's UNet forward as a function of (unet, x), the input x, the fp32 reference output); the
+    inputs in ``dtype``."""
     d = load_file(FIXTURES / family / "unet_forward.safetensors")
-    feats = {k.split(".")[-1]: v for k, v in d.items() if k.startswith("in.struct_cond.")} or None
-    return (lambda unet, x: unet(x, d["in.timesteps"], d["in.context"], y=d.get("in.y"), features=feats),
-            d["in.x"], d["out.model_output"])
+    feats = {k.split(".")[-1]: v.to(dtype) for k, v in d.items() if k.startswith("in.struct_cond.")} or None
+    return (lambda unet, x: unet(x, d["in.timesteps"], d["in.context"].to(dtype), y=d.get("in.y"), features=feats),
+            d["in.x"].to(dtype), d["out.model_output"])
 
 
 def kunet_fixture():
@@ -56,15 +58,18 @@ def test_choose_memory_format(monkeypatch):
     assert choose_memory_format("cuda:0", torch.bfloat16) == "channels_last"
 
 
-def test_to_memory_format_keeps_the_state_dict():
+def test_to_memory_format_keeps_the_state_dict(monkeypatch):
     m = load("sd1")
     before = {k: v.clone() for k, v in m.unet.state_dict().items()}
-    assert to_memory_format(m, "channels_last") is m
+    assert to_memory_format(m, "channels_last") == "channels_last"
     after = m.unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert m.unet.conv_in.weight.is_contiguous(memory_format=CL) and m.vae.decoder.conv_in.weight.is_contiguous(memory_format=CL)
     to_memory_format(m.unet, "contiguous")
     assert m.unet.conv_in.weight.is_contiguous()
+    m16 = sdup.load(FIXTURES / "sd1" / "model.ckpt", config=FIXTURES / "sd1" / "config.yaml", dtype=torch.bfloat16)
+    monkeypatch.setattr(optimize, "cpu_has_native_bf16", lambda: True)
+    assert to_memory_format(m16) == "unet channels_last, vae contiguous"  # the VAE stays fp32
 
 
 @pytest.mark.parametrize("family", ["sd1", "x4", "stablesr"])
@@ -120,14 +125,10 @@ def test_bf16_unet_close_to_fp32_in_each_layout(family, memory_format):
     StableSR UNet sits at the edge: 2.05e-2 with the half GroupNorm kernels, 1.73e-2 with fp32 round trips around
     every norm (they differ by single-ulp roundings in 9 of its norms, amplified by the random weights): 3e-2."""
     m = sdup.load(FIXTURES / family / "model.ckpt", config=FIXTURES / family / "config.yaml", dtype=torch.bfloat16)
-    fuse_qkv(m)
-    to_memory_format(m, memory_format)
-    d = load_file(FIXTURES / family / "unet_forward.safetensors")
-    feats = {k.split(".")[-1]: v.bfloat16() for k, v in d.items() if k.startswith("in.struct_cond.")} or None
+    prepare(m, memory_format)
+    run, x, ref = unet_call(family, torch.bfloat16)
     with torch.no_grad():
-        got = m.unet(d["in.x"].bfloat16(), d["in.timesteps"], d["in.context"].bfloat16(), y=d.get("in.y"),
-                     features=feats).float()
-    ref = d["out.model_output"]
+        got = run(m.unet, x).float()
     tol = 3e-2 if family == "stablesr" else 2e-2
     assert (got - ref).abs().max().item() < tol * ref.abs().max().item()
 
@@ -188,3 +189,42 @@ def test_bf16_unet_forward_has_no_activation_casts():
     with torch.no_grad(), CountCasts() as counter:
         m.unet(d["in.x"].bfloat16(), d["in.timesteps"], d["in.context"].bfloat16())
     assert norms > 10 and counter.casts <= 4, counter.casts
+
+
+def test_onednn_linear_is_nn_linear_with_the_bias_fused():
+    """use_onednn_linear swaps the class only (same state dict); bf16 on the CPU without autograd: bit-identical to
+    F.linear and no aten::copy_ (addmm copies the broadcast bias first); fp32 / autograd: nn.Linear's forward."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32, bias=False))
+    keys = {k: v.clone() for k, v in m.state_dict().items()}
+    assert use_onednn_linear(m) == 2 and all(isinstance(m[i], OneDNNLinear) for i in (0, 2))
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in keys.items())
+    x = torch.randn(2, 77, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(m(x), F.linear(F.gelu(F.linear(x, m[0].weight, m[0].bias)), m[2].weight))
+    mb, xb = m.bfloat16(), x.bfloat16()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = mb(xb)
+    assert sum(e.name == "aten::copy_" for e in prof.events()) == 0
+    with torch.no_grad():
+        assert torch.equal(out, F.linear(F.gelu(F.linear(x.bfloat16(), mb[0].weight, mb[0].bias)), mb[2].weight))
+    y = mb(xb)  # autograd on: nn.Linear's forward, differentiable
+    y.float().sum().backward()
+    assert mb[0].weight.grad is not None
+
+
+def test_prepare_bf16_unet_matches_plain_bf16():
+    """prepare (fused q/k/v, oneDNN Linears, channels_last) on the bf16 x4 fixture UNet: within bf16 rounding of
+    the plain bf16 UNet (2e-2 of the range), the same fp32 UNet output as before in fp32."""
+    run, x, ref = unet_call("x4", torch.bfloat16)
+    plain = sdup.load(FIXTURES / "x4" / "model.ckpt", config=FIXTURES / "x4" / "config.yaml", dtype=torch.bfloat16)
+    fast = sdup.load(FIXTURES / "x4" / "model.ckpt", config=FIXTURES / "x4" / "config.yaml", dtype=torch.bfloat16)
+    assert prepare(fast, "channels_last") == "channels_last"
+    with torch.no_grad():
+        a, b = run(plain.unet, x).float(), run(fast.unet, x).float()
+    assert (a - b).abs().max().item() < 2e-2 * ref.abs().max().item()
+    m32 = load("x4")
+    prepare(m32)
+    run, x, ref = unet_call("x4")
+    with torch.no_grad():
+        assert_parity(run(m32.unet, x), ref, what="x4 unet after prepare (fp32)")
