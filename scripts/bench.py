@@ -215,7 +215,7 @@ def profile_forward(fn, top: int = 8) -> tuple[str, str]:
             dst_shape, dst_dtype = event.input_shapes[0], event.input_dtypes[0]
             written += math.prod(dst_shape) * ELEMENT_BYTES.get(dst_dtype, 4)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=50)
-    return table, f"aten::copy_: {calls} calls, {written / 2 ** 20:.0f} MiB"
+    return table, f"aten::copy_: {calls} calls, {written / 2 ** 20:.2f} MiB"
 
 
 ELEMENT_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4, "bool": 1,
