@@ -45,7 +45,7 @@ from sdup.checkpoints import diffusers as dfs  # noqa: E402
 from sdup.models.unet import UNet  # noqa: E402
 from sdup.models.vae import AutoencoderKL  # noqa: E402
 from sdup.nn import layers  # noqa: E402
-from sdup.optimize import MEMORY_FORMATS, choose_memory_format, compile_model, prepare  # noqa: E402
+from sdup.optimize import MEMORY_FORMATS, choose_memory_format, compile_model, cpu_has_native_bf16, prepare  # noqa: E402
 
 CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
@@ -171,7 +171,9 @@ def _time(fn) -> float:
 def native_bf16_line(ceilings: dict) -> str:
     ratio = ceilings["bf16"] / ceilings["fp32"]
     verdict = "native" if ratio >= 2 else "not native (emulated or no faster than fp32)"
-    return f"bf16 on this CPU: {verdict}: bf16/fp32 matmul ceiling {ratio:.2f}"
+    flags = "present" if cpu_has_native_bf16() else "absent"
+    return (f"bf16 on this CPU: {verdict}: bf16/fp32 matmul ceiling {ratio:.2f} "
+            f"(avx512_bf16 / amx_bf16 in /proc/cpuinfo: {flags})")
 
 
 def interleaved(fns: dict, runs: int) -> dict:

@@ -170,7 +170,14 @@ class OneDNNLinear(nn.Linear):
 
     def _onednn(self, x: torch.Tensor) -> bool:
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16 and not grad
+        bf16_cpu = x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16
+        return bf16_cpu and not grad and _onednn_has_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_has_bf16() -> bool:
+    """oneDNN can run bf16 on this CPU (AVX-512 and newer; on older CPUs ``OneDNNLinear`` stays ``nn.Linear``)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def use_onednn_linear(model) -> int:
