@@ -7,6 +7,7 @@
     python scripts/bench.py --models vae-f4-decode-2048 --memory   # x4 VAE to 2048^2: sdup tiled vs diffusers
     python scripts/bench.py --models sd14-unet --ablation    # + sdup without its CPU fast paths, same run
     python scripts/bench.py --models sd14-unet --compile     # sdup's UNet through torch.compile
+    python scripts/bench.py --models x4-unet --dtype bf16 --profile   # + top ops and aten::copy_ of sdup's forward
 
 For each case both implementations get identical weights (diffusers' random init, converted with sdup's key tables),
 the outputs are checked to agree, then they are timed **interleaved** (the order rotating each round, after one
@@ -15,8 +16,12 @@ GFLOP/s come from torch's FlopCounterMode on sdup's forward; "ceiling" is the fr
 matmul rate measured at start (a 4096^2 x 4096^2 torch.mm). --memory measures each implementation's peak RSS during
 its forward in a separate process (the peak is reset after building, via /proc/self/clear_refs; diffusers gets an
 address-space limit, --mem-limit-gb, so a model that needs hundreds of GiB fails cleanly instead of taking the
-machine). sdup runs as scripts/upscale.py runs it: q/k/v fused (sdup.optimize.fuse_qkv), small fp32 maps' convs
-off oneDNN (sdup.nn.Conv2d); --ablation adds a column without both. Not a test: it needs several GB of RAM and minutes of CPU; run it on demand.
+machine). sdup runs as scripts/upscale.py runs it (sdup.optimize.prepare): q/k/v fused, bf16 Linears through oneDNN,
+small fp32 maps' convs off oneDNN (sdup.nn.Conv2d), its conv weights in --memory-format (auto: sdup.optimize.choose_memory_format:
+channels_last for bf16 on CPUs with native bf16, else contiguous; diffusers stays as it is); --ablation adds a
+column without the fused q/k/v and the small-map path. --profile: torch.profiler on one more sdup forward per case:
+its top ops by self time and one line "aten::copy_: N calls, X MiB" (MiB written by the copies: the activation,
+weight and dtype copies the forward makes; the counts do not depend on the machine). Not a test: it needs several GB of RAM and minutes of CPU; run it on demand.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -39,21 +45,28 @@ from sdup.checkpoints import diffusers as dfs  # noqa: E402
 from sdup.models.unet import UNet  # noqa: E402
 from sdup.models.vae import AutoencoderKL  # noqa: E402
 from sdup.nn import layers  # noqa: E402
-from sdup.optimize import compile_model, fuse_qkv  # noqa: E402
+from sdup.optimize import MEMORY_FORMATS, choose_memory_format, compile_model, cpu_has_native_bf16, prepare  # noqa: E402
 
 CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
 SD21_UNET = dict(CONFIGS[SD1]["unet"], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPTIONS = {"compile": False, "freeze": False, "ablation": False}  # --compile / --freeze / --ablation (set in main / child)
+OPTIONS = {"compile": False, "freeze": False, "ablation": False,  # --compile / --freeze / --ablation /
+           "memory_format": "auto"}                                # --memory-format (set in main / child)
+
+
+def memory_format(dtype) -> str:
+    fmt = OPTIONS["memory_format"]
+    return choose_memory_format("cpu", dtype) if fmt == "auto" else fmt
 
 
 def prepared(module, dtype):
-    """sdup's module as scripts/upscale.py runs it: q/k/v fused, in ``dtype``, compiled with --compile. With
-    --ablation also the plain module (unfused, oneDNN for every conv: sdup.nn.Conv2d's small-map path off)."""
+    """sdup's module as scripts/upscale.py runs it (``sdup.optimize.prepare``: q/k/v fused, bf16 Linears through
+    oneDNN, weights in --memory-format), in ``dtype``, compiled with --compile. With --ablation also the plain
+    module (unfused, nn.Linear, contiguous, oneDNN for every conv: sdup.nn.Conv2d's small-map path off)."""
     plain = copy.deepcopy(module).to(dtype) if OPTIONS["ablation"] else None
-    fuse_qkv(module)
     module = module.to(dtype)
+    prepare(module, memory_format(dtype))
     if OPTIONS["compile"]:
         compile_model(module, freeze=OPTIONS["freeze"])
     return module, plain
@@ -120,7 +133,9 @@ def vae_decode_case(repo, h, w, dtype=torch.float32, tiled=False):
     c = dfs.vae_config(dict(ref.config))
     mine = AutoencoderKL(c).eval()
     mine.load_state_dict(dfs.vae_keymap(c, mine.state_dict()).to_sdup(ref.state_dict()))
-    z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0))
+    mine, ref = mine.to(dtype), ref.to(dtype)
+    prepare(mine, memory_format(dtype))
+    z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0)).to(dtype)
     if tiled:  # the only way sdup decodes this size (exact tiling, whole-image GroupNorm statistics)
         from sdup.pipelines.tiling import tiled_decode
         return {"sdup": lambda: tiled_decode(mine, z, tile=128, overlap=8), "diffusers": lambda: ref.decode(z).sample}
@@ -132,8 +147,8 @@ CASES = {  # name: (label, builder(dtype), default)
     "sd21-unet": ("SD 2.1 UNet, 64x64 latent, batch 2", lambda d: unet_case(SD21_UNET, 64, 64, dtype=d), True),
     "x4-unet": ("x4 UNet, 128x128 latent, batch 2", lambda d: unet_case(cfg(X4, "unet"), 128, 128, dtype=d), True),
     "x2-kunet": ("x2 K-UNet, 128x128 (one CFG step 64->128), batch 2", lambda d: kunet_case(128, 128, dtype=d), True),
-    "vae-f8-decode": ("SD VAE decode to 512x512", lambda d: vae_decode_case(SD1, 64, 64), True),
-    "vae-f4-decode": ("x4 VAE decode to 512x512", lambda d: vae_decode_case(X4, 128, 128), True),
+    "vae-f8-decode": ("SD VAE decode to 512x512", lambda d: vae_decode_case(SD1, 64, 64, d), True),
+    "vae-f4-decode": ("x4 VAE decode to 512x512", lambda d: vae_decode_case(X4, 128, 128, d), True),
     "vae-f4-decode-2048": ("x4 VAE decode to 2048x2048 (sdup tiled)",
                            lambda d: vae_decode_case(X4, 512, 512, tiled=True), False),
 }
@@ -151,6 +166,14 @@ def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def native_bf16_line(ceilings: dict) -> str:
+    ratio = ceilings["bf16"] / ceilings["fp32"]
+    verdict = "native" if ratio >= 2 else "not native (emulated or no faster than fp32)"
+    flags = "present" if cpu_has_native_bf16() else "absent"
+    return (f"bf16 on this CPU: {verdict}: bf16/fp32 matmul ceiling {ratio:.2f} "
+            f"(avx512_bf16 / amx_bf16 in /proc/cpuinfo: {flags})")
 
 
 def interleaved(fns: dict, runs: int) -> dict:
@@ -179,6 +202,26 @@ def flops(fn) -> int:
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def profile_forward(fn, top: int = 8) -> tuple[str, str]:
+    """(the top ops of one call of ``fn`` by self CPU time, "aten::copy_: N calls, X MiB"): torch.profiler with
+    shapes; X = the bytes the copies write (destination numel x element size)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    calls, written = 0, 0
+    for event in prof.events():
+        if event.name == "aten::copy_":
+            calls += 1
+            dst_shape, dst_dtype = event.input_shapes[0], event.input_dtypes[0]
+            written += math.prod(dst_shape) * ELEMENT_BYTES.get(dst_dtype, 4)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=50)
+    return table, f"aten::copy_: {calls} calls, {written / 2 ** 20:.2f} MiB"
+
+
+ELEMENT_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4, "bool": 1,
+                 "unsigned char": 1, "signed char": 1}
 
 
 def _vm_hwm() -> int:
@@ -214,7 +257,7 @@ def child(name: str, impl: str, dtype: str, limit_gb: float) -> None:
 
 def peak_memory(name: str, impl: str, args) -> str:
     cmd = [sys.executable, __file__, "--child", name, impl, "--dtype", args.dtype, "--threads", str(args.threads),
-           "--mem-limit-gb", str(args.mem_limit_gb)] + (["--compile"] if args.compile else []) + (["--freeze"] if args.freeze else [])
+           "--mem-limit-gb", str(args.mem_limit_gb), "--memory-format", args.memory_format] + (["--compile"] if args.compile else []) + (["--freeze"] if args.freeze else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -237,6 +280,10 @@ def main(argv=None):
                    help="with --compile: inductor freezing (weights as constants, pre-packed; static shapes)")
     p.add_argument("--ablation", action="store_true",
                    help="also time sdup without its CPU fast paths (no fused q/k/v, oneDNN for every conv)")
+    p.add_argument("--memory-format", choices=["auto", *MEMORY_FORMATS], default="auto",
+                   help="sdup's conv weight / activation layout (auto: sdup.optimize.choose_memory_format)")
+    p.add_argument("--profile", action="store_true",
+                   help="also the top ops and the aten::copy_ calls / MiB of one more sdup forward per case")
     p.add_argument("--memory", action="store_true", help="also peak RSS of each implementation (separate processes)")
     p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space limit of the diffusers process")
     p.add_argument("--markdown", "--out", dest="markdown", help="also write the markdown table here")
@@ -245,25 +292,29 @@ def main(argv=None):
     if args.freeze and not args.compile:
         p.error("--freeze only applies with --compile")
     torch.set_num_threads(args.threads)
-    OPTIONS.update(compile=args.compile, freeze=args.freeze, ablation=args.ablation)
+    OPTIONS.update(compile=args.compile, freeze=args.freeze, ablation=args.ablation, memory_format=args.memory_format)
     if args.child:
         child(*args.child, args.dtype, args.mem_limit_gb)
         return 0
     dtype = DTYPES[args.dtype]
-    ceiling = matmul_ceiling(dtype)
+    ceilings = {name: matmul_ceiling(d) for name, d in DTYPES.items()}
+    ceiling = ceilings[args.dtype]
     compiled = (", sdup compiled (frozen)" if args.freeze else ", sdup compiled") if args.compile else ""
-    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{compiled}, "
-            f"CPU; median of {args.runs} interleaved "
-            f"runs; {args.dtype} matmul ceiling {ceiling:.0f} GFLOP/s (4096^2 torch.mm)")
+    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{compiled}, sdup {memory_format(dtype)}, "
+            f"CPU; median of {args.runs} interleaved runs; matmul ceilings (4096^2 torch.mm): "
+            f"fp32 {ceilings['fp32']:.0f}, bf16 {ceilings['bf16']:.0f} GFLOP/s\n"
+            f"{native_bf16_line(ceilings)}")
     cols = ["model", "sdup s", "diffusers s", "sdup/diffusers", "sdup GFLOP/s", "of ceiling", "max abs diff"]
     if args.dtype == "bf16":
         cols.insert(3, "sdup fp32 s")
         cols.insert(4, "fp32/bf16")
+        cols.append("bf16 vs fp32 (of max abs fp32)")
     if args.ablation:
         cols += ["sdup plain s", "plain/sdup"]
     if args.memory:
         cols += ["sdup peak", "diffusers peak"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    profiles = []
     print("\n".join(lines), flush=True)
     for name in args.models:
         label, make, _ = CASES[name]
@@ -280,11 +331,18 @@ def main(argv=None):
             else:
                 diffs = {k: (fn().float() - a.float()).abs().max().item() for k, fn in fns.items() if k != "sdup"}
                 diff = f"{diffs['diffusers']:.1e}"
-                if args.dtype == "bf16" and name.endswith("unet"):
+                if args.dtype == "bf16":
                     torch.manual_seed(0)
                     fns["sdup fp32"] = make(torch.float32)["sdup"]
+                    ref32 = fns["sdup fp32"]().float()
+                    err32 = (a.float() - ref32).abs().max().item()
+                    diff += f" | {err32:.1e} ({err32 / ref32.abs().max().item():.1%})"
                 t = interleaved(fns, args.runs)
                 gflops = flops(fns["sdup"]) / 1e9
+            if args.profile:
+                table, copies = profile_forward(fns["sdup"])
+                profiles.append(f"{label}: {copies}")
+                print(table + f"\n  {name}: {copies}", flush=True)
         row = [label, f"{t['sdup']:.2f}", f"{t['diffusers']:.2f}" if "diffusers" in t else "n/a (see peak)"]
         if args.dtype == "bf16":
             row += [f"{t['sdup fp32']:.2f}", f"{t['sdup fp32'] / t['sdup']:.2f}"] if "sdup fp32" in t else ["", ""]
@@ -299,6 +357,9 @@ def main(argv=None):
         line = "| " + " | ".join(row) + " |"
         lines.append(line)
         print(line, flush=True)
+    if profiles:
+        lines += ["", "sdup's forward under torch.profiler (--profile):", ""] + [f"- {p}" for p in profiles]
+        print("\n".join(lines[-len(profiles):]), flush=True)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text("\n".join(lines) + "\n")

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet / text-encoder precision (the VAE: --vae-dtype)")
     p.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="VAE decode precision (default fp32; a non-finite half decode is redone in fp32)")
+    p.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
+                   help="conv weight / activation layout (auto: channels_last for half precision on CUDA and on CPUs "
+                        "with native bf16, else contiguous; sdup.optimize.choose_memory_format)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     import sdup
     from sdup.checkpoints import CheckpointError, KeyMismatch
     from sdup.pipelines import common
-    from sdup.optimize import fuse_qkv
+    from sdup.optimize import prepare
     from sdup.pipelines.txt2img import txt2img
 
     try:
@@ -96,12 +99,13 @@ def main(argv=None) -> int:
         DTYPES = common.DTYPES
         dtype = DTYPES[args.dtype]
         model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
-        fuse_qkv(model)  # one q/k/v matmul per self-attention (sdup.optimize)
+        memory_format = prepare(model, args.memory_format)  # fused q/k/v, bf16 oneDNN Linears, layout (sdup.optimize)
         result = txt2img(model, prompt_ids if prompt_ids is not None else args.prompt,
                          negative_ids if negative_ids is not None else args.negative_prompt,
                          height=args.height, width=args.width, steps=args.steps, sampler=args.sampler,
                          guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch,
                          vae_dtype=DTYPES[args.vae_dtype], progress=not args.quiet)
+        result.parameters["memory_format"] = memory_format
         for path in {p.parent for p in paths} | ({Path(args.latents_out).parent} if args.latents_out else set()):
             path.mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(paths):

@@ -102,6 +102,9 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--vae-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="VAE decode precision for x4 / x2 (default fp32; a non-finite half decode is redone in fp32; "
                         "tiled decodes and StableSR's CFW decoder always run in fp32)")
+    p.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
+                   help="conv weight / activation layout (auto: channels_last for half precision on CUDA and on CPUs "
+                        "with native bf16, else contiguous; sdup.optimize.choose_memory_format)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="wrap the UNet in torch.compile")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
@@ -725,7 +728,7 @@ def dry_run(args, meta, family: str, scale, items, outputs) -> int:
 
 def load_model(args, family: str):
     """The weights (plus --vae), checked complete, with fused q/k/v and, with --compile, a compiled UNet."""
-    from .optimize import compile_model, fuse_qkv
+    from .optimize import compile_model, prepare
     from .pipelines.common import DTYPES
     group = getattr(args, "group", None)
     device = _device(args.device or (group.device if group is not None and group.device != "cpu" else None))
@@ -738,7 +741,8 @@ def load_model(args, family: str):
     if lacking:
         fail(f"{args.weights}: the checkpoint has no {' / '.join(lacking)} (an incomplete diffusers folder?); the "
              f"{family} upscaler needs UNet, VAE and text encoder")
-    fuse_qkv(model)  # one q/k/v matmul per self-attention (the state dict is unchanged)
+    # fused q/k/v, bf16 oneDNN Linears, the memory format (the state dict is unchanged); recorded in the outputs
+    args.memory_format_used = prepare(model, args.memory_format)
     if args.compile:
         compile_model(model, vae_decoder=False)  # UNet forward, dynamic shapes (tiles / sizes do not recompile)
     return model
@@ -808,7 +812,7 @@ def write_output(args, it: Item, img, out: Path, result, scale, seconds: float) 
     params = result.sample_parameters(0)
     params.pop("batch_index", None)
     params.update(input=it.path.name, seed=args.seed, scale=scale, tiling=params.get("tiling", "off"),
-                  seconds=round(seconds, 2))
+                  seconds=round(seconds, 2), memory_format=getattr(args, "memory_format_used", None))
     if img is not None:
         params.update(input_bits=img.bits, alpha="upscaled separately (bicubic)" if img.alpha is not None else None)
     else:

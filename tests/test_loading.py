@@ -1,5 +1,4 @@
 """sdup.load / convert / inspect on the tiny fixture checkpoints: formats, round trips, EMA, errors."""
-import json
 import shutil
 import subprocess
 import sys

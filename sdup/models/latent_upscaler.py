@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.attention import attention, merge_heads, project_qkv, split_heads
-from ..nn.layers import Conv2d
+from ..nn.layers import Conv2d, group_norm_fp32
 
 NOISE_AUG_STD = 2.0  # std of the wrapper's random Fourier frequencies (only matters for fresh init)
 
@@ -169,7 +169,7 @@ class AdaGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.to_scale_shift(cond)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        normed = F.group_norm(x.float(), self.groups, eps=self.eps).to(x.dtype)
+        normed = group_norm_fp32(x, self.groups, eps=self.eps)
         return normed * (1 + scale) + shift
 
 

@@ -618,7 +618,10 @@ def _decoder_in(vae, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
 
     def run(z):
         if not state:
-            state.update({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in vae.state_dict().items()})
+            from ..optimize import MEMORY_FORMATS, choose_memory_format  # half precision: channels_last where faster
+            fmt = MEMORY_FORMATS[choose_memory_format(z.device, dtype)]
+            state.update({k: (v.to(dtype, memory_format=fmt if v.dim() == 4 else torch.preserve_format)
+                              if v.is_floating_point() else v) for k, v in vae.state_dict().items()})
         return _decode_with(vae, state, z)
     return run
 
