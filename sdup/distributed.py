@@ -99,7 +99,13 @@ def all_sum(x, group: Group | None):
 
 
 def close(group: Group | None) -> None:
+    """Leave the group together: a barrier, then every rank closes its connections (a rank that exits while another
+    still holds the group open can make the other's gloo abort)."""
     if group is not None:
         import torch.distributed as dist
         if dist.is_initialized():
+            try:
+                dist.barrier(group=group.group)
+            except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+                pass
             dist.destroy_process_group()

@@ -82,6 +82,7 @@ LIBRARY = textwrap.dedent("""
                                tile=16, tile_overlap=8, decode=False, progress=False, group=group)
     if group is None or group.is_main:
         torch.save(dict(latents=r.latents, images=r.images, tiles=r.parameters.get("tiling")), out)
+    distributed.close(group)
 """)
 
 

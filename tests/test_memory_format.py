@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sdup
 from helpers import FIXTURES, assert_parity
 from sdup import optimize
-from sdup.checkpoints.diffusers import kunet_diffusers_keymap
-from sdup.models.latent_upscaler import KUNet, KUNetConfig
+from sdup.checkpoints.diffusers import kunet_config, kunet_diffusers_keymap
+from sdup.models.latent_upscaler import KUNet
 from sdup.nn import GroupNorm32
 from sdup.optimize import OneDNNLinear, choose_memory_format, fuse_qkv, prepare, to_memory_format, use_onednn_linear
 
@@ -41,7 +41,7 @@ def unet_call(family: str, dtype=torch.float32):
 
 def kunet_fixture():
     folder = FIXTURES / "latent_upscaler" / "diffusers" / "unet"
-    cfg = KUNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
+    cfg = kunet_config(json.loads((folder / "config.json").read_text()))
     unet = KUNet(cfg).eval()
     unet.load_state_dict(kunet_diffusers_keymap(cfg).to_sdup(load_file(folder / "diffusion_pytorch_model.safetensors")))
     return unet, load_file(FIXTURES / "latent_upscaler" / "unet_forward.safetensors")
