@@ -33,8 +33,9 @@ What it computes (the reference ``scripts/sr_val_ddpm_text_T_vqganfin_oldcanvas_
 Random numbers: one generator per sample (seed + i) drawing, in order, the posterior noise, x_T's eps and the per-step
 noise (DDPM).  Upstream draws from one global generator for the batch, so sdup reproduces its *procedure*, not its
 random stream (the sampler parity with upstream is tested with supplied noise: tests/test_samplers.py).
-Not here: upstream's pixel-space tiling of images above 1280 px (``vqgantile_size``): large outputs are decoded whole
-(the CFW fusion needs full-resolution encoder features; tiling.tiled_decode cannot fuse them).
+Not here: upstream's pixel-space tiling of images above 1280 px (``vqgantile_size``): large outputs are decoded whole.
+``tiling.tiled_decode(cfw, z, fuse_inputs=cfw.fuse_inputs(features, dec_w))`` (a CFW autoencoder) decodes them exactly in
+tiles (tested against the fixture); the pipeline does not use it yet.
 
 Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, which takes the same):
     cfw_vae: the CFW autoencoder (LoadedModel or module) or None (the model's plain VAE; ``dec_w`` then unused).
