@@ -629,13 +629,14 @@ def cmd_upscale(args) -> int:
         fail(str(e))
     if args.dry_run:
         return dry_run(args, meta, family, scale, items, outputs)
-    todo = [(it, o) for it, o in zip(items, outputs) if not (args.skip_existing and io.is_done(o))]
+    done = [args.skip_existing and io.is_done(o) for o in outputs]
+    todo = [(it, o) for it, o, d in zip(items, outputs, done) if not d]
     group = getattr(args, "group", None)
     if group is not None:  # every rank works on the main rank's list (made before any rank writes)
         from .distributed import exchange
         todo = exchange(lambda: todo, group)[0]
-    for it, o in zip(items, outputs):
-        if args.skip_existing and io.is_done(o) and (group is None or group.is_main):
+    for it, o, d in zip(items, outputs, done):
+        if d and (group is None or group.is_main):
             print(f"skip {it.path}{f'[{it.index}]' if it.index is not None else ''} ({o} exists)")
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
