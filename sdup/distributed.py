@@ -13,6 +13,7 @@ of waiting forever for a result that never comes. A rank that dies outright is c
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +35,7 @@ class Group:
     local_rank: int = 0
     device: str = "cpu"
     group: Any = None
+    backend: str = "gloo"  # nccl moves CUDA tensors only; gloo moves CPU tensors (and CUDA ones through the host)
 
     @property
     def is_main(self) -> bool:
@@ -49,13 +51,23 @@ def from_environment(timeout_s: float | None = None) -> Group | None:
     import torch.distributed as dist
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     timeout = timedelta(seconds=timeout_s or float(os.environ.get("SDUP_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    backend = os.environ.get("SDUP_DIST_BACKEND", "").strip().lower() or None
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"SDUP_DIST_BACKEND must be gloo or nccl, got {backend!r}")
     device = "cpu"
     if torch.cuda.is_available():
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
+        n = torch.cuda.device_count()
+        if local >= n and backend != "gloo":  # nccl needs a device of its own per rank
+            raise ValueError(f"rank {rank}: LOCAL_RANK {local} but only {n} CUDA device(s) visible; start at most "
+                             f"{n} processes per node (or set SDUP_DIST_BACKEND=gloo to share devices)")
+        device = f"cuda:{local % n}"
+        torch.cuda.set_device(local % n)
+    backend = backend or ("nccl" if device != "cpu" else "gloo")
+    if backend == "nccl" and device == "cpu":
+        raise ValueError("SDUP_DIST_BACKEND=nccl needs CUDA devices; none is visible")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device != "cpu" else "gloo", timeout=timeout)
-    return Group(rank=rank, world_size=world, local_rank=local, device=device)
+        dist.init_process_group(backend, timeout=timeout)
+    return Group(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
 
 
 def shard(items: Sequence[T], group: Group | None) -> list[T]:
@@ -69,6 +81,8 @@ def exchange(work: Callable[[], T], group: Group | None) -> list[T]:
     raised, every rank raises ``RankFailed`` naming the first rank that failed and its one-line error."""
     try:
         mine = ("ok", work())
+    except RankFailed as e:  # a collective inside ``work`` already named the rank: passed on as it is
+        mine = ("failed", str(e))
     except SystemExit as e:  # a one-line error already printed by this rank (the CLI's fail)
         mine = ("error", f"stopped with exit code {e.code}")
     except Exception as e:  # noqa: BLE001 - sent to the others, then raised here too
@@ -85,9 +99,90 @@ def exchange(work: Callable[[], T], group: Group | None) -> list[T]:
             raise RankFailed(f"rank {group.rank}: lost contact with the other ranks "
                              f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
     for rank, (status, value) in enumerate(results):
+        if status == "failed":
+            raise RankFailed(value)
         if status == "error":
             raise RankFailed(f"rank {rank} failed: {value}")
     return [value for _, value in results]
+
+
+def exchange_tensors(work: Callable[[], dict], group: Group | None, device=None) -> dict:
+    """``exchange`` for tensors: ``work()`` returns a dict of tensors (or tuples of them) under keys no other rank
+    uses; every rank gets all ranks' entries in one dict, on ``device`` (None: as they arrive, on the group's
+    device with nccl, on the CPU with gloo). The keys, shapes and dtypes travel with each rank's status through
+    ``exchange`` (so a failed rank stops every rank first); the tensors travel as one flat byte buffer per rank
+    through ``all_gather``: GPU to GPU with nccl, no pickling. A single process gets ``work()`` itself."""
+    if group is None:
+        return work()
+    import torch
+    import torch.distributed as dist
+    mine: dict = {}
+
+    def describe():
+        mine.update(work())
+        return [(k, isinstance(v, torch.Tensor), [(tuple(t.shape), t.dtype) for t in _tensors(v)])
+                for k, v in mine.items()]
+
+    described = exchange(describe, group)
+    comm = torch.device(group.device if group.backend == "nccl" else "cpu")
+    sizes = [sum(_padded(shape, dt) for _, _, ts in d for shape, dt in ts) for d in described]
+    buf = torch.zeros(max(sizes), dtype=torch.uint8, device=comm)
+    at = 0
+    for v in mine.values():
+        for t in _tensors(v):
+            n = t.numel() * t.element_size()
+            buf[at:at + n] = t.detach().contiguous().reshape(-1).view(torch.uint8).to(comm)
+            at += _padded(t.shape, t.dtype)
+    bufs = [torch.empty_like(buf) for _ in range(group.world_size)]
+    try:
+        dist.all_gather(bufs, buf, group=group.group)
+    except Exception as e:  # noqa: BLE001 - as in exchange: a lost peer or a timeout
+        raise RankFailed(f"rank {group.rank}: lost contact with the other ranks "
+                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+    merged: dict = {}
+    for b, d in zip(bufs, described):
+        at = 0
+        for key, single, shapes in d:
+            ts = []
+            for shape, dt in shapes:
+                n = _padded(shape, dt, pad=False)
+                t = b[at:at + n].view(dt).view(shape)
+                ts.append(t if device is None else t.to(device))
+                at += _padded(shape, dt)
+            merged[key] = ts[0] if single else tuple(ts)
+    return merged
+
+
+def _tensors(v) -> list:
+    import torch
+    return [v] if isinstance(v, torch.Tensor) else list(v)
+
+
+def _padded(shape, dtype, pad: bool = True) -> int:
+    """Bytes of a tensor in the exchange buffer, rounded up to 16 (every tensor starts aligned for any dtype)."""
+    import math
+    n = math.prod(shape) * dtype.itemsize
+    return -(-n // 16) * 16 if pad else n
+
+
+_current: list = [None]
+
+
+@contextlib.contextmanager
+def using(group: Group | None):
+    """Within the block, ``current()`` is ``group``: the tile calls (``tiling.TiledModel``) and the tiled VAE decode
+    of one pipeline run that were given no group of their own split their work over it (``job.run`` enters it)."""
+    saved = _current[0]
+    _current[0] = group
+    try:
+        yield group
+    finally:
+        _current[0] = saved
+
+
+def current() -> Group | None:
+    """The group set by the innermost ``using`` block (None outside one: a single process)."""
+    return _current[0]
 
 
 def all_sum(x, group: Group | None):

@@ -535,8 +535,10 @@ def job_stablesr(model, item: Item, img, common: dict):
 JOBS = {"x4": job_x4, "x2": job_x2, "stablesr": job_stablesr}
 
 
-def run_item(model, family: str, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool):
-    """prepare -> sample -> finish of one input, under ``torch.inference_mode()``."""
+def run_item(model, family: str, item: Item, img, prompt, negative, settings: dict, args, plan: dict, progress: bool,
+             split=None):
+    """prepare -> sample -> finish of one input, under ``torch.inference_mode()``; ``split``: the group its tiles are
+    split over (torchrun with a single input), or None."""
     import torch
     from .pipelines.common import DTYPES
     from .pipelines.job import run
@@ -545,7 +547,7 @@ def run_item(model, family: str, item: Item, img, prompt, negative, settings: di
                   vae_overlap=plan["vae_overlap"], vae_dtype=DTYPES[args.vae_dtype], progress=progress)
     with torch.inference_mode():
         job = JOBS[family](model, item, img, common)
-        return run(job, getattr(args, "group", None))  # torchrun: each step's tiles split over the ranks
+        return run(job, split)  # torchrun with one input: each step's tiles and the VAE tiles split over the ranks
 
 
 def _load(path: str, config: str | None, device: str, dtype):
@@ -765,7 +767,9 @@ def run_all(args, model, family: str, scale, todo, prompt, negative, settings: d
             k = first + (group.rank if world > 1 else 0)
             path = todo[k][0].path if k < len(todo) else None
             writer = main or world > 1  # one input over all ranks (its tiles split): the main rank writes it
-            work = (lambda: run_one(args, model, family, scale, *todo[k], prompt, negative, settings, lo, writer)) \
+            split = group if world == 1 else None  # a folder: each rank runs its own input alone
+            work = (lambda: run_one(args, model, family, scale, *todo[k], prompt, negative, settings, lo, writer,
+                                    split)) \
                 if k < len(todo) else (lambda: None)
             for line in (exchange(work, group) if group is not None else [work()]):
                 if line and main:
@@ -785,7 +789,7 @@ def run_all(args, model, family: str, scale, todo, prompt, negative, settings: d
 
 
 def run_one(args, model, family: str, scale, it: Item, out: Path, prompt, negative, settings: dict, lo: int,
-            writer: bool) -> str | None:
+            writer: bool, split=None) -> str | None:
     """Read, upscale and (``writer``) write one input; returns the line to print."""
     from .pipelines import upscale_io as io
     img, size = None, it.size
@@ -800,7 +804,7 @@ def run_one(args, model, family: str, scale, it: Item, out: Path, prompt, negati
     plan = tile_settings(args, latent_size(model, family, size, it.latent, scale, args.input_size), family)
     t0 = time.time()
     progress = not args.quiet and writer
-    result = run_item(model, family, it, img, prompt, negative, settings, args, plan, progress)
+    result = run_item(model, family, it, img, prompt, negative, settings, args, plan, progress, split)
     if not writer:  # tile-parallel: every rank computed the same image, the main rank writes it
         return None
     write_output(args, it, img, out, result, scale, time.time() - t0)

@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "math", "chunked", "triton")
-_state = {"backend": "auto", "chunk_size": 4096, "chunk_backend": "math", "triton_failed": False}
+_state = {"backend": "auto", "chunk_size": 4096, "chunk_backend": "math", "triton_failed": False, "group": None}
 
 
-def set_attention_backend(name: str, chunk_size: int | None = None, chunk_backend: str | None = None) -> None:
-    """``chunk_size`` / ``chunk_backend``: the query block of the ``"chunked"`` backend and what runs each block."""
+def set_attention_backend(name: str, chunk_size: int | None = None, chunk_backend: str | None = None,
+                          group=None) -> None:
+    """``chunk_size`` / ``chunk_backend``: the query block of the ``"chunked"`` backend and what runs each block;
+    ``group`` (``sdup.distributed.Group``): the blocks are split over its ranks (each rank needs the same q, k, v)."""
     for backend in (name, chunk_backend or "math"):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -41,6 +43,7 @@ def set_attention_backend(name: str, chunk_size: int | None = None, chunk_backen
         _state["chunk_size"] = int(chunk_size)
     if chunk_backend is not None:
         _state["chunk_backend"] = chunk_backend
+    _state["group"] = group
 
 
 def get_attention_backend() -> str:
@@ -48,9 +51,9 @@ def get_attention_backend() -> str:
 
 
 @contextlib.contextmanager
-def use_attention_backend(name: str, chunk_size: int | None = None, chunk_backend: str | None = None):
+def use_attention_backend(name: str, chunk_size: int | None = None, chunk_backend: str | None = None, group=None):
     saved = dict(_state)
-    set_attention_backend(name, chunk_size, chunk_backend)
+    set_attention_backend(name, chunk_size, chunk_backend, group)
     try:
         yield
     finally:
@@ -77,10 +80,22 @@ def attention_chunked(q, k, v, chunk_size: int | None = None, bias: torch.Tensor
     if q.shape[-2] <= chunk_size:
         return attention(q, k, v, backend=backend, bias=bias)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    for start in range(0, q.shape[-2], chunk_size):
+    starts = range(0, q.shape[-2], chunk_size)
+
+    def block(start):
         rows = slice(start, start + chunk_size)
         block_bias = bias if bias is None or bias.dim() < 2 or bias.shape[-2] == 1 else bias[..., rows, :]
-        out[..., rows, :] = attention(q[..., rows, :], k, v, backend=backend, bias=block_bias)
+        return attention(q[..., rows, :], k, v, backend=backend, bias=block_bias)
+
+    group = _state["group"]
+    if group is None:
+        for start in starts:
+            out[..., start:start + chunk_size, :] = block(start)
+        return out
+    from ..distributed import exchange_tensors, shard  # every rank's blocks, on every rank
+    for start, o in exchange_tensors(lambda: {s: block(s) for s in shard(starts, group)}, group,
+                                     device=q.device).items():
+        out[..., start:start + chunk_size, :] = o
     return out
 
 

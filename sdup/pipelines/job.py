@@ -65,10 +65,11 @@ def sample(job: Job) -> Tensor:
 
 def run(job: Job, group=None) -> Result:
     """``finish(job, sample(job))``. ``group`` (``sdup.distributed.Group``, e.g. ``from_environment()`` under torchrun):
-    the latent tiles of every step are split over its ranks, and every rank gets the single-process result."""
-    if group is not None and job.tiler is not None:
-        job.tiler.group = group
-    return finish(job, sample(job))
+    the latent tiles of every step and the tiled VAE decode are split over its ranks (``distributed.using``), and
+    every rank gets the single-process result."""
+    from ..distributed import using
+    with using(group):
+        return finish(job, sample(job))
 
 
 def finish(job: Job, latents: Tensor) -> Result:

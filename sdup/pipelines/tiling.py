@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import current as current_group
+from ..distributed import exchange_tensors, shard
 from ..models.vae import DiagonalGaussian
 from ..nn import Downsample, Upsample, get_attention_backend, use_attention_backend
 
@@ -158,8 +160,9 @@ class TiledModel:
         if len(tiles) == 1:
             return self.model_fn(x, t, **cond)
         batches = [tiles[k:k + self.tile_batch] for k in range(0, len(tiles), self.tile_batch)]
+        group = self.group if self.group is not None else current_group()
         bar = None
-        if self.progress and (self.group is None or self.group.is_main):
+        if self.progress and (group is None or group.is_main):
             from tqdm.auto import tqdm
             bar = tqdm(total=len(tiles), desc="tiles", unit="tile", leave=False)
 
@@ -167,18 +170,15 @@ class TiledModel:
             out = self.model_fn(torch.cat([x[..., y:y + th, x0:x0 + tw] for y, x0 in crops]),
                                 _take(t, B, H, W, crops, th, tw), **_take(cond, B, H, W, crops, th, tw))
             if bar is not None:
-                bar.update(len(crops) * (1 if self.group is None else self.group.world_size))
+                bar.update(len(crops) * (1 if group is None else group.world_size))
             return out
 
-        if self.group is None:
+        if group is None:
             outputs = [run(crops) for crops in batches]
         else:  # this rank's share of the tile batches, then everyone's outputs on every rank, in tile order
-            from ..distributed import exchange, shard
-            mine = {k: run(batches[k]) for k in shard(range(len(batches)), self.group)}
-            outputs = [None] * len(batches)
-            for part in exchange(lambda: {k: _to(o, "cpu") for k, o in mine.items()}, self.group):
-                for k, o in part.items():
-                    outputs[k] = _to(o, x.device)
+            done = exchange_tensors(lambda: {k: run(batches[k]) for k in shard(range(len(batches)), group)}, group,
+                                    device=x.device)
+            outputs = [done[k] for k in range(len(batches))]
         if bar is not None:
             bar.close()
         return self._blend(outputs, batches, B, H, W, th, tw, x.device)
@@ -204,11 +204,6 @@ class TiledModel:
                 wsum[y:y + th, x0:x0 + tw] += w
         res = [(a / wsum).to(dt) for a, dt in zip(acc, dtypes)]
         return res[0] if single else tuple(res)
-
-
-def _to(out, device):
-    """A model output (a tensor or a tuple of them) on ``device``."""
-    return out.to(device) if isinstance(out, Tensor) else type(out)(o.to(device) for o in out)
 
 
 def _take(v: Any, B: int, H: int, W: int, crops, th: int, tw: int) -> Any:
@@ -377,8 +372,9 @@ class _Engine:
     """Runs ``stages`` (what the model's forward calls, in order) on tiles, with whole-image GroupNorm statistics."""
 
     def __init__(self, stages, grid: _Grid, r0: int, store_bytes: int | None, halo: int | None, progress: bool,
-                 desc: str, store_device=None):
+                 desc: str, store_device=None, group=None):
         self.stages, self.grid = list(stages), grid
+        self.group = group  # sdup.distributed.Group: every rank runs its share of the tiles
         self.geoms = [_geometry(s) for s in self.stages]
         self.r_at = [r0]  # resolution before stage i
         for kind, _ in self.geoms:
@@ -391,7 +387,7 @@ class _Engine:
         self.dev = None
         self.halo = halo
         self.stats: dict[nn.GroupNorm, tuple[Tensor, Tensor]] = {}  # (B, C) fp32 scale and shift of each norm
-        self.acc = None    # [norm, sum w x, sum w x^2, r] of the norm being gathered
+        self.acc = None    # [norm, r, {tile: (sum w x, sum w x^2)}] of the norm being gathered
         self.where = None  # (tile, state) of the stage being run, for the GroupNorm hooks
         self.c_at: list[int] = []
         self.progress = progress
@@ -477,7 +473,7 @@ class _Engine:
         return (x.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
 
     def _accumulate(self, norm, x: Tensor, st: _State, tile):
-        """Add the tile's weighted per-channel sums of x and x^2 (float64) to the sums of ``norm``.
+        """Keep the tile's weighted per-channel sums of x and x^2 (float64) for the statistics of ``norm``.
 
         Per tile: shift by the tile's own channel mean m (fp32), rows reduced against the x-weights in fp32 (short
         dot products), the rest in float64; then sum w x = sum w (x-m) + m sum w and
@@ -486,11 +482,10 @@ class _Engine:
         dt = wy.dtype
         B, C = x.shape[:2]
         if self.acc is None:
-            self.acc = [norm, torch.zeros(B, C, dtype=dt, device=x.device), torch.zeros(B, C, dtype=dt,
-                                                                                        device=x.device), st.r]
+            self.acc = [norm, st.r, {}]
         if self.acc[0] is not norm:
             raise RuntimeError("tiled VAE: tiles stopped at different GroupNorms (internal error)")
-        s1, s2 = self.acc[1:3]
+        s1, s2 = (torch.empty(B, C, dtype=dt, device=x.device) for _ in range(2))
         wx32 = wx.to(torch.float32)
         wsum = wy.sum() * wx.sum()
         step = max(1, (1 << 22) // max(1, x[0, 0].numel() * B))  # ~4M elements per chunk
@@ -501,12 +496,15 @@ class _Engine:
             d1 = (xc @ wx32).to(dt) @ wy                      # (B, c)
             d2 = ((xc * xc) @ wx32).to(dt) @ wy
             m = m.flatten(1).to(dt)
-            s1[:, c0:c0 + step] += d1 + m * wsum
-            s2[:, c0:c0 + step] += d2 + 2 * m * d1 + m * m * wsum
+            s1[:, c0:c0 + step] = d1 + m * wsum
+            s2[:, c0:c0 + step] = d2 + 2 * m * d1 + m * m * wsum
+        self.acc[2][tile] = (s1, s2)
 
     def _finalize(self):
-        norm, s1, s2, r = self.acc
+        """The whole-image scale and shift of the norm being gathered: the tiles' sums added in tile order."""
+        norm, r, sums = self.acc
         self.acc = None
+        s1, s2 = (sum(sums[t][k] for t in self.grid.tiles) for k in (0, 1))
         B, C = s1.shape
         G = norm.num_groups
         n = (C // G) * (self.grid.H * r) * (self.grid.W * r)
@@ -568,56 +566,98 @@ class _Engine:
         if self.halo is not None:
             halo = min(halo, int(self.halo))
         self.max_halo_used = max(self.max_halo_used, halo)
-        kept: dict = {}
-        kept_bytes = 0
-        while True:
-            out, gathering = None, None
-            for tile in g.tiles:
+        kept: dict = {}  # tile -> (stage, state) where it stopped, while they fit in keep_budget
+        intermediate = b < len(self.stages)
+
+        def sweep(tiles):  # -> (out map or None, the GroupNorm the tiles stopped at or None, {tile: weighted part})
+            out, gathering, parts = None, None, {}
+            for tile in tiles:
                 i, st = kept.pop(tile, (a, None))
-                if st is None:
-                    st = self._crop(src, tile, halo, self.r_at[a])
-                else:
-                    kept_bytes -= st.nbytes()
-                    st = self._move(st, self.dev)
+                st = self._crop(src, tile, halo, self.r_at[a]) if st is None else self._move(st, self.dev)
                 try:
                     st = self._forward(st, i, b, tile)
                 except _Barrier as stop:
                     gathering = stop.norm
-                    if kept_bytes + stop.state.nbytes() <= keep_budget:
+                    if sum(s.nbytes() for _, s in kept.values()) + stop.state.nbytes() <= keep_budget:
                         kept[tile] = (stop.stage, self._move(stop.state, self.store_device))
-                        kept_bytes += stop.state.nbytes()
                     continue
-                out = self._assemble(out, st, tile, b < len(self.stages))
+                if self.group is None:
+                    out = self._assemble(out, st, tile, intermediate)
+                else:
+                    parts[tile] = self._weighted(st, tile)
+            return out, gathering, parts
+
+        while True:
+            if self.group is None:
+                out, gathering, _ = sweep(g.tiles)
+            else:  # this rank's tiles, then every rank's results, added in tile order on every rank
+                out, gathering = self._exchange(lambda: sweep(shard(g.tiles, self.group)), self.r_at[b], intermediate)
             if (out is None) == (gathering is None):
                 raise RuntimeError("tiled VAE: some tiles stopped at a GroupNorm, others did not (internal error)")
             self.sweeps += 1
             if bar is not None:
                 bar.update(1)
             if gathering is None:
-                return out.to(out.device if b < len(self.stages) else self.dev, src.dtype)
+                return out.to(out.device if intermediate else self.dev, src.dtype)
             self._finalize()
 
-    def _assemble(self, out: Tensor | None, st: _State, tile, intermediate: bool) -> Tensor:
-        """Add the tile's own region, times its feather weights, to the output map (created on the first call)."""
-        x, wy, wx, (ry0, ry1, rx0, rx1) = self._own(st.t, st, tile)
+    def _weighted(self, st: _State, tile) -> Tensor:
+        """The tile's own region times its feather weights (fp32 for half-precision maps)."""
+        x, wy, wx, _ = self._own(st.t, st, tile)
+        dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        return x.to(dt) * (wy[:, None] * wx[None, :]).to(dt)
+
+    def _assemble(self, out: Tensor | None, st: _State, tile, intermediate: bool,
+                  part: Tensor | None = None) -> Tensor:
+        """Add the tile's weighted own region (``part``, else computed from ``st``) to the output map (created on
+        the first call)."""
+        part = self._weighted(st, tile) if part is None else part
+        ry0, ry1, rx0, rx1 = self.grid.region(tile, st.r)
         if out is None:
             g = self.grid
-            dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            dev = self.store_device if (intermediate and self.store_device is not None) else x.device
-            out = torch.zeros(x.shape[0], x.shape[1], g.H * st.r, g.W * st.r, dtype=dt, device=dev)
-        w2 = (wy[:, None] * wx[None, :]).to(out.dtype)
-        out[..., ry0:ry1, rx0:rx1] += (x.to(out.dtype) * w2).to(out.device)
+            dev = self.store_device if (intermediate and self.store_device is not None) else part.device
+            out = torch.zeros(part.shape[0], part.shape[1], g.H * st.r, g.W * st.r, dtype=part.dtype, device=dev)
+        out[..., ry0:ry1, rx0:rx1] += part.to(out.device)
         return out
+
+    def _exchange(self, sweep, r_out: int, intermediate: bool):
+        """(out, gathering) of a sweep over all ranks (``sweep()``: this rank's share): the GroupNorm sums of every
+        tile (the statistics follow in tile order), or every tile's weighted region assembled in tile order. A rank
+        without tiles learns from the others which it was; a rank whose sweep raised stops every rank."""
+        index = {t: i for i, t in enumerate(self.grid.tiles)}
+
+        def send():
+            _, gathering, parts = sweep()
+            if gathering is not None:
+                norm, r, sums = self.acc
+                return {("sums", index[t], self.norms.index(norm), r): v for t, v in sums.items()}
+            return {("out", index[t], r_out): v for t, v in parts.items()}
+
+        got = exchange_tensors(send, self.group, device=self.dev)
+        if not got:
+            raise RuntimeError("tiled VAE: no rank ran a tile (internal error)")
+        if len({(k[0],) + k[2:] for k in got}) != 1:
+            raise RuntimeError("tiled VAE: the ranks' tiles stopped at different places (internal error)")
+        first = next(iter(got))
+        if first[0] == "sums":
+            n, r = first[2:]
+            self.acc = [self.norms[n], r, {self.grid.tiles[k[1]]: v for k, v in got.items()}]
+            return None, self.norms[n]
+        out = None
+        for k in sorted(got, key=lambda k: k[1]):
+            out = self._assemble(out, _State(None, 0, 0, r_out), self.grid.tiles[k[1]], intermediate, got[k])
+        return out, None
 
 
 # ================================================================================================
 # public VAE API
 
 
-def _chunked_attention(n_tokens: int, attn_chunk: int | None, logits_budget: int = 64 << 20):
+def _chunked_attention(n_tokens: int, attn_chunk: int | None, logits_budget: int = 64 << 20, group=None):
     """Context for the mid block on the whole map: its attention over query chunks of ``attn_chunk``, each with the
-    selected backend.  Default chunk: math (and chunked) keep the fp32 logits and their softmax
-    (2 x chunk x N x 4 bytes) within ``logits_budget``; sdpa and triton, which never materialise them, get 1024."""
+    selected backend (``group``: the chunks split over its ranks).  Default chunk: math (and chunked) keep the fp32
+    logits and their softmax (2 x chunk x N x 4 bytes) within ``logits_budget``; sdpa and triton, which never
+    materialise them, get 1024."""
     backend = get_attention_backend()
     inner = "math" if backend in ("math", "chunked") else backend
     if attn_chunk:
@@ -626,7 +666,7 @@ def _chunked_attention(n_tokens: int, attn_chunk: int | None, logits_budget: int
         chunk = max(64, min(n_tokens, logits_budget // max(1, 8 * n_tokens)))
     else:
         chunk = min(n_tokens, 1024)
-    return use_attention_backend("chunked", chunk_size=chunk, chunk_backend=inner)
+    return use_attention_backend("chunked", chunk_size=chunk, chunk_backend=inner, group=group)
 
 
 def _downscale(vae) -> int:
@@ -648,13 +688,14 @@ def auto_store_bytes(largest_map_bytes: int) -> int:
 
 def _run_info(info: dict | None, grid: _Grid, eng: _Engine) -> None:
     if info is not None:
-        info.update(tiles=len(grid.tiles), sweeps=eng.sweeps, halo=eng.max_halo_used)
+        info.update(tiles=len(grid.tiles), sweeps=eng.sweeps, halo=eng.max_halo_used,
+                    own_tiles=len(grid.tiles if eng.group is None else shard(grid.tiles, eng.group)))
 
 
 @torch.inference_mode()
 def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, halo: int | None = None,
                  store_bytes: int | None = None, store_device=None, attn_chunk: int | None = None,
-                 fuse_inputs=None, info: dict | None = None) -> Tensor:
+                 fuse_inputs=None, info: dict | None = None, group=None) -> Tensor:
     """``vae.decode(z)`` with bounded memory and no seams (docs/tiling.md): the decoder's own stages, everything
     after the mid block on tiles.
 
@@ -665,14 +706,20 @@ def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, 
     on a GPU: GPU memory then holds only the mid maps, the output and one tile); ``attn_chunk``: query chunk of the
     mid attention (default 1024; with the math backend, what keeps the fp32 logits within 64 MiB); ``fuse_inputs``:
     the decoder's per-level hook inputs (a CFW autoencoder: ``vae.fuse_inputs(enc_features, w)``); ``info``: a dict
-    that receives the number of tiles, of sweeps and the largest halo used (latent px).
+    that receives the number of tiles, of sweeps, the largest halo used (latent px) and the tiles this process ran.
+
+    ``group`` (``sdup.distributed.Group``; default: ``distributed.current()``): the mid-block attention's query
+    chunks and the tiles are split over its ranks, whose GroupNorm sums and tile outputs are exchanged and added in
+    tile order on every rank: every rank gets the single-process result, bit for bit (at equal threads per
+    process). The rest of the mid block (its ResBlocks, a small part of the work) runs on every rank.
     """
+    group = group if group is not None else current_group()
     stages = vae.decoder.stages(fuse_inputs)
     m = stages.index(vae.decoder.mid) + 1
     grid = _Grid(z.shape[-2], z.shape[-1], _pair(tile), _pair(overlap))
-    eng = _Engine(stages[m:], grid, 1, store_bytes, halo, progress, "tiled VAE decode", store_device)
+    eng = _Engine(stages[m:], grid, 1, store_bytes, halo, progress, "tiled VAE decode", store_device, group)
     h = vae.post_quant_conv(z)
-    with _chunked_attention(z.shape[-2] * z.shape[-1], attn_chunk):
+    with _chunked_attention(z.shape[-2] * z.shape[-1], attn_chunk, group=group):
         for stage in stages[:m]:  # conv_in and the mid block on the whole latent
             h = stage(h)
     out = eng.run(h)
@@ -683,11 +730,12 @@ def tiled_decode(vae, z: Tensor, tile=64, overlap=8, progress: bool = False, *, 
 @torch.inference_mode()
 def tiled_encode(vae, image: Tensor, tile=512, overlap=32, progress: bool = False, *, halo: int | None = None,
                  store_bytes: int | None = None, store_device=None, attn_chunk: int | None = None,
-                 info: dict | None = None) -> DiagonalGaussian:
+                 info: dict | None = None, group=None) -> DiagonalGaussian:
     """``vae.encode(image)`` with bounded memory: the encoder's stages before the mid block run on pixel tiles
     (``tile``, ``overlap``: int or (h, w) in pixels, rounded down to multiples of the downscale factor f), the rest
     and ``quant_conv`` on the latent-resolution map.  H and W must be multiples of f.
-    ``halo`` (latent px), ``store_bytes``, ``store_device``, ``attn_chunk``, ``info``: as ``tiled_decode``."""
+    ``halo`` (latent px), ``store_bytes``, ``store_device``, ``attn_chunk``, ``info``, ``group``: as ``tiled_decode``."""
+    group = group if group is not None else current_group()
     f = _downscale(vae)
     H, W = image.shape[-2:]
     if H % f or W % f:
@@ -697,10 +745,10 @@ def tiled_encode(vae, image: Tensor, tile=512, overlap=32, progress: bool = Fals
     th, tw = _pair(tile)
     oh, ow = _pair(overlap)
     grid = _Grid(H // f, W // f, (max(1, th // f), max(1, tw // f)), (oh // f, ow // f))
-    eng = _Engine(stages[:m], grid, f, store_bytes, halo, progress, "tiled VAE encode", store_device)
+    eng = _Engine(stages[:m], grid, f, store_bytes, halo, progress, "tiled VAE encode", store_device, group)
     h = eng.run(image)
     _run_info(info, grid, eng)
-    with _chunked_attention(grid.H * grid.W, attn_chunk):
+    with _chunked_attention(grid.H * grid.W, attn_chunk, group=group):
         for stage in stages[m:]:  # the mid block, norm_out, SiLU, conv_out on the whole latent
             h = stage(h)
     return DiagonalGaussian(vae.quant_conv(h))
