@@ -387,8 +387,10 @@ def main(argv=None):
             fns = make(dtype)
             if cuda:
                 fns["sdup sdpa"] = with_sdpa_attention(fns["sdup"])
+            _sync()
             t0 = time.perf_counter()
             a = fns["sdup"]()
+            _sync()
             first = time.perf_counter() - t0
             print(f"  {name}: first sdup call {first:.1f} s", flush=True)
             if tiled:
