@@ -8,6 +8,7 @@
     python scripts/bench.py --models sd14-unet --ablation    # + sdup without its CPU fast paths, same run
     python scripts/bench.py --models sd14-unet --compile     # sdup's UNet through torch.compile
     python scripts/bench.py --models x4-unet --dtype bf16 --profile   # + top ops and aten::copy_ of sdup's forward
+    python scripts/bench.py --device cuda --dtype fp16 --models x4-unet sd14-unet   # on the GPU (see below)
 
 For each case both implementations get identical weights (diffusers' random init, converted with sdup's key tables),
 the outputs are checked to agree, then they are timed **interleaved** (the order rotating each round, after one
@@ -22,6 +23,14 @@ channels_last for bf16 on CPUs with native bf16, else contiguous; diffusers stay
 column without the fused q/k/v and the small-map path. --profile: torch.profiler on one more sdup forward per case:
 its top ops by self time and one line "aten::copy_: N calls, X MiB" (MiB written by the copies: the activation,
 weight and dtype copies the forward makes; the counts do not depend on the machine). Not a test: it needs several GB of RAM and minutes of CPU; run it on demand.
+
+--device cuda: both on the first GPU (built on the CPU, then moved), fp32 / bf16 / fp16 (fp16 only there), each call
+timed between torch.cuda.synchronize() calls; "ceiling" is the GPU's measured matmul rate in that dtype (an 8192^2
+torch.mm; fp32 matmuls without TF32, while cuDNN's fp32 convolutions use TF32 by default, so fp32 can pass 100%);
+sdup prepared for the GPU (no oneDNN Linears; channels_last for half dtypes), attention "auto" (the Triton kernel),
+plus a "sdup sdpa s" column (the same model with attention through torch's sdpa, like diffusers). The outputs must
+agree within a tolerance per dtype (relative to diffusers' largest output): a MISMATCH cell and exit status 1
+otherwise. No --threads, --memory (peak RSS), --ablation; the tiled 2048^2 VAE case (a CPU design) is skipped.
 """
 from __future__ import annotations
 
@@ -44,20 +53,26 @@ sys.path.insert(0, str(ROOT))
 from sdup.checkpoints import diffusers as dfs  # noqa: E402
 from sdup.models.unet import UNet  # noqa: E402
 from sdup.models.vae import AutoencoderKL  # noqa: E402
-from sdup.nn import layers  # noqa: E402
+from sdup.nn import get_attention_backend, layers, use_attention_backend  # noqa: E402
 from sdup.optimize import MEMORY_FORMATS, choose_memory_format, compile_model, cpu_has_native_bf16, prepare  # noqa: E402
 
 CONFIGS = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
 SD1, X4, X2 = "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-x4-upscaler", "stabilityai/sd-x2-latent-upscaler"
 SD21_UNET = dict(CONFIGS[SD1]["unet"], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: --device cuda only
+CPU_DTYPES = ("fp32", "bf16")
+CUDA_TOLERANCES = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 2e-2}  # max |sdup - diffusers| / max |diffusers|
 OPTIONS = {"compile": False, "freeze": False, "ablation": False,  # --compile / --freeze / --ablation /
-           "memory_format": "auto"}                                # --memory-format (set in main / child)
+           "memory_format": "auto", "device": "cpu"}               # --memory-format / --device (set in main / child)
+
+
+def device() -> torch.device:
+    return torch.device(OPTIONS["device"])
 
 
 def memory_format(dtype) -> str:
     fmt = OPTIONS["memory_format"]
-    return choose_memory_format("cpu", dtype) if fmt == "auto" else fmt
+    return choose_memory_format(device(), dtype) if fmt == "auto" else fmt
 
 
 def prepared(module, dtype):
@@ -65,7 +80,7 @@ def prepared(module, dtype):
     oneDNN, weights in --memory-format), in ``dtype``, compiled with --compile. With --ablation also the plain
     module (unfused, nn.Linear, contiguous, oneDNN for every conv: sdup.nn.Conv2d's small-map path off)."""
     plain = copy.deepcopy(module).to(dtype) if OPTIONS["ablation"] else None
-    module = module.to(dtype)
+    module = module.to(device(), dtype)
     prepare(module, memory_format(dtype))
     if OPTIONS["compile"]:
         compile_model(module, freeze=OPTIONS["freeze"])
@@ -100,12 +115,12 @@ def unet_case(dcfg, h, w, batch=2, dtype=torch.float32):
     c = dfs.unet_config(dict(ref.config))
     mine = UNet(c).eval()
     mine.load_state_dict(dfs.unet_keymap(c, mine.state_dict()).to_sdup(ref.state_dict()))
-    (mine, plain), ref = prepared(mine, dtype), ref.to(dtype)
+    (mine, plain), ref = prepared(mine, dtype), ref.to(device(), dtype)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, c.in_channels, h, w, generator=g).to(dtype)
-    t = torch.full((batch,), 500)
-    ctx = torch.randn(batch, 77, c.context_dim, generator=g).to(dtype)
-    y = torch.full((batch,), 20) if c.num_classes else None
+    x = torch.randn(batch, c.in_channels, h, w, generator=g).to(device(), dtype)
+    t = torch.full((batch,), 500, device=device())
+    ctx = torch.randn(batch, 77, c.context_dim, generator=g).to(device(), dtype)
+    y = torch.full((batch,), 20, device=device()) if c.num_classes else None
     return impls(mine, lambda: ref(x, t, encoder_hidden_states=ctx, class_labels=y).sample, plain, x, t, ctx, y=y)
 
 
@@ -117,12 +132,12 @@ def kunet_case(h, w, batch=2, dtype=torch.float32):
     c = kunet_config(dict(ref.config))
     mine = KUNet(c).eval()
     mine.load_state_dict(kunet_diffusers_keymap(c).to_sdup(ref.state_dict()))
-    (mine, plain), ref = prepared(mine, dtype), ref.to(dtype)
+    (mine, plain), ref = prepared(mine, dtype), ref.to(device(), dtype)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 8, h, w, generator=g).to(dtype)
-    c_noise = torch.full((batch,), 0.5)
-    cond = torch.randn(batch, 896, generator=g).to(dtype)
-    ctx = torch.randn(batch, 77, 768, generator=g).to(dtype)
+    x = torch.randn(batch, 8, h, w, generator=g).to(device(), dtype)
+    c_noise = torch.full((batch,), 0.5, device=device())
+    cond = torch.randn(batch, 896, generator=g).to(device(), dtype)
+    ctx = torch.randn(batch, 77, 768, generator=g).to(device(), dtype)
     return impls(mine, lambda: ref(x, c_noise, encoder_hidden_states=ctx, timestep_cond=cond).sample, plain,
                  x, c_noise, cond, ctx)
 
@@ -133,9 +148,9 @@ def vae_decode_case(repo, h, w, dtype=torch.float32, tiled=False):
     c = dfs.vae_config(dict(ref.config))
     mine = AutoencoderKL(c).eval()
     mine.load_state_dict(dfs.vae_keymap(c, mine.state_dict()).to_sdup(ref.state_dict()))
-    mine, ref = mine.to(dtype), ref.to(dtype)
+    mine, ref = mine.to(device(), dtype), ref.to(device(), dtype)
     prepare(mine, memory_format(dtype))
-    z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0)).to(dtype)
+    z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0)).to(device(), dtype)
     if tiled:  # the only way sdup decodes this size (exact tiling, whole-image GroupNorm statistics)
         from sdup.pipelines.tiling import tiled_decode
         return {"sdup": lambda: tiled_decode(mine, z, tile=128, overlap=8), "diffusers": lambda: ref.decode(z).sample}
@@ -154,18 +169,39 @@ CASES = {  # name: (label, builder(dtype), default)
 }
 
 
-def matmul_ceiling(dtype, n=4096, runs=3) -> float:
-    """GFLOP/s of a large square torch.mm in ``dtype`` (best of ``runs``)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
+def matmul_ceiling(dtype, n=4096, runs=3, warmups=1) -> float:
+    """GFLOP/s of a large square torch.mm in ``dtype`` on --device (best of ``runs``, after ``warmups``)."""
+    a, b = torch.randn(n, n).to(device(), dtype), torch.randn(n, n).to(device(), dtype)
+    for _ in range(warmups):
+        torch.mm(a, b)
     best = min(_time(lambda: torch.mm(a, b)) for _ in range(runs))
     return 2 * n ** 3 / best / 1e9
 
 
+def cuda_ceilings() -> dict:
+    """{dtype name: GFLOP/s} of an 8192^2 torch.mm on the GPU (best of 5 after 3 warm-ups)."""
+    return {name: matmul_ceiling(d, n=8192, runs=5, warmups=3) for name, d in DTYPES.items()}
+
+
+def _sync() -> None:
+    if device().type == "cuda":  # kernels run asynchronously: wait for the queued work before and after a call
+        torch.cuda.synchronize()
+
+
 def _time(fn) -> float:
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t0
+
+
+def with_sdpa_attention(fn):
+    """``fn`` with sdup's attention through torch's sdpa (what diffusers uses) instead of the backend "auto" picks."""
+    def run():
+        with use_attention_backend("sdpa"):
+            return fn()
+    return run
 
 
 def native_bf16_line(ceilings: dict) -> str:
@@ -271,9 +307,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=[k for k, v in CASES.items() if v[2]], choices=list(CASES))
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both implementations on the first GPU (see the module docstring)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (not set with --device cuda)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="bf16: both in bf16, plus sdup fp32 for the bf16 speed-up (UNet cases)")
+                   help="bf16 / fp16 (fp16: cuda only): both in it, plus sdup fp32 for the speed-up (UNet cases)")
     p.add_argument("--compile", action="store_true",
                    help="sdup's UNets through torch.compile (inductor, dynamic shapes); the first call compiles")
     p.add_argument("--freeze", action="store_true",
@@ -291,39 +329,68 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.freeze and not args.compile:
         p.error("--freeze only applies with --compile")
-    torch.set_num_threads(args.threads)
-    OPTIONS.update(compile=args.compile, freeze=args.freeze, ablation=args.ablation, memory_format=args.memory_format)
+    cuda = args.device == "cuda"
+    if not cuda and args.dtype not in CPU_DTYPES:
+        p.error(f"--dtype {args.dtype} only with --device cuda (CPU: {', '.join(CPU_DTYPES)})")
+    if cuda and (args.memory or args.child):
+        p.error("--memory measures the peak RSS of CPU runs; not with --device cuda")
+    if cuda and args.ablation:
+        p.error("--ablation times sdup without its CPU fast paths; not with --device cuda")
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    OPTIONS.update(compile=args.compile, freeze=args.freeze, ablation=args.ablation, memory_format=args.memory_format,
+                   device=args.device)
     if args.child:
         child(*args.child, args.dtype, args.mem_limit_gb)
         return 0
     dtype = DTYPES[args.dtype]
-    ceilings = {name: matmul_ceiling(d) for name, d in DTYPES.items()}
-    ceiling = ceilings[args.dtype]
+    half = args.dtype != "fp32"
     compiled = (", sdup compiled (frozen)" if args.freeze else ", sdup compiled") if args.compile else ""
-    head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{compiled}, sdup {memory_format(dtype)}, "
-            f"CPU; median of {args.runs} interleaved runs; matmul ceilings (4096^2 torch.mm): "
-            f"fp32 {ceilings['fp32']:.0f}, bf16 {ceilings['bf16']:.0f} GFLOP/s\n"
-            f"{native_bf16_line(ceilings)}")
+    if cuda:
+        ceilings = cuda_ceilings()
+        tf32 = f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
+        head = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), {torch.cuda.get_device_name()}, "
+                f"{args.dtype}{compiled}, sdup {memory_format(dtype)}, attention {get_attention_backend()}; "
+                f"median of {args.runs} interleaved runs; matmul ceilings (8192^2 torch.mm): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()) + f" GFLOP/s; {tf32}")
+    else:
+        ceilings = {name: matmul_ceiling(DTYPES[name]) for name in CPU_DTYPES}
+        head = (f"torch {torch.__version__}, {args.threads} threads, {args.dtype}{compiled}, sdup {memory_format(dtype)}, "
+                f"CPU; median of {args.runs} interleaved runs; matmul ceilings (4096^2 torch.mm): "
+                f"fp32 {ceilings['fp32']:.0f}, bf16 {ceilings['bf16']:.0f} GFLOP/s\n"
+                f"{native_bf16_line(ceilings)}")
+    ceiling = ceilings[args.dtype]
     cols = ["model", "sdup s", "diffusers s", "sdup/diffusers", "sdup GFLOP/s", "of ceiling", "max abs diff"]
-    if args.dtype == "bf16":
+    if half:
         cols.insert(3, "sdup fp32 s")
-        cols.insert(4, "fp32/bf16")
-        cols.append("bf16 vs fp32 (of max abs fp32)")
+        cols.insert(4, f"fp32/{args.dtype}")
+        cols.append(f"{args.dtype} vs fp32 (of max abs fp32)")
+    if cuda:
+        cols.insert(3, "sdup sdpa s")
     if args.ablation:
         cols += ["sdup plain s", "plain/sdup"]
     if args.memory:
         cols += ["sdup peak", "diffusers peak"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    profiles = []
+    profiles, mismatches = [], []
     print("\n".join(lines), flush=True)
     for name in args.models:
         label, make, _ = CASES[name]
         torch.manual_seed(0)
         tiled = name == "vae-f4-decode-2048"  # tens of minutes per decode: sdup timed once, diffusers in --memory only
+        if tiled and cuda:
+            print(f"  {name}: skipped (sdup's tiled decode of this case is the CPU design)", flush=True)
+            continue
         with torch.inference_mode():
             fns = make(dtype)
+            if cuda:
+                fns["sdup sdpa"] = with_sdpa_attention(fns["sdup"])
+            _sync()
             t0 = time.perf_counter()
             a = fns["sdup"]()
+            _sync()
             first = time.perf_counter() - t0
             print(f"  {name}: first sdup call {first:.1f} s", flush=True)
             if tiled:
@@ -331,21 +398,30 @@ def main(argv=None):
             else:
                 diffs = {k: (fn().float() - a.float()).abs().max().item() for k, fn in fns.items() if k != "sdup"}
                 diff = f"{diffs['diffusers']:.1e}"
-                if args.dtype == "bf16":
+                if cuda:  # relative to diffusers' largest output, against the dtype's tolerance
+                    rel = diffs["diffusers"] / fns["diffusers"]().float().abs().max().item()
+                    diff += f" ({rel:.1e} rel)"
+                    if not rel <= CUDA_TOLERANCES[args.dtype]:
+                        diff += " MISMATCH"
+                        mismatches.append(name)
+                if half:
                     torch.manual_seed(0)
                     fns["sdup fp32"] = make(torch.float32)["sdup"]
                     ref32 = fns["sdup fp32"]().float()
                     err32 = (a.float() - ref32).abs().max().item()
                     diff += f" | {err32:.1e} ({err32 / ref32.abs().max().item():.1%})"
                 t = interleaved(fns, args.runs)
-                gflops = flops(fns["sdup"]) / 1e9
+                gflops = flops(with_sdpa_attention(fns["sdup"]) if cuda else fns["sdup"]) / 1e9  # a Triton kernel: not counted
             if args.profile:
                 table, copies = profile_forward(fns["sdup"])
                 profiles.append(f"{label}: {copies}")
                 print(table + f"\n  {name}: {copies}", flush=True)
-        row = [label, f"{t['sdup']:.2f}", f"{t['diffusers']:.2f}" if "diffusers" in t else "n/a (see peak)"]
-        if args.dtype == "bf16":
-            row += [f"{t['sdup fp32']:.2f}", f"{t['sdup fp32'] / t['sdup']:.2f}"] if "sdup fp32" in t else ["", ""]
+        sec = "{:.4f}".format if cuda else "{:.2f}".format  # GPU calls take milliseconds
+        row = [label, sec(t['sdup']), sec(t['diffusers']) if "diffusers" in t else "n/a (see peak)"]
+        if cuda:
+            row += [sec(t['sdup sdpa'])]
+        if half:
+            row += [sec(t['sdup fp32']), f"{t['sdup fp32'] / t['sdup']:.2f}"] if "sdup fp32" in t else ["", ""]
         row += [f"{t['sdup'] / t['diffusers']:.2f}" if "diffusers" in t else "",
                 f"{gflops / t['sdup']:.0f}" if gflops else "", f"{gflops / t['sdup'] / ceiling:.0%}" if gflops else "", diff]
         if args.ablation:
@@ -363,6 +439,10 @@ def main(argv=None):
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text("\n".join(lines) + "\n")
+    if mismatches:
+        print(f"outputs disagree beyond the {args.dtype} tolerance ({CUDA_TOLERANCES[args.dtype]:.0e} of max |diffusers|): "
+              + ", ".join(mismatches), flush=True)
+        return 1
     return 0
 
 

@@ -5,7 +5,7 @@
     compile_model(model)          # torch.compile the UNet forward (and the VAE decoder's), shapes dynamic
     to_memory_format(model)       # conv weights channels_last where that is faster (choose_memory_format)
     use_onednn_linear(model)      # bf16 Linears on the CPU: oneDNN with the bias fused (no per-call copies)
-    prepare(model)                # fuse_qkv + use_onednn_linear + to_memory_format: what the CLIs do
+    prepare(model)                # fuse_qkv + use_onednn_linear (CPU) + to_memory_format: what the CLIs do
 
 ``fuse_qkv`` concatenates the weights once, at load time (never per call), and keeps the state dict's keys.
 ``compile_model`` compiles the *forward* of the UNet / VAE decoder in place (the modules, their state dicts and the
@@ -194,8 +194,14 @@ def use_onednn_linear(model) -> int:
 
 
 def prepare(model, memory_format: str = "auto") -> str:
-    """What the CLIs apply after loading: ``fuse_qkv``, ``use_onednn_linear`` and ``to_memory_format``; returns the
-    memory format used (recorded in the output parameters)."""
+    """What the CLIs apply after loading (call it once the model is on its device): ``fuse_qkv``,
+    ``use_onednn_linear`` for the components on the CPU (a CUDA model keeps ``nn.Linear``: OneDNNLinear is a CPU
+    path, elsewhere only a per-call check) and ``to_memory_format``; returns the memory format used (recorded in the
+    output parameters)."""
     fuse_qkv(model)
-    use_onednn_linear(model)
+    roots = model.components().values() if hasattr(model, "components") else [model]
+    for root in roots:
+        p = next(root.parameters(), None)
+        if p is not None and p.device.type == "cpu":
+            use_onednn_linear(root)
     return to_memory_format(model, memory_format)

@@ -62,3 +62,43 @@ def test_flops_count_the_small_map_conv_path(bench):
     expected = 2 * (2 * 8 * 8) * 16 * 8 * 9
     assert bench.flops(lambda: conv(x)) == expected
     assert bench.flops(lambda: torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)) == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dtype", "fp16"], "--dtype fp16 only with --device cuda"),
+    (["--device", "cuda", "--memory"], "not with --device cuda"),
+    (["--device", "cuda", "--ablation"], "not with --device cuda"),
+    (["--device", "gpu"], "invalid choice"),
+])
+def test_bench_refuses_options_cleanly(bench, capsys, argv, message):
+    """Options that do not apply end in one argparse error line (exit 2), before any model is built."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--models", "tiny-unet", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_cuda_without_a_gpu_is_one_line(bench, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--models", "tiny-unet", "--device", "cuda"])
+    assert e.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_bench_cuda_table_on_cpu_tensors(bench, tmp_path, monkeypatch, dtype):
+    """The --device cuda bookkeeping (columns, sdpa column, relative agreement check) with the tensors left on the
+    CPU: no GPU here, so the device, the ceilings and the CUDA calls are stand-ins; only the table is checked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    monkeypatch.setattr(bench, "device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(bench, "cuda_ceilings", lambda: {name: 1.0 for name in bench.DTYPES})
+    out = tmp_path / "bench.md"
+    assert bench.main(["--models", "tiny-unet", "--runs", "1", "--device", "cuda", "--dtype", dtype,
+                       "--markdown", str(out)]) == 0
+    row = table(out)
+    for col in ("sdup s", "diffusers s", "sdup sdpa s", "sdup/diffusers", "sdup GFLOP/s"):
+        assert float(row[col]) > 0, (col, row)
+    assert "rel)" in row["max abs diff"] and "MISMATCH" not in row["max abs diff"], row
+    if dtype == "fp16":
+        assert float(row["sdup fp32 s"]) > 0 and float(row["fp32/fp16"]) > 0
+    assert "stand-in GPU" in out.read_text()

@@ -228,3 +228,13 @@ def test_prepare_bf16_unet_matches_plain_bf16():
     run, x, ref = unet_call("x4")
     with torch.no_grad():
         assert_parity(run(m32.unet, x), ref, what="x4 unet after prepare (fp32)")
+
+
+def test_prepare_leaves_linears_alone_off_the_cpu():
+    """prepare: OneDNNLinear (a CPU path) only for modules on the CPU; a model elsewhere (here "meta", standing in
+    for CUDA) keeps nn.Linear."""
+    def model(device):
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.Linear(4, 4)).to(device)
+    on_cpu, elsewhere = model("cpu"), model("meta")
+    prepare(on_cpu), prepare(elsewhere)
+    assert type(on_cpu[1]) is OneDNNLinear and type(elsewhere[1]) is torch.nn.Linear

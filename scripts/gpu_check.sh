@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (no package index there), from the repo root:
+#
+#     bash scripts/gpu_check.sh          # logs under $OUT (default /tmp/out), one per step, plus summary.txt
+#
+# Needs .whl/ in the repo root: the wheels the machine lacks (diffusers, open_clip_torch, omegaconf, PyYAML, ftfy,
+# wcwidth; pure Python or abi3), installed into /tmp/site without dependencies. Every step has its own timeout, cut
+# to what is left of BUDGET_S (default 540 s: the whole script ends, summary included, within it), and the script
+# goes on past a failure. A normal run on an H200 takes a few minutes (the benchmark's models are built on the CPU;
+# their GPU forwards take milliseconds).
+set -u -o pipefail
+
+OUT=${OUT:-/tmp/out}
+BUDGET_S=${BUDGET_S:-540}
+mkdir -p "$OUT"
+STEPS=()
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run it, log to $OUT/NAME.log, record PASS / FAIL / TIMEOUT / SKIPPED
+    local name=$1 limit=$2 start=$SECONDS rc status left=$((BUDGET_S - SECONDS - 10))
+    shift 2
+    if ((left < 20)); then
+        echo "=== $name: SKIPPED (the budget of ${BUDGET_S}s is spent)"
+        STEPS+=("$(printf '%-22s %-16s %5d s' "$name" SKIPPED 0)")
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "=== $name (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status=PASS ;;
+        124 | 137) status=TIMEOUT ;;
+        *) status="FAIL (exit $rc)" ;;
+    esac
+    echo "=== $name: $status in $((SECONDS - start)) s"
+    STEPS+=("$(printf '%-22s %-16s %5d s' "$name" "$status" $((SECONDS - start)))")
+}
+
+install_wheels() {
+    ls .whl/*.whl || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && return 0
+    echo "pip failed: unpacking the wheels instead (they are pure Python / abi3 zips)"
+    python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.whl/*.whl')]"
+}
+
+versions() {
+    nvidia-smi -L
+    python3 - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version(), "| available", torch.cuda.is_available())
+import diffusers, omegaconf, triton  # noqa: E401 -- the wheels and triton import
+print("diffusers", diffusers.__version__, "| omegaconf", omegaconf.__version__, "| triton", triton.__version__)
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))
+else:
+    sys.exit("no CUDA device")
+EOF
+}
+
+export -f install_wheels versions
+step install 60 bash -c install_wheels
+export PYTHONPATH=/tmp/site:$PWD
+step versions 30 bash -c versions
+
+# the CPU-side tests that the CUDA path depends on (memory formats, prepare, the Triton kernel under its interpreter)
+step pytest 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_memory_format.py tests/test_attention_backends.py
+
+# the Triton kernel compiled for the GPU, the fixture UNet on CUDA, prepare on CUDA
+step cuda_smoke 75 python3 scripts/cuda_smoke.py
+
+# sdup vs diffusers on the GPU (random full-size weights, outputs checked to agree, interleaved timing)
+step bench_fp16 180 python3 scripts/bench.py --device cuda --dtype fp16 --models x4-unet sd14-unet vae-f4-decode \
+    --runs 5 --markdown "$OUT/bench_fp16.md"
+step bench_bf16 75 python3 scripts/bench.py --device cuda --dtype bf16 --models x4-unet --runs 5 \
+    --markdown "$OUT/bench_bf16.md"
+step bench_fp32 75 python3 scripts/bench.py --device cuda --dtype fp32 --models x4-unet --runs 5 \
+    --markdown "$OUT/bench_fp32.md"
+
+# --- distributed checks (added by the lead) ---
+# (step NAME TIMEOUT_S COMMAND...; the steps above normally take a few minutes, but their timeouts together can
+#  use all of BUDGET_S: steps past it are SKIPPED, so give these their time by lowering the timeouts above)
+
+# --- end of distributed checks ---
+
+echo
+echo "=== summary (logs in $OUT)"
+printf '%s\n' "${STEPS[@]}" | tee "$OUT/summary.txt"
