@@ -4,9 +4,9 @@
 1. the fused Triton attention kernel (sdup.nn.triton_attention) against the math backend, compiled for the GPU
    (the tests only run it under Triton's CPU interpreter), fp32 / fp16 / bf16, odd sizes and head dims 40..160,
    plus its speed against torch's sdpa on one SD-sized self-attention;
-2. the tiny SD 1 fixture UNet loaded on the GPU, attention "auto" (= the kernel on CUDA): fp32 (TF32 off) within
+2. the tiny SD 1 fixture UNet loaded on the GPU, attention "auto" (sdpa) and "triton": fp32 (TF32 off) within
    1e-4 of the upstream fixture, and fp16 after sdup.optimize.prepare (channels_last, no OneDNNLinear) within 2e-2;
-   the kernel must not have fallen back to sdpa.
+   the kernel must not have fallen back to sdpa; a 512-wide head (the VAE mid block's) goes to sdpa quietly.
 
     python scripts/cuda_smoke.py      # exit 0: all passed; one line per check
 """
@@ -47,7 +47,8 @@ def kernel_checks() -> None:
     from sdup.nn.triton_attention import triton_attention
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(2, 2, 37, 37, 40), (2, 8, 4096, 77, 40), (2, 5, 1024, 1024, 64), (1, 10, 256, 256, 80),
-              (1, 4, 130, 77, 160)]  # (B, H, Nq, Nk, D): SD1 cross-attention at 64^2, SD2-style 64/80/160 heads
+              (1, 4, 130, 77, 160), (2, 8, 1024, 1024, 160), (1, 2, 300, 300, 256)]
+    # (B, H, Nq, Nk, D): SD1 cross-attention at 64^2, SD2-style 64/80 heads, SD 1.x's 160 at 32^2, the widest (256)
     for b, h, nq, nk, d in shapes:
         q, k, v = (torch.randn(b, h, n, d, generator=g, device="cuda") for n in (nq, nk, nk))
         ref = attention_math(q, k, v)
@@ -79,8 +80,11 @@ def fixture_unet_checks() -> None:
     A._state["triton_failed"] = False
     with torch.inference_mode():
         got = model.unet(d["in.x"], d["in.timesteps"], d["in.context"])
+        with use_attention_backend("triton"):
+            got_triton = model.unet(d["in.x"], d["in.timesteps"], d["in.context"])
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     check("fixture UNet fp32 on CUDA, attention auto", rel(got, ref), 1e-4)
+    check("fixture UNet fp32 on CUDA, attention triton", rel(got_triton, ref), 1e-4)
     model = sdup.load(FIXTURES / "sd1" / "model.ckpt", config=FIXTURES / "sd1" / "config.yaml", device="cuda",
                       dtype=torch.float16)
     fmt = prepare(model)  # "unet channels_last, vae contiguous": the VAE stays fp32
@@ -93,10 +97,13 @@ def fixture_unet_checks() -> None:
         FAILED.append("prepare on CUDA")
     with torch.inference_mode():
         got = model.unet(d["in.x"].half(), d["in.timesteps"], d["in.context"].half())
-        with use_attention_backend("sdpa"):
-            via_sdpa = model.unet(d["in.x"].half(), d["in.timesteps"], d["in.context"].half())
+        with use_attention_backend("triton"):
+            via_triton = model.unet(d["in.x"].half(), d["in.timesteps"], d["in.context"].half())
+        q = torch.randn(1, 1, 64, 512, device="cuda")
+        wide = A.attention(q, q, q, backend="triton")
     check("fixture UNet fp16 prepared, attention auto", rel(got, ref), 2e-2)
-    check("fixture UNet fp16 prepared, auto vs sdpa", rel(got, via_sdpa), 2e-2)
+    check("fixture UNet fp16 prepared, auto vs triton", rel(got, via_triton), 2e-2)
+    check("a 512-wide head through the triton backend (sdpa)", rel(wide, attention_math(q, q, q)), 1e-4)
     if A._state["triton_failed"]:
         FAILED.append("the triton kernel fell back to sdpa")
         print("FAIL the triton kernel fell back to sdpa (see the warning above)", flush=True)

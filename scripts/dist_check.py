@@ -6,7 +6,7 @@ tests/test_distributed.py), and time the tiled VAE decode's parts.
     SDUP_DIST_BACKEND=gloo torchrun --standalone --nproc-per-node 2 scripts/dist_check.py run two.pt --device cuda
     python scripts/dist_check.py run nccl.pt --device cuda --nccl-world-one     # the nccl exchange, one rank
     python scripts/dist_check.py compare one.pt two.pt nccl.pt                   # max |difference| per case
-    python scripts/dist_check.py time-decode --device cuda --latent 256          # full-size x4 VAE: mid vs tiles
+    python scripts/dist_check.py time-decode --device cuda --latent 256 512      # full-size x4 VAE: mid vs tiles
 
 ``run`` uses the tiny random-weight fixtures in tests/data/fixtures: the x4, StableSR and x2 pipelines with latent
 tiles (x4 also with the tiled VAE decode), then ``tiled_decode`` / ``tiled_encode`` alone (batch 2, 3 x 5 tiles, the
@@ -96,8 +96,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_time_decode(args) -> int:
-    """Full-size x4 VAE (random weights), one latent of --latent^2: the whole-map part (conv_in + mid block, its
-    attention over all positions in chunks) against the tiled rest."""
+    """Full-size x4 VAE (random weights), one latent of each --latent size: the whole-map part (conv_in + mid block,
+    its attention over all positions in chunks) against the whole tiled decode (128-px tiles), each timed once
+    after a warm-up on a small latent."""
     from sdup.checkpoints import diffusers as dfs
     from sdup.models.vae import AutoencoderKL
     from sdup.pipelines.tiling import _chunked_attention, tiled_decode
@@ -105,31 +106,33 @@ def cmd_time_decode(args) -> int:
     cfg = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
     vcfg = dfs.vae_config(cfg["stabilityai/stable-diffusion-x4-upscaler"]["vae"])
     vae = AutoencoderKL(vcfg).eval().to(args.device)
-    n = args.latent
-    z = torch.randn(1, 4, n, n, device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    stages = vae.decoder.stages(None)
+    m = stages.index(vae.decoder.mid) + 1
+
+    def whole(z):
+        h = vae.post_quant_conv(z)
+        with _chunked_attention(z.shape[-2] * z.shape[-1], None):
+            for stage in stages[:m]:
+                h = stage(h)
+        return h
+
+    def timed(fn, z):
+        sync()
+        t0 = time.perf_counter()
+        fn(z)
+        sync()
+        return time.perf_counter() - t0
+
+    decode = lambda z: tiled_decode(vae, z, tile=128, overlap=8)  # noqa: E731
     with torch.inference_mode():
-        stages = vae.decoder.stages(None)
-        m = stages.index(vae.decoder.mid) + 1
-
-        def whole():
-            h = vae.post_quant_conv(z)
-            with _chunked_attention(n * n, None):
-                for stage in stages[:m]:
-                    h = stage(h)
-            return h
-
-        times = {}
-        for name, fn in (("mid", whole), ("decode", lambda: tiled_decode(vae, z, tile=128, overlap=8))):
-            fn()
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name] = time.perf_counter() - t0
-    print(f"x4 VAE tiled decode of a {n}x{n} latent ({4 * n}x{4 * n} px) on {args.device}, fp32: "
-          f"{times['decode']:.2f} s, of which conv_in + mid block on the whole map {times['mid']:.2f} s "
-          f"({100 * times['mid'] / times['decode']:.0f} %)")
+        small = torch.randn(1, 4, 160, 160, device=args.device)  # 2 x 2 tiles: every kernel compiled / chosen
+        whole(small), decode(small)
+        for n in args.latent:
+            z = torch.randn(1, 4, n, n, device=args.device)
+            mid, total = timed(whole, z), timed(decode, z)
+            print(f"x4 VAE tiled decode of a {n}x{n} latent ({4 * n}x{4 * n} px) on {args.device}, fp32: {total:.2f} s,"
+                  f" of which conv_in + mid block on the whole map {mid:.2f} s ({100 * mid / total:.0f} %)", flush=True)
     return 0
 
 
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
     c.add_argument("files", nargs="+")
     t = sub.add_parser("time-decode")
     t.add_argument("--device", default="cpu")
-    t.add_argument("--latent", type=int, default=256)
+    t.add_argument("--latent", type=int, nargs="+", default=[256])
     args = p.parse_args(argv)
     return {"run": cmd_run, "compare": cmd_compare, "time-decode": cmd_time_decode}[args.cmd](args)
 

@@ -7,8 +7,8 @@
 # Needs .whl/ in the repo root: the wheels the machine lacks (diffusers, open_clip_torch, omegaconf, PyYAML, ftfy,
 # wcwidth; pure Python or abi3), installed into /tmp/site without dependencies. Every step has its own timeout, cut
 # to what is left of BUDGET_S (default 420 s: the whole script ends, summary included, within it), and the script
-# goes on past a failure. A normal run on an H200 takes a few minutes (the benchmark's models are built on the CPU;
-# their GPU forwards take milliseconds).
+# goes on past a failure; ONLY="name ..." runs those steps alone. A normal run on an H200 takes a few minutes (the
+# benchmark's models are built on the CPU; their GPU forwards take milliseconds).
 set -u -o pipefail
 
 OUT=${OUT:-/tmp/out}
@@ -20,6 +20,7 @@ STEPS=()
 step() {  # step NAME TIMEOUT_S COMMAND...: append to $LOG, record PASS / FAIL / TIMEOUT / SKIPPED
     local name=$1 limit=$2 start=$SECONDS rc status left=$((BUDGET_S - SECONDS - 10))
     shift 2
+    if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="install bench_fp16 ...": a subset
     if ((left < 20)); then
         echo "=== $name: SKIPPED (the budget of ${BUDGET_S}s is spent)"
         STEPS+=("$(printf '%-22s %-16s %5d s' "$name" SKIPPED 0)")
@@ -75,15 +76,14 @@ step dist_two 60 env SDUP_DIST_BACKEND=gloo python3 -m torch.distributed.run --s
     scripts/dist_check.py run /tmp/two.pt --device cuda
 step dist_nccl 60 python3 scripts/dist_check.py run /tmp/nccl.pt --device cuda --nccl-world-one
 step dist_compare 30 python3 scripts/dist_check.py compare /tmp/one.pt /tmp/two.pt /tmp/nccl.pt
-step decode_time 90 bash -c "python3 scripts/dist_check.py time-decode --device cuda --latent 256 &&
-    python3 scripts/dist_check.py time-decode --device cuda --latent 512"
+step decode_time 90 python3 scripts/dist_check.py time-decode --device cuda --latent 256 512
 unset OMP_NUM_THREADS
 
 # the Triton kernel compiled for the GPU, the fixture UNet on CUDA, prepare on CUDA
 step cuda_smoke 75 python3 scripts/cuda_smoke.py
 
 # sdup vs diffusers on the GPU (random full-size weights, outputs checked to agree, interleaved timing)
-step bench_fp16 150 python3 scripts/bench.py --device cuda --dtype fp16 --models x4-unet sd14-unet vae-f4-decode \
+step bench_fp16 150 python3 scripts/bench.py --device cuda --dtype fp16 --models ${BENCH_FP16:-x4-unet sd14-unet vae-f4-decode} \
     --runs 5 --markdown "$OUT/bench_fp16.md"
 step bench_bf16 60 python3 scripts/bench.py --device cuda --dtype bf16 --models x4-unet --runs 5 \
     --markdown "$OUT/bench_bf16.md"

@@ -31,8 +31,8 @@ def interpreted(code: str, timeout: int = 300) -> str:
 
 
 def test_triton_kernel_matches_math_backend():
-    """Non-power-of-two token counts and head dims (40, 80 are padded to 64 / 128 with masks), cross-attention with
-    77 keys, batch 2 x 2 heads, blocks smaller than the sequence (several key blocks, a partial last block).
+    """Non-power-of-two token counts and head dims (40, 80, 160 are padded to 64 / 128 / 256 with masks),
+    cross-attention with 77 keys, batch 2 x 2 heads, blocks smaller than the sequence (several key blocks, a partial last block).
     fp32 within 1e-5 relative; fp16 within 2e-3 (fp16 inputs, fp32 accumulation). bf16 is not checked here: the
     interpreter's bf16 ``tl.dot`` is wrong even for a plain 16x16 product (a Triton interpreter limitation)."""
     out = interpreted("""
@@ -41,7 +41,8 @@ def test_triton_kernel_matches_math_backend():
         from sdup.nn.triton_attention import triton_attention
         g = torch.Generator().manual_seed(0)
         for (b, h, nq, nk, d, bm, bn) in [(2, 2, 37, 37, 40, 16, 16), (1, 2, 64, 64, 64, 32, 16),
-                                          (2, 2, 20, 77, 80, 16, 32), (1, 1, 5, 3, 8, 16, 16)]:
+                                          (2, 2, 20, 77, 80, 16, 32), (1, 1, 5, 3, 8, 16, 16),
+                                          (1, 1, 40, 77, 160, None, None)]:  # SD 1.x's widest head, its blocks
             q, k, v = (torch.randn(b, h, n, d, generator=g) for n in (nq, nk, nk))
             ref = attention_math(q, k, v)
             got = triton_attention(q, k, v, block_m=bm, block_n=bn)
@@ -87,6 +88,22 @@ def test_auto_is_sdpa_on_cpu(monkeypatch):
     q, k, v = (torch.randn(1, 2, 10, 16) for _ in range(3))
     assert A.get_attention_backend() == "auto"
     assert_parity(A.attention(q, k, v), A.attention(q, k, v, backend="sdpa"), tol=0)
+
+
+def test_triton_backend_sends_wide_heads_and_biases_to_sdpa(monkeypatch):
+    """Heads wider than the kernel's MAX_HEAD_DIM (the VAE mid block's 512) and calls with a bias run sdpa, without
+    a warning and without giving up the kernel for the calls it can take."""
+    import sdup.nn.triton_attention as T
+    monkeypatch.setattr(T, "triton_attention", lambda *a, **k: pytest.fail("kernel called"))
+    monkeypatch.setitem(A._state, "triton_failed", False)
+    q, k, v = (torch.randn(1, 1, 6, T.MAX_HEAD_DIM + 8) for _ in range(3))
+    assert_parity(A.attention(q, k, v, backend="triton"), A.attention(q, k, v, backend="sdpa"), tol=0)
+    q, k, v = (torch.randn(1, 1, 6, 8) for _ in range(3))
+    bias = torch.zeros(1, 1, 1, 6)
+    assert_parity(A.attention(q, k, v, backend="triton", bias=bias), A.attention(q, k, v, backend="sdpa", bias=bias),
+                  tol=0)
+    assert not A._state["triton_failed"]
+    assert T.block_sizes(160) == (32, 32, 2) and T.block_sizes(40)[0] == 64
 
 
 def test_triton_backend_falls_back_with_one_warning(monkeypatch):

@@ -86,17 +86,19 @@ def test_bench_cuda_without_a_gpu_is_one_line(bench, capsys, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_bench_cuda_table_on_cpu_tensors(bench, tmp_path, monkeypatch, dtype):
-    """The --device cuda bookkeeping (columns, sdpa column, relative agreement check) with the tensors left on the
+    """The --device cuda bookkeeping (columns, triton column, relative agreement check) with the tensors left on the
     CPU: no GPU here, so the device, the ceilings and the CUDA calls are stand-ins; only the table is checked."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
     monkeypatch.setattr(bench, "device", lambda: torch.device("cpu"))
     monkeypatch.setattr(bench, "cuda_ceilings", lambda: {name: 1.0 for name in bench.DTYPES})
+    import importlib
+    monkeypatch.setitem(importlib.import_module("sdup.nn.attention")._state, "triton_failed", True)  # CPU: sdpa
     out = tmp_path / "bench.md"
     assert bench.main(["--models", "tiny-unet", "--runs", "1", "--device", "cuda", "--dtype", dtype,
                        "--markdown", str(out)]) == 0
     row = table(out)
-    for col in ("sdup s", "diffusers s", "sdup sdpa s", "sdup/diffusers", "sdup GFLOP/s"):
+    for col in ("sdup s", "diffusers s", "sdup triton s", "sdup/diffusers", "sdup GFLOP/s"):
         assert float(row[col]) > 0, (col, row)
     assert "rel)" in row["max abs diff"] and "MISMATCH" not in row["max abs diff"], row
     if dtype == "fp16":

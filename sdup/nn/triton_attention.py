@@ -5,7 +5,7 @@
 One program computes BLOCK_M query rows of one (batch, head): it walks over the keys in blocks of BLOCK_N, keeping
 the running row maximum m, the running softmax denominator l and the un-normalised output in fp32 (online softmax:
 when the maximum grows by delta, the old l and output are rescaled by exp(-delta)), and writes out / l at the end.
-The Nq x Nk logits never exist in memory.  Any Nq, Nk and head dim D (D is padded to a power of two >= 16 with
+The Nq x Nk logits never exist in memory.  Any Nq, Nk and head dim D <= 256 (D is padded to a power of two >= 16 with
 masked loads; padded keys get -inf logits).  fp16 / bf16 inputs use the tensor-core dot with fp32 accumulation;
 fp32 inputs use the exact ("ieee") dot so the result matches the math backend to ~1e-6.
 
@@ -26,8 +26,22 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
 
+MAX_HEAD_DIM = 256  # larger heads do not fit a block of keys and values in shared memory
+
+
 def available() -> bool:
     return triton is not None
+
+
+def block_sizes(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_stages) for a head dim: the key / value blocks of every pipeline stage, and the
+    query block, must fit one multiprocessor's shared memory (227 KiB on an H100 / H200). 64 x 64 with a 256-wide
+    padded head (SD 1.x's 160) needed 336 KiB there."""
+    if head_dim <= 64:
+        return 64, 64, 3
+    if head_dim <= 128:
+        return 64, 32, 2
+    return 32, 32, 2
 
 
 if triton is not None:
@@ -67,12 +81,17 @@ if triton is not None:
                  mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = 64,
-                     block_n: int = 64) -> torch.Tensor:
-    """softmax(q kᵀ / √D) v with the fused kernel (module docstring). Shapes as ``sdup.nn.attention``."""
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D) v with the fused kernel (module docstring). Shapes as ``sdup.nn.attention``; head dim
+    D <= ``MAX_HEAD_DIM``; blocks (None: ``block_sizes(D)``)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     B, H, n_q, D = q.shape
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"the triton attention kernel takes head dims up to {MAX_HEAD_DIM}, got {D}")
+    bm, bn, stages = block_sizes(D)
+    block_m, block_n = block_m or bm, block_n or bn
     n_k = k.shape[-2]
     if k.shape[:2] != (B, H) or v.shape != k.shape or k.shape[-1] != D:
         raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
@@ -86,5 +105,6 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
     _attention_forward[grid](q3, k3, v3, out, 1.0 / math.sqrt(D), n_q, n_k, D,
                              q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
                              out.stride(0), out.stride(1),
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision)
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+                             num_stages=stages)
     return out.view(B, H, n_q, D)
