@@ -39,8 +39,8 @@ def cases(device: str, group) -> dict:
     model = sdup.load(d / "model.ckpt", config=d / "config.yaml", device=device)
     cfw = sdup.load(d / "cfw_vae.ckpt", config=d / "cfw_vae_config.yaml", device=device)
     r = upscale_stablesr(model, cfw, torch.rand(1, 3, 12, 20, generator=g), steps=2, input_size=32, sampler="ddim",
-                         guidance=3.0, negative_prompt=[3, 4, 5], seed=5, tile=8, tile_overlap=4, progress=False,
-                         group=group)
+                         guidance=3.0, negative_prompt=[3, 4, 5], seed=5, tile=8, tile_overlap=4, vae_tile=6, vae_overlap=2,
+                         progress=False, group=group)
     out["stablesr"] = r.images
     model = sdup.load(FIXTURES / "latent_upscaler" / "diffusers", device=device)
     text = dict(prompt_embeds=torch.randn(1, 77, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g))

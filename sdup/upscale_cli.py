@@ -373,15 +373,13 @@ def tiles_1d(n: int, tile: int, overlap: int) -> int:
 
 def tile_settings(args, latent_hw: tuple[int, int], family: str = "x4") -> dict:
     """Effective tile sizes for a diffusion latent of ``latent_hw`` (None = untiled). StableSR tiles like its
-    reference: 64-px latent tiles (the 512 model's native size) with overlap 32, and no VAE tiles (the CFW decoder
-    fuses full-resolution encoder features)."""
+    reference: 64-px latent tiles (the 512 model's native size) with overlap 32; its VAE tiles (the CFW decoder, the
+    encoder features cut to each tile) like the others'."""
     h, w = latent_hw
     default = STABLESR_TILE if family == "stablesr" else DEFAULT_TILE
     tile = args.tile if args.tile is not None else (default if max(h, w) > default else 0)
     tile -= tile % MIN_SIDE  # a multiple of the UNet's factor (8 for the real x4 model and the x2 K-UNet)
     vae = args.vae_tile if args.vae_tile is not None else (DEFAULT_VAE_TILE if max(h, w) > DEFAULT_VAE_TILE else 0)
-    if family == "stablesr":
-        vae = 0
     share = 2 if family == "stablesr" else 4  # StableSR: 64 / 32; x4 / x2: 128 / 32
     overlap = args.tile_overlap if args.tile_overlap is not None else min(DEFAULT_TILE_OVERLAP, max(tile // share, 0))
     vae_overlap = min(DEFAULT_VAE_OVERLAP, max(vae // 4, 0))
@@ -525,10 +523,9 @@ def job_x2(model, item: Item, img, common: dict):
 
 
 def job_stablesr(model, item: Item, img, common: dict):
-    """The StableSR job of one image (latent tiles as the reference canvas when large; no VAE tiles)."""
+    """The StableSR job of one image (latent tiles as the reference canvas when large; VAE tiles when large)."""
     from .pipelines.stablesr import prepare_stablesr
-    for key in ("vae_tile", "vae_overlap", "vae_dtype"):
-        common.pop(key)
+    common.pop("vae_dtype")  # the CFW VAE decodes in the model's dtype
     return prepare_stablesr(model, getattr(model, "cfw_vae", None), img.rgb[None], **common)
 
 
@@ -695,8 +692,6 @@ def family_options(args, family: str) -> float:
                         ("--input-size", args.input_size)):
         if value is not None and family != "stablesr":
             fail(f"{name} is an option of StableSR, not of the {family} upscaler")
-    if family == "stablesr" and args.vae_tile:
-        fail("--vae-tile: the StableSR CFW decoder fuses full-resolution encoder features and is not tiled")
     if args.vae and family == "x4":
         fail(f"--vae is an option of the x2 and stablesr upscalers (the {family} upscaler uses its own VAE)")
     return args.scale if family == "stablesr" and args.scale is not None else SCALES[family]

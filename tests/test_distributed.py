@@ -94,8 +94,8 @@ LIBRARY = textwrap.dedent("""
     model, cfw = sdup.load(d + "model.ckpt", config=d + "config.yaml"), sdup.load(d + "cfw_vae.ckpt",
                                                                                   config=d + "cfw_vae_config.yaml")
     r = upscale_stablesr(model, cfw, torch.rand(1, 3, 12, 20, generator=g), steps=2, input_size=32, sampler="ddim",
-                         guidance=3.0, negative_prompt=[3, 4, 5], seed=5, tile=8, tile_overlap=4, progress=False,
-                         group=group)
+                         guidance=3.0, negative_prompt=[3, 4, 5], seed=5, tile=8, tile_overlap=4, vae_tile=6, vae_overlap=2,
+                         progress=False, group=group)
     results["stablesr"] = (r.latents, r.images, r.parameters["tiling"])
     model = sdup.load(fixtures + "/latent_upscaler/diffusers")
     text = dict(prompt_embeds=torch.randn(1, 77, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g))
@@ -148,7 +148,7 @@ def test_library_tiles_and_vae_over_two_ranks_equal_one_process(tmp_path):
         assert tiles is not None and tiles["tile"] in (8, 16), case  # several tiles per step
         assert torch.equal(la, lb), case
         assert (ia is None and ib is None) or torch.equal(ia, ib), case
-    assert a["x4"][2]["vae_tile"] == 6 and a["decode_tiles"] == (15, 15) and b["decode_tiles"] == (15, 8)
+    assert a["x4"][2]["vae_tile"] == 6 and a["stablesr"][2]["vae_tile"] == 6 and a["decode_tiles"] == (15, 15) and b["decode_tiles"] == (15, 8)
     for case in ("decode", "decode_one_tile", "encode"):
         assert torch.equal(a[case], b[case]), case
 

@@ -61,6 +61,22 @@ def test_pipeline_denoiser_reproduces_upstream_sampler(model, name, sampler, gui
         assert (xs[k] - ref).abs().max().item() <= tol, k
 
 
+@pytest.mark.parametrize("dec_w", [0.5, 0.0])
+def test_vae_tiles_decode_like_the_whole_latent(model, cfw, dec_w):
+    """vae_tile: the CFW decoder on latent tiles (encoder features cut to each tile; dec_w 0: no fusion) gives the
+    untiled images up to float rounding; the same latents; recorded in the parameters."""
+    kw = dict(FAST, sampler="ddim", steps=2, guidance=1.0, seed=5, dec_w=dec_w, color_fix_mode="none")
+    whole = upscale_stablesr(model, cfw, image(), **kw)
+    tiled = upscale_stablesr(model, cfw, image(), vae_tile=6, vae_overlap=2, **kw)  # several VAE tiles
+    assert torch.equal(whole.latents, tiled.latents)
+    assert_parity(tiled.images, whole.images)
+    assert tiled.parameters["tiling"] == {"tile": None, "overlap": None, "vae_tile": 6, "vae_overlap": 2}
+    with pytest.raises(ValueError, match="vae_tile must be an integer"):
+        upscale_stablesr(model, cfw, image(), vae_tile=0, **kw)
+    with pytest.raises(ValueError, match=r"vae_overlap \(8\) must be smaller than vae_tile \(6\)"):
+        upscale_stablesr(model, cfw, image(), vae_tile=6, **kw)
+
+
 def test_one_tile_equals_untiled_and_tiles_blend(model, cfw):
     kw = dict(FAST, sampler="ddim", steps=4, guidance=3.0, negative_prompt=[3, 4, 5], seed=5)
     base = upscale_stablesr(model, cfw, image(), **kw)
@@ -75,7 +91,8 @@ def test_one_tile_equals_untiled_and_tiles_blend(model, cfw):
     finally:
         del unet.forward
     assert len(calls) == 4 * 2 and all(c[-2:] == (16, 16) for c in calls)
-    assert tiled.parameters["tiling"] == {"tile": 16, "overlap": 8, "tile_batch": 1, "weights": "symmetric"}
+    assert tiled.parameters["tiling"] == {"tile": 16, "overlap": 8, "vae_tile": None, "vae_overlap": None,
+                                          "tile_batch": 1, "weights": "symmetric"}
     assert torch.isfinite(tiled.images).all() and tiled.images.shape == base.images.shape
     assert (tiled.latents - base.latents).abs().max() > 0
     # upstream's off-centre weights differ from the symmetric ones only where tiles overlap along y (the x / y

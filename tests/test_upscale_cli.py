@@ -448,14 +448,13 @@ def test_stablesr_without_cfw_notes_plain_vae(images, tmp_path, capsys):
     assert "dec_w" not in io.read_parameters(tmp_path / "o" / "a_x4.png")
 
 
-@pytest.mark.parametrize("case", ["dec_w", "dec_w_for_x4", "sampler", "vae_tile", "wrong_vae", "noise_level",
+@pytest.mark.parametrize("case", ["dec_w", "dec_w_for_x4", "sampler", "wrong_vae", "noise_level",
                                   "dry_run_no_weights"])
 def test_stablesr_errors(case, images, tmp_path, capsys):
     args, msg = {
         "dec_w": ([*SR_WEIGHTS, *SR_FAST, "--dec-w", "1.5"], ["--dec-w must be in 0..1"]),
         "dec_w_for_x4": ([*WEIGHTS, *FAST, "--dec-w", "0.5"], ["--dec-w is an option of StableSR"]),
         "sampler": ([*SR_WEIGHTS, *SR_FAST, "--sampler", "euler"], ["--sampler euler", "ddpm or ddim"]),
-        "vae_tile": ([*SR_WEIGHTS, *SR_FAST, "--vae-tile", "64"], ["--vae-tile", "not tiled"]),
         "wrong_vae": ([*SR_WEIGHTS[:4], "--vae", X4 / "model.ckpt", *SR_FAST], ["x4 checkpoint", "CFW"]),
         "noise_level": ([*SR_WEIGHTS, *SR_FAST, "--noise-level", "20"], ["not options of StableSR"]),
         "dry_run_no_weights": (["--model", "stablesr", "--dry-run"], ["needs --weights"]),

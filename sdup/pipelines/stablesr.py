@@ -33,9 +33,10 @@ What it computes (the reference ``scripts/sr_val_ddpm_text_T_vqganfin_oldcanvas_
 Random numbers: one generator per sample (seed + i) drawing, in order, the posterior noise, x_T's eps and the per-step
 noise (DDPM).  Upstream draws from one global generator for the batch, so sdup reproduces its *procedure*, not its
 random stream (the sampler parity with upstream is tested with supplied noise: tests/test_samplers.py).
-Not here: upstream's pixel-space tiling of images above 1280 px (``vqgantile_size``): large outputs are decoded whole.
-``tiling.tiled_decode(cfw, z, fuse_inputs=cfw.fuse_inputs(features, dec_w))`` (a CFW autoencoder) decodes them exactly in
-tiles (tested against the fixture); the pipeline does not use it yet.
+Large outputs: ``vae_tile`` decodes with ``tiling.tiled_decode(cfw, z, fuse_inputs=cfw.fuse_inputs(features, dec_w))``,
+exact (whole-image GroupNorm statistics; the encoder features cut to each tile), in bounded memory, and split over
+the ranks of a process group. Upstream instead decodes images above 1280 px in overlapping pixel-space tiles
+(``vqgantile_size``), which changes the result; sdup does not reproduce that.
 
 Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, which takes the same):
     cfw_vae: the CFW autoencoder (LoadedModel or module) or None (the model's plain VAE; ``dec_w`` then unused).
@@ -46,6 +47,7 @@ Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, whic
     512, 768 for a 768-v model): inputs smaller than that are upsampled more and resized down at the end.
     x_T: (B, 4, H/8, W/8) unit-variance noise for the start (the eps of ``start="lr"``), else drawn.
     tile, tile_overlap, tile_batch, weights: latent tiling (``tiling.TiledModel``; None = whole latent).
+    vae_tile, vae_overlap: decode in latent tiles (``tiling.tiled_decode``, exact; None = the whole latent at once).
 Step by step: ``job = prepare_stablesr(...)``, ``latents = sample(job)``, ``finish(job, latents)``.
 """
 from __future__ import annotations
@@ -62,7 +64,7 @@ from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
 from .common import (Result, check_finite, check_int, check_images, pad_to_multiple, prompt_context, record_prompts,
                      resolve_generators)
-from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tiled
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
 SAMPLERS = ("ddpm", "ddim")   # the reference scripts' samplers (DDIM with its timestep quirk, see stablesr_denoiser)
@@ -132,7 +134,7 @@ def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, tile: in
 def check_options(model=None, cfw_vae=None, *, sampler: str = DEFAULTS.sampler, steps: int | None = None,
                   guidance: float | None = None, dec_w: float = DEFAULTS.dec_w, scale: float = 4.0,
                   start: str = DEFAULTS.start, input_size: int | None = None,
-                  color_fix_mode: str = DEFAULTS.color_fix) -> None:
+                  color_fix_mode: str = DEFAULTS.color_fix, vae_tile: int | None = None, vae_overlap: int = 8) -> None:
     """The options that need no image checked (ValueError); ``prepare_stablesr`` and the CLI (before loading any
     weights: ``model`` None) use it."""
     if model is not None and (getattr(model, "family", None) != "stablesr"
@@ -156,6 +158,10 @@ def check_options(model=None, cfw_vae=None, *, sampler: str = DEFAULTS.sampler, 
     if start not in STARTS:
         raise ValueError(f"start must be 'lr' (noised LR latent, reference default) or 'noise', got {start!r}")
     check_color_fix(color_fix_mode)
+    if vae_tile is not None:
+        check_int("vae_tile", vae_tile)
+        if check_int("vae_overlap", vae_overlap, lo=0) >= vae_tile:
+            raise ValueError(f"vae_overlap ({vae_overlap}) must be smaller than vae_tile ({vae_tile})")
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int)
                                    or not 8 <= input_size <= 4096):
         raise ValueError(f"input_size must be an integer in 8..4096, got {input_size!r}")
@@ -177,11 +183,13 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
                      x_T: Tensor | None = None, tile: int | None = None, tile_overlap: int = DEFAULTS.tile_overlap,
                      tile_batch: int = 1, weights: str = "symmetric", color_fix_mode: str = DEFAULTS.color_fix,
+                     vae_tile: int | None = None, vae_overlap: int = 8,
                      callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
     """The StableSR ``Job`` for (B, 3, h, w) images in [0, 1] upscaled by ``scale`` with a StableSR ``LoadedModel``:
     the arguments are in the module docstring; ``upscale_stablesr`` = ``finish(job, sample(job))``."""
     check_options(model, cfw_vae, sampler=sampler, steps=steps, guidance=guidance, dec_w=dec_w, scale=scale,
-                  start=start, input_size=input_size, color_fix_mode=color_fix_mode)
+                  start=start, input_size=input_size, color_fix_mode=color_fix_mode, vae_tile=vae_tile,
+                  vae_overlap=vae_overlap)
     steps, guidance = DEFAULTS.steps_for(sampler, steps), DEFAULTS.guidance_for(sampler, guidance)
     low = check_images(image)                                         # (B, 3, h, w) in [-1, 1]
     if min(low.shape[-2:]) < 8:
@@ -212,13 +220,14 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                   native_size=input_size, scale_factor=model.scale_factor, color_fix=color_fix_mode,
                   padding={"mode": pad_mode, "bottom": ph, "right": pw} if ph or pw else None)
     tiler = den.model.inner if tile else None
-    if tiler is not None:
-        params["tiling"] = {"tile": tiler.tile[0], "overlap": tiler.overlap[0], "tile_batch": tile_batch,
-                            "weights": weights}
+    if tiler is not None or vae_tile:
+        params["tiling"] = dict(tile_parameters(tiler, vae_tile, vae_overlap),
+                                **({"tile_batch": tile_batch, "weights": weights} if tiler is not None else {}))
     params["timesteps"] = space_timesteps(1000, [steps])[::-1]
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, None), negative_prompt=(negative_prompt, None))
     return Job(spec, den, x_T.to(device), ddim_ts, dict(cond=cond, uncond=uncond), 1.0, spec.options(0.0), generators,
-               callback, progress, tiler, decode=_cfw_decoding(model, cfw, feats, dec_w), color_fix=color_fix_mode,
+               callback, progress, tiler, decode=_cfw_decoding(model, cfw, feats, dec_w, vae_tile, vae_overlap, progress),
+               color_fix=color_fix_mode,
                color_ref=padded.cpu(), crop=(H, W), resize=(oh, ow),
                parameters={k: v for k, v in params.items() if v is not None})
 
@@ -245,18 +254,23 @@ def _encode(vae, is_cfw: bool, padded: Tensor, generators, scale_factor: float) 
     return torch.cat(z_lr), feats                                     # (B, 4, H'/8, W'/8)
 
 
-def _cfw_decoding(model, cfw, feats: list, dec_w: float) -> Callable[[Tensor], Tensor]:
+def _cfw_decoding(model, cfw, feats: list, dec_w: float, vae_tile: int | None = None, vae_overlap: int = 8,
+                  progress: bool = False) -> Callable[[Tensor], Tensor]:
     """latents -> [-1, 1] images: the CFW decoder fusing each sample's encoder features with weight ``dec_w`` (the
-    model's plain VAE without CFW)."""
+    model's plain VAE without CFW); ``vae_tile``: in latent tiles (``tiling.tiled_decode``, the same fusion)."""
     vae = cfw if cfw is not None else model.vae
     vp = next(vae.parameters())
 
+    def decode_one(z: Tensor, i: int) -> Tensor:
+        if vae_tile:
+            from .tiling import tiled_decode
+            fuse = vae.fuse_inputs(feats[i], float(dec_w)) if cfw is not None else None
+            return tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, fuse_inputs=fuse, progress=progress)
+        return vae.decode(z, feats[i], float(dec_w)) if cfw is not None else vae.decode(z)
+
     def decode(latents: Tensor) -> Tensor:
-        out = []
-        for i in range(latents.shape[0]):
-            z = (latents[i:i + 1] / model.scale_factor).to(vp.device, vp.dtype)
-            out.append((vae.decode(z, feats[i], float(dec_w)) if cfw is not None else vae.decode(z)).float().cpu())
-        return torch.cat(out)
+        return torch.cat([decode_one((latents[i:i + 1] / model.scale_factor).to(vp.device, vp.dtype), i).float().cpu()
+                          for i in range(latents.shape[0])])
     return decode
 
 
