@@ -219,6 +219,33 @@ def test_tiled_encode_matches_encode(ch_mult):
         tiled_encode(vae, img[..., :90, :])
 
 
+def test_tiled_vae_resumes_resblocks_at_their_second_norm():
+    """A tile stopped at a ResBlock's second GroupNorm resumes there (``ResBlock.second``): no first convolution
+    runs twice, and the result is bit for bit the rerun-from-the-input one (a no-op hook on every ResBlock forces
+    that path), the same ops on the same values."""
+    from sdup.nn import ResBlock
+    vae = tiny_vae((1, 2, 2))
+    z = torch.randn(1, 4, 16, 20, generator=torch.Generator().manual_seed(4))
+    blocks = [m for m in vae.decoder.modules() if isinstance(m, ResBlock)]
+    conv1 = []
+    handles = [b.conv1.register_forward_pre_hook(lambda *a: conv1.append(1)) for b in blocks]
+    try:
+        info = {}
+        resumed = tiled_decode(vae, z, tile=6, overlap=2, info=info)
+        n_resumed = len(conv1)
+        handles += [b.register_forward_hook(lambda m, a, out: out) for b in blocks]  # hooks: rerun the stage
+        conv1.clear()
+        rerun = tiled_decode(vae, z, tile=6, overlap=2)
+    finally:
+        for h in handles:
+            h.remove()
+    mid = sum(isinstance(m, ResBlock) for m in vae.decoder.mid.modules())  # on the whole map, once each
+    tiled_blocks = len(blocks) - mid
+    assert n_resumed == mid + tiled_blocks * info["tiles"]           # each tiled ResBlock's conv1 once per tile
+    assert len(conv1) == mid + 2 * tiled_blocks * info["tiles"]      # rerun: twice (to the norm, then to the end)
+    assert torch.equal(resumed, rerun)
+
+
 def test_tiled_vae_runs_the_modules_own_forwards():
     """The tiled decode / encode call the VAE's own stages: a forward hook on a decoder ResBlock, an upsample and
     an encoder ResBlock (here: an affine change of their outputs) is seen by the tiled passes as by the untiled ones."""

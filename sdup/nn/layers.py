@@ -131,9 +131,17 @@ class ResBlock(nn.Module):
         self.feature_mod: nn.Module | None = None
 
     def forward(self, x, emb=None, cond_map=None):
+        return self.second(x, self.first(x, emb), cond_map)
+
+    def first(self, x, emb=None):
+        """The residual branch up to the input of its second GroupNorm."""
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_proj is not None:
             h = h + self.time_proj(F.silu(emb))[:, :, None, None]
+        return h
+
+    def second(self, x, h, cond_map=None):
+        """The rest of the block from ``h = first(x)`` (the tiled VAE resumes a tile here)."""
         h = self.conv2(F.silu(self.norm2(h)))  # (dropout is 0 in every released config)
         if self.feature_mod is not None:
             h = self.feature_mod(h, cond_map)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..distributed import current as current_group
 from ..distributed import exchange_tensors, shard
 from ..models.vae import DiagonalGaussian
-from ..nn import Downsample, Upsample, get_attention_backend, use_attention_backend
+from ..nn import Downsample, ResBlock, Upsample, get_attention_backend, use_attention_backend
 
 Tensor = torch.Tensor
 
@@ -233,9 +233,9 @@ class _Barrier(Exception):
     """Raised by the GroupNorm pre-hook when the whole-image statistics of that norm are not known yet (after the
     tile's share was added to them): the tile stops there until every tile has contributed."""
 
-    def __init__(self, norm: nn.GroupNorm):
+    def __init__(self, norm: nn.GroupNorm, x: Tensor):
         super().__init__()
-        self.norm = norm
+        self.norm, self.x = norm, x  # the norm and its input
         self.stage, self.state = None, None  # where the tile stopped (set by _Engine._forward)
 
 
@@ -353,15 +353,17 @@ def _feather(starts: Sequence[int], tile: int, size: int, r: int) -> list[Tensor
 
 
 class _State:
-    """A tile's activation ``t`` whose top-left pixel is (y0, x0) of the image at resolution r."""
+    """A tile's activation ``t`` whose top-left pixel is (y0, x0) of the image at resolution r; ``h``: where a
+    ResBlock stage stopped at its second GroupNorm, that norm's input (the block resumes from it, ``ResBlock.second``,
+    instead of running its first convolution again)."""
 
-    __slots__ = ("t", "y0", "x0", "r")
+    __slots__ = ("t", "y0", "x0", "r", "h")
 
-    def __init__(self, t, y0, x0, r):
-        self.t, self.y0, self.x0, self.r = t, y0, x0, r
+    def __init__(self, t, y0, x0, r, h=None):
+        self.t, self.y0, self.x0, self.r, self.h = t, y0, x0, r, h
 
     def nbytes(self) -> int:
-        return self.t.numel() * self.t.element_size()
+        return sum(v.numel() * v.element_size() for v in (self.t, self.h) if v is not None)
 
 
 # ================================================================================================
@@ -407,7 +409,8 @@ class _Engine:
     def _move(self, st: _State, device) -> _State:
         if device is None or st.t.device == device:
             return st
-        return _State(st.t.to(device, non_blocking=device.type == "cuda"), st.y0, st.x0, st.r)  # host->GPU only
+        move = lambda v: None if v is None else v.to(device, non_blocking=device.type == "cuda")  # noqa: E731
+        return _State(move(st.t), st.y0, st.x0, st.r, move(st.h))  # non-blocking: host -> GPU only
 
     def _cut(self, v, st: _State):
         """A full-image map passed to a hook, cut to the tile (other inputs unchanged)."""
@@ -422,6 +425,8 @@ class _Engine:
     def _call(self, s: int, st: _State, tile) -> Tensor:
         stage = self.stages[s]
         self.where = (tile, st)
+        if st.h is not None:  # a ResBlock resumed at its second GroupNorm
+            return stage.second(st.t, st.h)
         if isinstance(stage, functools.partial):  # a hook with its inputs: cut their maps to the tile
             return stage.func(st.t, *stage.args, **{k: self._cut(v, st) for k, v in stage.keywords.items()})
         return stage(st.t)
@@ -434,6 +439,8 @@ class _Engine:
                 t = self._call(s, st, tile)
             except _Barrier as stop:
                 stop.stage, stop.state = s, st
+                if self._resumable(s, stop.norm):
+                    stop.state = _State(st.t, st.y0, st.x0, st.r, stop.x)
                 raise
             kind = self.geoms[s][0]
             if kind == "up":
@@ -446,6 +453,14 @@ class _Engine:
                 st = _State(t, st.y0, st.x0, st.r)
         self.where = None
         return st
+
+    def _resumable(self, s: int, norm: nn.GroupNorm) -> bool:
+        """Whether a tile stopped at ``norm`` in stage s can resume there: the stage is a ResBlock (no hooks that
+        its forward would have to call) and ``norm`` its second GroupNorm."""
+        m = self.stages[s]
+        hooks = (m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                 or nn.modules.module._global_forward_pre_hooks) if isinstance(m, nn.Module) else True
+        return isinstance(m, ResBlock) and norm is m.norm2 and not hooks
 
     def _own(self, x: Tensor, st: _State, tile) -> tuple[Tensor, Tensor, Tensor, tuple]:
         """The tile's own region of ``x`` (a map with the geometry of ``st``) and its normalised weights."""
@@ -464,7 +479,7 @@ class _Engine:
             return None
         tile, st = self.where
         self._accumulate(norm, args[0], st, tile)
-        raise _Barrier(norm)
+        raise _Barrier(norm, args[0])
 
     def _normalize(self, norm: nn.GroupNorm, args, out):
         """Hook: the output normalised with the whole-image statistics instead (fp32 affine, as GroupNorm32)."""
