@@ -33,8 +33,24 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+@lru_cache(maxsize=1)
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the process's umask (read once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _usual_modes(tmp: Path, folder: bool) -> None:
+    """Give the written files ``file_mode()``: some writers create theirs 0600 (safetensors), which other users of
+    the output folder then cannot read."""
+    for p in (q for q in tmp.rglob("*") if q.is_file()) if folder else [tmp]:
+        os.chmod(p, file_mode())
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any], *, folder: bool = False) -> Path:
-    """Call ``write(tmp)`` on a fresh temporary name next to ``path``, then rename it onto ``path``.
+    """Call ``write(tmp)`` on a fresh temporary name next to ``path``, then rename it onto ``path``; the files get
+    the mode a plain ``open`` would give them (``file_mode``).
 
     ``folder=True``: ``tmp`` is an empty folder to fill; an existing folder at ``path`` is swapped out and removed
     only once the new one is in place. On any error or interruption (KeyboardInterrupt, or SystemExit from a
@@ -46,6 +62,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, folder: bool
         if folder:
             tmp.mkdir(parents=True)
         write(tmp)
+        _usual_modes(tmp, folder)
         if folder and path.exists():
             old = temporary_name(path)
             os.replace(path, old)

@@ -1,5 +1,6 @@
 """sdup.fileio.atomic_write: whole files or nothing, one temporary file per writer, last complete writer wins."""
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -91,3 +92,22 @@ def test_can_create(tmp_path):
     blocker.write_text("")
     with pytest.raises(OSError):
         can_create(blocker / "o.png")                        # a file where a folder should be
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    """safetensors creates its files 0600; atomic_write gives every file it writes (a folder's too) the mode a plain
+    open() would: 0666 less the umask."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdup.fileio import file_mode
+    one = atomic_write(tmp_path / "w.safetensors", lambda p: save_file({"a": torch.zeros(2)}, str(p)))
+    def fill(folder):
+        (folder / "sub").mkdir()
+        save_file({"a": torch.zeros(2)}, str(folder / "sub" / "x.safetensors"))
+    tree = atomic_write(tmp_path / "folder", fill, folder=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert file_mode() == 0o666 & ~umask
+    for f in (one, tree / "sub" / "x.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == file_mode(), oct(f.stat().st_mode)
