@@ -605,8 +605,12 @@ class _Engine:
         while True:
             if self.group is None:
                 out, gathering, _ = sweep(g.tiles)
-            else:  # this rank's tiles, then every rank's results, added in tile order on every rank
-                out, gathering = self._exchange(lambda: sweep(shard(g.tiles, self.group)), self.r_at[b], intermediate)
+            else:  # in rounds: every rank runs one tile, then the round's results are added in tile order everywhere
+                out = gathering = None
+                W, rank = self.group.world_size, self.group.rank
+                for k in range(0, len(g.tiles), W):
+                    mine = g.tiles[k + rank:k + rank + 1]
+                    out, gathering = self._exchange(lambda: sweep(mine), mine, out, self.r_at[b], intermediate)
             if (out is None) == (gathering is None):
                 raise RuntimeError("tiled VAE: some tiles stopped at a GroupNorm, others did not (internal error)")
             self.sweeps += 1
@@ -635,17 +639,20 @@ class _Engine:
         out[..., ry0:ry1, rx0:rx1] += part.to(out.device)
         return out
 
-    def _exchange(self, sweep, r_out: int, intermediate: bool):
-        """(out, gathering) of a sweep over all ranks (``sweep()``: this rank's share): the GroupNorm sums of every
-        tile (the statistics follow in tile order), or every tile's weighted region assembled in tile order. A rank
-        without tiles learns from the others which it was; a rank whose sweep raised stops every rank."""
+    def _exchange(self, sweep, tiles: list, out: Tensor | None, r_out: int, intermediate: bool):
+        """One round of a sweep over all ranks (``sweep()`` runs this rank's ``tiles``, one or none): every rank
+        gets the round's GroupNorm sums (the statistics follow in tile order once every round is in), or adds the
+        round's weighted tile regions to ``out`` in tile order. Rounds take the tiles in order (tile k*W + r is
+        rank r's k-th), so the additions happen in the single-process order while each rank holds only one tile's
+        result at a time. A rank without a tile learns from the others what the round was; a rank whose tile raised
+        stops every rank."""
         index = {t: i for i, t in enumerate(self.grid.tiles)}
 
         def send():
             _, gathering, parts = sweep()
             if gathering is not None:
                 norm, r, sums = self.acc
-                return {("sums", index[t], self.norms.index(norm), r): v for t, v in sums.items()}
+                return {("sums", index[t], self.norms.index(norm), r): sums[t] for t in tiles}
             return {("out", index[t], r_out): v for t, v in parts.items()}
 
         got = exchange_tensors(send, self.group, device=self.dev)
@@ -656,9 +663,10 @@ class _Engine:
         first = next(iter(got))
         if first[0] == "sums":
             n, r = first[2:]
-            self.acc = [self.norms[n], r, {self.grid.tiles[k[1]]: v for k, v in got.items()}]
+            if self.acc is None:  # no tile of this rank stopped at the norm yet
+                self.acc = [self.norms[n], r, {}]
+            self.acc[2].update({self.grid.tiles[k[1]]: v for k, v in got.items()})
             return None, self.norms[n]
-        out = None
         for k in sorted(got, key=lambda k: k[1]):
             out = self._assemble(out, _State(None, 0, 0, r_out), self.grid.tiles[k[1]], intermediate, got[k])
         return out, None
