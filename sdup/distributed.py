@@ -96,8 +96,7 @@ def exchange(work: Callable[[], T], group: Group | None) -> list[T]:
         try:
             dist.all_gather_object(results, mine, group=group.group)
         except Exception as e:  # a rank that died or hung: gloo / nccl report a lost peer or a timeout
-            raise RankFailed(f"rank {group.rank}: lost contact with the other ranks "
-                             f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+            raise _lost(group, e) from None
     for rank, (status, value) in enumerate(results):
         if status == "failed":
             raise RankFailed(value)
@@ -137,8 +136,7 @@ def exchange_tensors(work: Callable[[], dict], group: Group | None, device=None)
     try:
         dist.all_gather(bufs, buf, group=group.group)
     except Exception as e:  # noqa: BLE001 - as in exchange: a lost peer or a timeout
-        raise RankFailed(f"rank {group.rank}: lost contact with the other ranks "
-                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+        raise _lost(group, e) from None
     merged: dict = {}
     for b, d in zip(bufs, described):
         at = 0
@@ -151,6 +149,12 @@ def exchange_tensors(work: Callable[[], dict], group: Group | None, device=None)
                 at += _padded(shape, dt)
             merged[key] = ts[0] if single else tuple(ts)
     return merged
+
+
+def _lost(group: Group, e: Exception) -> RankFailed:
+    """The one line for a collective that failed under this rank: a peer gone or the timeout passed."""
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return RankFailed(f"rank {group.rank}: lost contact with the other ranks ({first})")
 
 
 def _tensors(v) -> list:
