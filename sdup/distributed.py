@@ -189,14 +189,6 @@ def current() -> Group | None:
     return _current[0]
 
 
-def all_sum(x, group: Group | None):
-    """Sum a tensor over the ranks (in place, returned); identity for a single process."""
-    if group is not None:
-        import torch.distributed as dist
-        dist.all_reduce(x, group=group.group)
-    return x
-
-
 def close(group: Group | None) -> None:
     """Leave the group together: a barrier, then every rank closes its connections (a rank that exits while another
     still holds the group open can make the other's gloo abort)."""

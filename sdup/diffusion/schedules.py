@@ -33,11 +33,6 @@ def ldm_linear_betas(start: float = 0.00085, end: float = 0.012, T: int = 1000) 
     return torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2
 
 
-def linear_betas(start: float = 0.0001, end: float = 0.02, T: int = 1000) -> Tensor:
-    """Plain linear betas (DDPM / guided-diffusion / diffusers ``linear``), float64."""
-    return torch.linspace(start, end, T, dtype=torch.float64)
-
-
 def diffusers_alphas_cumprod(start: float = 0.00085, end: float = 0.012, T: int = 1000,
                              beta_schedule: str = "scaled_linear") -> Tensor:
     """alphas_cumprod exactly as diffusers schedulers build it (float32 throughout; differs from the LDM table by

@@ -30,7 +30,7 @@ from einops import rearrange
 
 from ..nn import Downsample, ResBlock, attention, group_norm, merge_heads, timestep_embedding
 from .unet import MidBlock, TimeEmbedding, UNet, UNetLevel
-from .vae import VAE_EPS, DiagonalGaussian, Decoder, Encoder, VAEConfig
+from .vae import VAE_EPS, AutoencoderKL, DiagonalGaussian, Decoder, VAEConfig
 
 # ------------------------------------------------------------------------------------------------
 # SFT layers inside the UNet (upstream ``ldm/modules/spade.py SPADE`` in ``ResBlockDual``)
@@ -316,19 +316,13 @@ class CFWDecoder(Decoder):
                 for j, level in enumerate(self.up)]
 
 
-class CFWAutoencoder(nn.Module):
+class CFWAutoencoder(AutoencoderKL):
     """StableSR's VAE: the SD KL autoencoder whose decoder fuses encoder features of the LR image.
 
-    State-dict names are those of ``AutoencoderKL`` plus ``decoder.up.{j}.fuse.*``.
+    State-dict names are those of ``AutoencoderKL`` plus ``decoder.up.{j}.fuse.*``; ``encode`` also returns the
+    encoder features that ``decode`` fuses.
     """
-
-    def __init__(self, cfg: CFWConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.decoder = CFWDecoder(cfg)
+    decoder_class = CFWDecoder
 
     def encode(self, image: torch.Tensor) -> tuple[DiagonalGaussian, list[torch.Tensor]]:
         """image: (B, 3, H, W) in [-1, 1] -> (posterior over (B, embed_dim, H/f, W/f), enc_features).

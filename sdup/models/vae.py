@@ -182,13 +182,15 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module):
+    decoder_class = Decoder  # a subclass swaps in its own decoder (StableSR's CFWAutoencoder)
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.decoder = Decoder(cfg)
+        self.decoder = self.decoder_class(cfg)
 
     def encode(self, image: torch.Tensor) -> DiagonalGaussian:
         """image: (B, 3, H, W) in [-1, 1] -> posterior over (B, embed_dim, H/f, W/f)."""
