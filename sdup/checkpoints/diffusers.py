@@ -1,13 +1,14 @@
 """diffusers folder layout (``unet/``, ``vae/``, ``text_encoder/``) <-> sdup names, and folder configs."""
 from __future__ import annotations
 
-import re
+import functools
 from typing import Sequence
 
 from ..models.latent_upscaler import KUNetConfig, kunet_state_keys, split_io_channels
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
-from .keymap import CONV1X1, KeyMap
+from . import ldm
+from .keymap import KeyMap
 from .ldm import ATTENTION, nest, transformer_rules  # the transformer blocks are named alike in both layouts
 
 RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
@@ -34,10 +35,7 @@ def unet_rules(cfg: UNetConfig) -> list[tuple[str, str]]:
     return rules
 
 
-def unet_keymap(cfg: UNetConfig, sdup_keys) -> KeyMap:
-    ops = {} if cfg.use_linear_in_transformer else {
-        k: CONV1X1 for k in sdup_keys if re.search(r"attn(\.\d+)?\.proj_(in|out)\.weight$", k)}
-    return KeyMap.from_rules(sdup_keys, unet_rules(cfg), ops)
+unet_keymap = functools.partial(ldm.unet_keymap, rules=unet_rules)  # (cfg, sdup_keys) -> KeyMap, diffusers names
 
 
 def vae_rules(cfg: VAEConfig) -> list[tuple[str, str]]:
