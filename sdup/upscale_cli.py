@@ -226,7 +226,7 @@ def meta_model_from_config(family: str, config: str | None):
     """A LoadedModel on the meta device: x4 from an upstream YAML (``--config`` or the official one in configs/),
     x2 from the official K-UNet / CLIP ViT-L/14 / SD VAE configurations."""
     import torch
-    from .checkpoints.loader import FAMILY_DEFAULTS, LoadedModel, _ldm_constants, _yaml_params
+    from .checkpoints.loader import FAMILY_DEFAULTS, LoadedModel, ldm_constants as _ldm_constants, yaml_params as _yaml_params
     from .models import text as T
     from .models.unet import UNet, UNetConfig
     from .models.vae import AutoencoderKL, VAEConfig

@@ -58,12 +58,12 @@ def test_full_size_vae_matches_diffusers(repo):
 def test_full_size_text_encoder_matches_transformers(repo):
     from transformers import CLIPTextConfig, CLIPTextModel
     from sdup.checkpoints.hf_clip import hf_clip_keymap
-    from sdup.checkpoints.loader import _hf_text_config
+    from sdup.checkpoints.folder import hf_text_config
     from sdup.models.text import TextEncoder
     torch.manual_seed(0)
     ref = CLIPTextModel(CLIPTextConfig(**diffusers_cfg(repo, "text_encoder"))).eval()
     hf = {f"text_model.{k}" if not k.startswith("text_model.") else k: v for k, v in ref.state_dict().items()}
-    cfg = _hf_text_config({k: tuple(v.shape) for k, v in hf.items()}, "sd1" if repo == SD1 else "x4",
+    cfg = hf_text_config({k: tuple(v.shape) for k, v in hf.items()}, "sd1" if repo == SD1 else "x4",
                           diffusers_cfg(repo, "text_encoder"))
     enc = TextEncoder(cfg).eval()
     enc.load_state_dict(hf_clip_keymap(cfg).to_sdup(hf, ignore={"text_model.embeddings.position_ids"}.__contains__))

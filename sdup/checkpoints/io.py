@@ -8,6 +8,8 @@ JSON, as in ``shared/manifests``).
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import re
 import struct
@@ -24,8 +26,41 @@ class CheckpointError(ValueError):
     """A file that cannot be read as a checkpoint; the message is one line naming what was found."""
 
 
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "C64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                        "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+                        "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1}  # bytes per element (the sub-byte F4 / F6 are refused)
+
+
+def _header_problem(header, data_bytes: int) -> str | None:
+    """What is wrong with a parsed safetensors header (None: nothing): field types, dtypes, shapes and byte
+    ranges that fit the data, as the format requires."""
+    if not isinstance(header, dict):
+        return f"the header is a JSON {type(header).__name__}, not an object"
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        return "__metadata__ is not a string -> string table"
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(t, dict) or t.get("dtype") not in SAFETENSORS_ITEMSIZE:
+            return f"tensor {name!r} has no known dtype"
+        shape, offsets = t.get("shape"), t.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            return f"tensor {name!r} has shape {shape!r}, not a list of sizes"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]"
+        need = math.prod(shape) * SAFETENSORS_ITEMSIZE[t["dtype"]]
+        if offsets[1] - offsets[0] != need:
+            return f"tensor {name!r} ({t['dtype']} {shape}) needs {need} bytes, its data_offsets span {offsets[1] - offsets[0]}"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if end > data_bytes:
+        return f"truncated safetensors file (its tensors need {end} data bytes, it has {data_bytes})"
+    return None
+
+
 def safetensors_header(path: str | Path) -> tuple[dict, dict]:
-    """(tensors {name: {"dtype", "shape", "data_offsets"}}, metadata) from the header only."""
+    """(tensors {name: {"dtype", "shape", "data_offsets"}}, metadata) from the header only, checked."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -39,10 +74,11 @@ def safetensors_header(path: str | Path) -> tuple[dict, dict]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    problem = _header_problem(header, size - 8 - n)
+    if problem:
+        prefix = "" if problem.startswith("truncated") else "corrupt safetensors header: "
+        raise CheckpointError(f"{path}: {prefix}{problem}")
     meta = header.pop("__metadata__", None) or {}
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size})")
     return header, meta
 
 
@@ -73,14 +109,18 @@ def _torch_load(path: Path) -> dict:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """One weight file -> flat {key: tensor}."""
+    """One weight file -> flat {key: tensor}. Safetensors files and torch zip checkpoints come back memory-mapped:
+    a tensor takes memory only once its data is read (``Sources`` gives it back after a conversion)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         safetensors_header(path)  # clear errors for truncated/corrupt files
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - whatever the reader rejects that the header check let through
+            raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
     if path.suffix in TORCH_SUFFIXES:
         return _torch_load(path)
     raise CheckpointError(f"{path}: unsupported file type {path.suffix!r} (expected .safetensors, .ckpt, .pt, .pth, .bin)")
@@ -148,3 +188,72 @@ def describe_path(path: str | Path) -> str:
     if path.is_dir():
         return f"folder {path} ({', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'empty'})"
     return f"{path} ({os.path.getsize(path)} bytes)"
+
+
+# ------------------------------------------------------------------------------------------------
+# giving the memory of converted-from tensors back during a load
+
+def _file_ranges(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps ``path`` (empty where /proc is not there)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    real = os.path.realpath(path)
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == real:
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _drop_pages(addr: int, nbytes: int) -> None:
+    """Unmap the resident pages wholly inside [addr, addr + nbytes) of a file mapping from this process
+    (``madvise(MADV_DONTNEED)``: the file keeps the data; a later read maps it in again)."""
+    import ctypes
+    page = mmap.PAGESIZE
+    lo, hi = -(-addr // page) * page, (addr + nbytes) // page * page
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+        libc = ctypes.CDLL(None)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
+class Sources:
+    """The tensors a load read from files, given back one by one as they are converted, so that a load holds
+    the converted model plus about one tensor. ``add`` registers a file's state dict; ``release(t)``, after
+    ``t`` was converted into something that does not share its memory: pages of a memory-mapped file
+    (safetensors, torch zip) leave this process, memory read in (legacy pickles) is freed once every
+    tensor on that storage was released. Tensors never registered (a caller's own state dict) are left alone."""
+
+    def __init__(self):
+        self._pending: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (tensor, file-mapped)
+        self._users: dict[int, int] = {}  # storage address -> registered tensors not yet released (read-in memory)
+
+    def add(self, sd: dict, path: str | Path) -> dict:
+        ranges = _file_ranges(Path(path))
+        for t in sd.values():
+            if t.device.type != "cpu" or t.untyped_storage().nbytes() == 0:
+                continue
+            mapped = any(lo <= t.data_ptr() < hi for lo, hi in ranges)
+            self._pending[id(t)] = (t, mapped)
+            if not mapped:
+                key = t.untyped_storage().data_ptr()
+                self._users[key] = self._users.get(key, 0) + 1
+        return sd
+
+    def release(self, t: torch.Tensor) -> None:
+        entry = self._pending.pop(id(t), None)
+        if entry is None:
+            return
+        t, mapped = entry
+        if mapped:
+            _drop_pages(t.data_ptr(), t.numel() * t.element_size())
+            return
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        self._users[key] -= 1
+        if self._users[key] == 0 and storage.resizable():
+            del self._users[key]
+            storage.resize_(0)

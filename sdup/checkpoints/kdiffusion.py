@@ -129,12 +129,13 @@ class KDiffusionKeyMap(KeyMap):
         self.kernels = dict(kernels)
 
     def to_sdup(self, ext: Mapping[str, torch.Tensor], what: str = "checkpoint",
-                ignore: Callable[[str], bool] = lambda k: False, strict: bool = True) -> dict:
+                ignore: Callable[[str], bool] = lambda k: False, strict: bool = True, convert=None) -> dict:
         for key, fixed in self.kernels.items():
             t = ext.get(key)
             if t is not None and t.device.type != "meta" and not torch.equal(t.detach().float().cpu(), fixed):
                 raise ValueError(f"{what}: {key} is not the fixed resampling kernel k-diffusion uses:\n{t}")
-        return super().to_sdup(ext, what, ignore=lambda k: k in self.kernels or ignore(k), strict=strict)
+        return super().to_sdup(ext, what, ignore=lambda k: k in self.kernels or ignore(k), strict=strict,
+                               convert=convert)
 
     def to_ext(self, sd: Mapping[str, torch.Tensor]) -> dict:
         out = super().to_ext(sd)

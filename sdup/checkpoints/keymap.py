@@ -142,9 +142,12 @@ class KeyMap:
         return {k for e in self.entries for k in e.sdup}
 
     def to_sdup(self, ext: Mapping[str, torch.Tensor], what: str = "checkpoint",
-                ignore: Callable[[str], bool] = lambda k: False, strict: bool = True) -> dict:
+                ignore: Callable[[str], bool] = lambda k: False, strict: bool = True,
+                convert: Callable[[list, list], list] | None = None) -> dict:
         """External state dict -> sdup state dict. Keys for which ``ignore(key)`` is true may be present
-        and are dropped on purpose; anything else extra, or anything missing, raises ``KeyMismatch``."""
+        and are dropped on purpose; anything else extra, or anything missing, raises ``KeyMismatch``.
+        ``convert(ext_tensors, sdup_tensors) -> sdup_tensors`` runs on each entry as it is mapped (the loader
+        casts there, one entry at a time)."""
         missing = [k for e in self.entries for k in e.ext if k not in ext]
         unexpected = sorted(k for k in ext if k not in self.ext_keys() and not ignore(k))
         if strict and (missing or unexpected):
@@ -152,12 +155,14 @@ class KeyMap:
         out = {}
         for e in self.entries:
             if all(k in ext for k in e.ext):
+                src = [ext[k] for k in e.ext]
                 try:
-                    out.update(zip(e.sdup, e.to_sdup([ext[k] for k in e.ext])))
+                    mapped = e.to_sdup(src)
                 except (ValueError, RuntimeError) as err:  # a reshape / concatenation that does not fit
                     found = ", ".join(f"{k} {tuple(ext[k].shape)}" for k in e.ext)
                     raise ValueError(f"{what}: {found} -> {', '.join(e.sdup)} ({e.op.name}): "
                                      f"{str(err).splitlines()[0]}") from None
+                out.update(zip(e.sdup, convert(src, mapped) if convert else mapped))
         return out
 
     def to_ext(self, sd: Mapping[str, torch.Tensor]) -> dict:
