@@ -128,15 +128,21 @@ def unet_config_from_shapes(s: dict[str, tuple], family: str) -> UNetConfig:
         num_classes=s["label_emb.weight"][0] if "label_emb.weight" in s else None, **heads)
 
 
-def vae_config_from_shapes(s: dict[str, tuple]) -> VAEConfig:
-    """LDM KL-VAE hyper-parameters from its keys (``encoder.down.{i}.block.{j}`` layout)."""
+def _vae_config(s: dict[str, tuple], down: str, res: str) -> VAEConfig:
+    """KL-VAE hyper-parameters from its keys; ``down`` / ``res`` name the encoder levels and their ResBlocks in the
+    layout (``encoder.{down}.{i}.{res}.{j}``)."""
     ch = s["encoder.conv_in.weight"][0]
-    levels = len({m.group(1) for k in s if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    nres = len({m.group(1) for k in s if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    mult = tuple(s[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
+    levels = len({m.group(1) for k in s if (m := re.match(rf"encoder\.{down}\.(\d+)\.", k))})
+    nres = len({m.group(1) for k in s if (m := re.match(rf"encoder\.{down}\.0\.{res}\.(\d+)\.", k))})
+    mult = tuple(s[f"encoder.{down}.{i}.{res}.0.conv1.weight"][0] // ch for i in range(levels))
     return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nres, z_channels=s["decoder.conv_in.weight"][1],
                      embed_dim=s["post_quant_conv.weight"][0], in_channels=s["encoder.conv_in.weight"][1],
                      out_ch=s["decoder.conv_out.weight"][0])
+
+
+def vae_config_from_shapes(s: dict[str, tuple]) -> VAEConfig:
+    """LDM KL-VAE hyper-parameters from its keys (``encoder.down.{i}.block.{j}`` layout)."""
+    return _vae_config(s, "down", "block")
 
 
 def unet_config_from_diffusers_shapes(s: dict[str, tuple], family: str) -> UNetConfig:
@@ -165,10 +171,4 @@ def unet_config_from_diffusers_shapes(s: dict[str, tuple], family: str) -> UNetC
 
 
 def vae_config_from_diffusers_shapes(s: dict[str, tuple]) -> VAEConfig:
-    ch = s["encoder.conv_in.weight"][0]
-    levels = len({m.group(1) for k in s if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
-    nres = len({m.group(1) for k in s if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
-    mult = tuple(s[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] // ch for i in range(levels))
-    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nres, z_channels=s["decoder.conv_in.weight"][1],
-                     embed_dim=s["post_quant_conv.weight"][0], in_channels=s["encoder.conv_in.weight"][1],
-                     out_ch=s["decoder.conv_out.weight"][0])
+    return _vae_config(s, "down_blocks", "resnets")
