@@ -94,6 +94,21 @@ def test_runs_without_hooks_are_bit_identical():
     assert torch.equal(sd1_unet_run(), ref)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "math", "chunked"])
+def test_hooks_under_every_backend(backend):
+    """Whatever backend is selected: no hooks = that backend bit for bit; hooked layers read rows that sum to 1."""
+    seen = {}
+    with use_attention_backend(backend, chunk_size=64):  # 16x24 = 384 tokens -> 6 chunks
+        ref = sd1_unet_run()
+        with attention_hooks(load("sd1"), {}):
+            assert torch.equal(sd1_unet_run(), ref)
+        with attention_hooks(load("sd1"), {"unet.*": recorder(seen)}):
+            assert_parity(sd1_unet_run(), ref, FORWARD_TOL, what=f"read-only hooks under {backend}")
+    assert len(seen) == sum(n.startswith("unet.") for n in attention_layers(load("sd1")))
+    for (probs,) in seen.values():
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
 def test_only_hooked_layers_leave_their_backend(monkeypatch):
     """One hooked layer runs the math path; every other one still calls sdpa."""
     calls = []
