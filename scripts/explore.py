@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -139,7 +140,8 @@ class CrossAttentionMaps:
 
 def text_layers(model) -> list[str]:
     """The UNet's attention layers that read the text (their keys come from the context)."""
-    return [n for n, m in attention_layers(model).items() if n.startswith("unet.") and not getattr(m, "fusable_qkv", True)]
+    layers = attention_layers(model).items()
+    return [n for n, m in layers if n.startswith("unet.") and not getattr(m, "fusable_qkv", True)]
 
 
 def prompt_tokens(model, args) -> tuple[list[int], list[str]]:
@@ -268,8 +270,8 @@ def main(argv=None) -> dict:
     ids, labels = prompt_tokens(model, args)
     run = run_main(model, image, ids, args)
     attention_picture(image, run["maps"], ids, labels, args).save(out / "attention.png")
-    from safetensors.torch import save_file
-    save_file({"maps": run["maps"].contiguous(), "token_ids": torch.tensor(ids)}, str(out / "attention_maps.safetensors"))
+    maps = {"maps": run["maps"].contiguous(), "token_ids": torch.tensor(ids)}
+    save_file(maps, str(out / "attention_maps.safetensors"))
     x0_picture(run["x0"], args).save(out / "x0_steps.png")
     picture, means = noise_picture(image, noise_sweep(model, image, ids, args), args.levels, args)
     picture.save(out / "noise_levels.png")

@@ -85,6 +85,7 @@ def test_forward_hooks_fire_per_vae_tile():
     assert rec.shapes["decoder.mid"] == [(1, 32, H, W)]  # the mid block runs on the whole latent
     for name in names[1:]:  # every later module on each tile: a crop with its halo, smaller than the map
         assert len(rec.shapes[name]) == info["tiles"] > 1, name
-    full = {"decoder.up.0.res.0": (H, W), "decoder.up.1.res.1.conv1": (2 * H, 2 * W), "decoder.conv_out": (4 * H, 4 * W)}
+    full = {"decoder.up.0.res.0": (H, W), "decoder.up.1.res.1.conv1": (2 * H, 2 * W),
+            "decoder.conv_out": (4 * H, 4 * W)}
     for name, (h, w) in full.items():
         assert all(s[-2] < h or s[-1] < w for s in rec.shapes[name]), name

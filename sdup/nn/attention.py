@@ -17,6 +17,10 @@ Backends (pick with ``set_attention_backend`` or the ``use_attention_backend`` c
   chunk × Nk, never Nq × Nk).  The tiled VAE runs the mid-block attention this way (a 512² map is 262144 tokens).
 
 Every backend takes ``bias``; the Triton kernel has none, so a call with a bias runs sdpa (``attn_mask``) instead.
+
+Hooks: the model layers pass ``layer=self``; a layer with hooks attached (``sdup.nn.hooks.attention_hooks``, by name)
+runs the math path through them, ``fn(name, q, k, v, probs)`` reading or replacing the probabilities (or the output);
+every other call takes the selected backend exactly as without hooks (docs/research.md).
 """
 from __future__ import annotations
 
