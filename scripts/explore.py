@@ -129,13 +129,13 @@ class CrossAttentionMaps:
         scale = round(math.sqrt(self.size[0] * self.size[1] / p.shape[1]))  # latent px per query token
         h, w = self.size[0] // scale, self.size[1] // scale
         maps = p.transpose(1, 2).reshape(p.shape[0], p.shape[2], h, w)  # (B, Nk, h_l, w_l)
-        maps = F.interpolate(maps, size=self.size, mode="bilinear", align_corners=False).detach().float().cpu()
+        maps = F.interpolate(maps.detach().float(), size=self.size, mode="bilinear", align_corners=False)
         self.total = maps if self.total is None else self.total + maps
         self.calls += 1
 
     def mean(self) -> torch.Tensor:
         """(B, Nk, h, w): the average over every call so far."""
-        return self.total / max(1, self.calls)
+        return self.total.cpu() / max(1, self.calls)
 
 
 def text_layers(model) -> list[str]:

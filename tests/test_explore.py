@@ -45,3 +45,18 @@ def test_explore_writes_its_pictures(tmp_path):
     maps = load_file(out / "attention_maps.safetensors")
     assert maps["maps"].shape == (77, h, w) and maps["token_ids"].tolist() == [254, 7, 9, 255]
     torch.testing.assert_close(maps["maps"].sum(0), torch.ones(h, w))  # probabilities, averaged
+
+
+def test_prompt_tokens_label_the_bpe_pieces():
+    """With the CLIP tokenizer of the real weights each map is labelled with its BPE piece."""
+    ex = explore_module()
+    from types import SimpleNamespace
+
+    from sdup.models.text import Tokenizer
+    model = SimpleNamespace(tokenizer=Tokenizer(pad_token_id=0))
+    ids, labels = ex.prompt_tokens(model, SimpleNamespace(prompt_ids=None, prompt="a sharp photo"))
+    assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 5
+    assert labels[1:-1] == ["a", "sharp", "photo"]
+    assert ex.prompt_tokens(model, SimpleNamespace(prompt_ids="49406,320,49407", prompt="x"))[0] == [49406, 320, 49407]
+    no_bpe = SimpleNamespace(tokenizer=None)
+    assert ex.prompt_tokens(no_bpe, SimpleNamespace(prompt_ids="254,7,255", prompt=""))[1] == ["#254", "#7", "#255"]
