@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn.attention import attention, merge_heads, project_qkv, split_heads
+from ..nn.attention import attention, attention_layer, merge_heads, project_qkv, split_heads
 from ..nn.layers import Conv2d, group_norm_fp32
 
 NOISE_AUG_STD = 2.0  # std of the wrapper's random Fourier frequencies (only matters for fresh init)
@@ -201,6 +201,7 @@ def tokens_to_image(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], -1, height, width)
 
 
+@attention_layer
 class SelfAttention2d(nn.Module):
     """x + out_proj(attention over the pixels of AdaGN(x)); heads of ``head_dim`` channels."""
 
@@ -218,10 +219,11 @@ class SelfAttention2d(nn.Module):
         height, width = x.shape[-2:]
         tokens = image_to_tokens(self.norm(x, cond))                               # (B, HW, C)
         q, k, v = (split_heads(t, self.heads) for t in project_qkv(self, tokens))    # (B, h, HW, D)
-        out = self.out_proj(merge_heads(attention(q, k, v)))                      # (B, HW, C)
+        out = self.out_proj(merge_heads(attention(q, k, v, layer=self)))          # (B, HW, C)
         return x + tokens_to_image(out, height, width)
 
 
+@attention_layer
 class CrossAttention2d(nn.Module):
     """x + out_proj(attention from the pixels of AdaGN(x) to the LayerNorm'ed text tokens)."""
 
@@ -242,7 +244,7 @@ class CrossAttention2d(nn.Module):
         text = self.text_norm(context)                                                   # (B, L, ctx)
         k = split_heads(self.k_proj(text), self.heads)                                   # (B, h, L, D)
         v = split_heads(self.v_proj(text), self.heads)
-        out = self.out_proj(merge_heads(attention(q, k, v, bias=context_bias)))          # (B, HW, C)
+        out = self.out_proj(merge_heads(attention(q, k, v, bias=context_bias, layer=self)))  # (B, HW, C)
         return x + tokens_to_image(out, height, width)
 
 

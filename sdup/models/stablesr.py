@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..nn import Downsample, ResBlock, attention, group_norm, merge_heads, timestep_embedding
+from ..nn import Downsample, ResBlock, attention, attention_layer, group_norm, merge_heads, timestep_embedding
 from .unet import MidBlock, TimeEmbedding, UNet, UNetLevel
 from .vae import VAE_EPS, AutoencoderKL, DiagonalGaussian, Decoder, VAEConfig
 
@@ -122,6 +122,7 @@ class TimeAwareEncoderConfig:
         return self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
 
 
+@attention_layer
 class LegacyAttentionBlock(nn.Module):
     """openaimodel ``AttentionBlock`` with ``QKVAttentionLegacy``: self-attention over the H*W positions.
 
@@ -145,7 +146,7 @@ class LegacyAttentionBlock(nn.Module):
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
         # upstream's qkv channels are head-major: (heads, [q, k, v], ch)
         q, k, v = rearrange(self.qkv(tokens), "b n (heads three ch) -> three b heads n ch", heads=self.heads, three=3)
-        out = self.out_proj(merge_heads(attention(q, k, v)))      # (B, N, C)
+        out = self.out_proj(merge_heads(attention(q, k, v, layer=self)))  # (B, N, C)
         return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import Downsample, ResBlock, Upsample, attention, group_norm
+from ..nn import Downsample, ResBlock, Upsample, attention, attention_layer, group_norm
 
 VAE_EPS = 1e-6
 
@@ -50,6 +50,7 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
+@attention_layer
 class MidAttention(nn.Module):
     """Single-head self-attention over all H*W positions (1x1 convs in the checkpoints, Linear here)."""
 
@@ -65,7 +66,7 @@ class MidAttention(nn.Module):
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
         q, k, v = (p(tokens)[:, None] for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, 1, H*W, C)
-        out = self.out_proj(attention(q, k, v)[:, 0])
+        out = self.out_proj(attention(q, k, v, layer=self)[:, 0])
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 

@@ -17,18 +17,61 @@ Backends (pick with ``set_attention_backend`` or the ``use_attention_backend`` c
   chunk × Nk, never Nq × Nk).  The tiled VAE runs the mid-block attention this way (a 512² map is 262144 tokens).
 
 Every backend takes ``bias``; the Triton kernel has none, so a call with a bias runs sdpa (``attn_mask``) instead.
+
+Hooks: the model layers pass ``layer=self``; a layer with hooks attached (``sdup.nn.hooks.attention_hooks``, by name)
+runs the math path through them, ``fn(name, q, k, v, probs)`` reading or replacing the probabilities (or the output);
+every other call takes the selected backend exactly as without hooks (docs/research.md).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "math", "chunked", "triton")
 _state = {"backend": "auto", "chunk_size": 4096, "chunk_backend": "math", "triton_failed": False, "group": None}
+
+# ------------------------------------------------------------------------------------------------
+# per-layer hooks (attached by ``sdup.nn.hooks.attention_hooks``)
+
+ATTENTION_LAYER_TYPES: list[type] = []  # the module classes that pass ``layer=self`` to ``attention``
+_hooks: dict = {}                       # module -> [(name, fn), ...] in the order they were attached
+
+
+def attention_layer(cls: type) -> type:
+    """Class decorator: ``cls`` calls ``attention(..., layer=self)``, so ``sdup.nn.hooks`` can name and hook it."""
+    ATTENTION_LAYER_TYPES.append(cls)
+    return cls
+
+
+class AttentionOutput(NamedTuple):
+    """What a hook returns to replace the attention output itself, (B, H, Nq, Dv), instead of the probabilities."""
+    out: torch.Tensor
+
+
+def _hooked(hooks, q, k, v, bias) -> torch.Tensor:
+    """The math path with ``fn(name, q, k, v, probs)`` of every hook in turn: None keeps the probabilities, a tensor
+    of their shape replaces them, an ``AttentionOutput`` is the result (later hooks are not called)."""
+    probs = attention_probs(q, k, bias)
+    for name, fn in hooks:
+        got = fn(name, q, k, v, probs)
+        if isinstance(got, AttentionOutput):
+            expected = q.shape[:-1] + v.shape[-1:]
+            if tuple(got.out.shape) != tuple(expected):
+                raise ValueError(f"attention hook on {name}: AttentionOutput of shape {tuple(got.out.shape)}, "
+                                 f"expected {tuple(expected)}")
+            return got.out.to(q.dtype)
+        if got is not None:
+            if not isinstance(got, torch.Tensor) or got.shape != probs.shape:
+                what = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise ValueError(f"attention hook on {name} returned {what}: return None, probabilities of shape "
+                                 f"{tuple(probs.shape)}, or AttentionOutput(out)")
+            probs = got.float()
+    return (probs @ v.float()).to(q.dtype)
 
 
 def set_attention_backend(name: str, chunk_size: int | None = None, chunk_backend: str | None = None,
@@ -62,15 +105,19 @@ def use_attention_backend(name: str, chunk_size: int | None = None, chunk_backen
         _state.update(saved)
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference path. Logits and softmax are computed in fp32 (what SD2-family models need in fp16)."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D + bias) over the keys: fp32 (B, H, Nq, Nk), every row sums to 1."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
     if bias is not None:
         logits = logits + bias.float()
-    weights = logits.softmax(dim=-1)
-    return (weights @ v.float()).to(q.dtype)
+    return logits.softmax(dim=-1)
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference path. Logits and softmax are computed in fp32 (what SD2-family models need in fp16)."""
+    return (attention_probs(q, k, bias) @ v.float()).to(q.dtype)
 
 
 def attention_chunked(q, k, v, chunk_size: int | None = None, bias: torch.Tensor | None = None,
@@ -116,8 +163,14 @@ def _triton(q, k, v) -> torch.Tensor | None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ / √D + bias) v with the selected backend; ``bias`` broadcastable to (B, H, Nq, Nk) or None."""
+              bias: torch.Tensor | None = None, layer=None) -> torch.Tensor:
+    """softmax(q kᵀ / √D + bias) v with the selected backend; ``bias`` broadcastable to (B, H, Nq, Nk) or None.
+    ``layer``: the calling module (an ``attention_layer``); when hooks are attached to it (``attention_hooks``) the
+    call runs the math path through them instead of ``backend``."""
+    if layer is not None and _hooks:
+        hooks = _hooks.get(layer)
+        if hooks:
+            return _hooked(hooks, q, k, v, bias)
     backend = backend or _state["backend"]
     if backend == "auto":
         backend = "sdpa"

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, merge_heads, project_qkv, split_heads
+from .attention import attention, attention_layer, merge_heads, project_qkv, split_heads
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True,
@@ -148,6 +148,7 @@ class ResBlock(nn.Module):
         return (x if self.skip is None else self.skip(x)) + h
 
 
+@attention_layer
 class Attention(nn.Module):
     """Multi-head attention on token sequences (B, N, C); ``context`` switches it to cross-attention.
 
@@ -167,7 +168,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         q, k, v = (split_heads(t, self.heads) for t in project_qkv(self, x, context))  # (B, H, N|M, D)
-        return self.out_proj(merge_heads(attention(q, k, v)))
+        return self.out_proj(merge_heads(attention(q, k, v, layer=self)))
 
 
 class GEGLU(nn.Module):
