@@ -14,13 +14,13 @@ Modules, one concern each:
     paths      output names for generated images
     errors     ``UpscaleIOError`` (one line for the user), ``ImageWriteError``, ``note``
 """
-from .convert import _check_image, from_uint16, orient, pil_to_tensor, tensor_to_pil, to_uint, upscale_alpha
-from .errors import ImageWriteError, UpscaleIOError, first_line, note
-from .metadata import (EXIF_IMAGE_DESCRIPTION, EXIF_ORIENTATION, _params_text, exif_orientation, read_parameters,
+from .convert import from_uint16, orient, pil_to_tensor, tensor_to_pil, to_uint, upscale_alpha
+from .errors import DECODE_ERRORS, ImageWriteError, UpscaleIOError, decoding, first_line, note
+from .metadata import (EXIF_IMAGE_DESCRIPTION, EXIF_ORIENTATION, exif_orientation, read_parameters,
                        read_png_parameters, rgb_icc_profile)
 from .paths import output_paths
 from .pngfile import PARAMETERS_KEY, encode_png
-from .read import (DECODE_ERRORS, MAX_PIXELS, InputImage, _header, _png_bit_depth, _split, check_pixels, image_size,
+from .read import (MAX_PIXELS, InputImage, check_pixels, image_size,
                    load_image, open_image, read_image)
 from .tiff import encode_tiff16, read_tiff16
 from .write import (EXT_FORMAT, FORMAT_EXT, FORMATS, IMAGE_EXTENSIONS, JPEG_QUALITY, can_write, output_format,
@@ -28,7 +28,7 @@ from .write import (EXT_FORMAT, FORMAT_EXT, FORMATS, IMAGE_EXTENSIONS, JPEG_QUAL
 
 __all__ = ["DECODE_ERRORS", "EXIF_IMAGE_DESCRIPTION", "EXIF_ORIENTATION", "EXT_FORMAT", "FORMATS", "FORMAT_EXT",
            "IMAGE_EXTENSIONS", "ImageWriteError", "InputImage", "JPEG_QUALITY", "MAX_PIXELS", "PARAMETERS_KEY",
-           "UpscaleIOError", "can_write", "check_pixels", "encode_png", "encode_tiff16", "exif_orientation",
+           "UpscaleIOError", "can_write", "check_pixels", "decoding", "encode_png", "encode_tiff16", "exif_orientation",
            "first_line", "from_uint16", "image_size", "load_image", "note", "open_image", "orient", "output_format",
            "output_paths", "pil_to_tensor", "read_image", "read_parameters", "read_png_parameters", "read_tiff16",
            "rgb_icc_profile", "save_png", "tensor_to_pil", "to_uint", "upscale_alpha", "write_bytes", "write_image"]

@@ -13,12 +13,11 @@ import io
 import json
 from pathlib import Path
 
-from .errors import UpscaleIOError, first_line
+from .errors import decoding, first_line
 from .pngfile import PARAMETERS_KEY
 
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_ORIENTATION = 0x0112
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _params_text(parameters: dict | None, ascii_only: bool = False) -> str | None:
@@ -63,12 +62,9 @@ def _description(path: Path):
 def read_parameters(path: str | Path) -> dict | None:
     """The JSON parameters of an output (PNG iTXt "parameters"; TIFF / JPEG / WebP ImageDescription), or None when
     it has none; a file that cannot be read raises ``UpscaleIOError`` (one line)."""
-    from .read import DECODE_ERRORS
     path = Path(path)
-    try:
+    with decoding(path):
         return _json_object(_description(path))
-    except DECODE_ERRORS as e:
-        raise UpscaleIOError(f"{path}: not a readable image ({first_line(e)})") from None
 
 
 def read_png_parameters(path: str | Path) -> dict | None:

@@ -7,17 +7,14 @@ makes a decoder raise ends in one ``UpscaleIOError`` line naming the file.
 """
 from __future__ import annotations
 
-import struct
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import png  # pypng
 import torch
 
 from .convert import from_uint16, orient, pil_to_tensor
-from .errors import UpscaleIOError, first_line
+from .errors import UpscaleIOError, decoding
 from .metadata import exif_orientation, rgb_icc_profile
 from .pngfile import _read_png
 from .tiff import read_tiff16
@@ -25,9 +22,7 @@ from .tiff import read_tiff16
 Tensor = torch.Tensor
 MAX_PIXELS = 100_000_000  # inputs above 100 megapixels are refused unless the caller raises the limit (--max-pixels)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# what Pillow, pypng, tifffile and zlib raise on damaged or crafted files (UnidentifiedImageError is an OSError)
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, png.Error, KeyError,
-                 IndexError, TypeError, ZeroDivisionError, OverflowError, MemoryError, RecursionError)
+
 
 
 @dataclass
@@ -80,17 +75,6 @@ def _header(path: Path) -> bytes:
         raise UpscaleIOError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-@contextmanager
-def _one_line(path: Path):
-    """Any decoder failure -> ``UpscaleIOError`` "PATH: not a readable image (first line of the reason)"."""
-    try:
-        yield
-    except UpscaleIOError:
-        raise
-    except DECODE_ERRORS as e:
-        raise UpscaleIOError(f"{path}: not a readable image ({first_line(e)})") from None
-
-
 def _deep_pixels(path: Path, img, head: bytes, notes: list):
     """(H, W, C) uint16 for a 16-bit PNG or TIFF, else None (Pillow decodes it)."""
     if img.format == "PNG" and _png_bit_depth(head) == 16:
@@ -98,7 +82,7 @@ def _deep_pixels(path: Path, img, head: bytes, notes: list):
     if img.format == "TIFF":
         bps = img.tag_v2.get(258)
         if 16 in (bps if isinstance(bps, (tuple, list)) else (bps,)):
-            arr = read_tiff16(path, img.size[::-1])
+            arr = read_tiff16(path, stored_size(img)[::-1])
             if arr is None:
                 notes.append(f"{path.name}: 16-bit TIFF read at 8 bits (its compression or colour model needs the "
                              f"imagecodecs package)")
@@ -106,12 +90,20 @@ def _deep_pixels(path: Path, img, head: bytes, notes: list):
     return None
 
 
+def stored_size(img) -> tuple[int, int]:
+    """(W, H) as stored: Pillow gives a TIFF's size turned by its EXIF orientation already (it turns the pixels
+    when it loads them), so the TIFF tags say what is stored."""
+    if img.format == "TIFF":
+        return int(img.tag_v2.get(256, img.size[0])), int(img.tag_v2.get(257, img.size[1]))
+    return img.size
+
+
 def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> InputImage:
     """Read one image (see the module docstring). Unreadable files raise ``UpscaleIOError`` (one line)."""
     path = Path(path)
     head = _header(path)
     notes: list[str] = []
-    with _one_line(path), open_image(path, max_pixels) as img:
+    with decoding(path), open_image(path, max_pixels) as img:
         if getattr(img, "is_animated", False):
             notes.append(f"{path.name}: animated ({img.n_frames} frames): only the first frame is upscaled")
         icc = rgb_icc_profile(img, notes)
@@ -146,8 +138,8 @@ def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[i
     """(H, W) after EXIF orientation, from the header alone: no pixel is decoded (a PNG's EXIF is read only when it
     comes before the pixel data, where Pillow finds it without decoding)."""
     path = Path(path)
-    with _one_line(path), open_image(path, max_pixels) as img:
-        w, h = img.size
+    with decoding(path), open_image(path, max_pixels) as img:
+        w, h = stored_size(img)
         header_exif = img.format != "PNG" or "exif" in img.info
         if header_exif and exif_orientation(img) >= 5:
             w, h = h, w

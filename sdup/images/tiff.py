@@ -26,7 +26,7 @@ def read_tiff16(path: Path, size: tuple[int, int]) -> np.ndarray | None:
     """The first image of a 16-bit grey / RGB(A) TIFF of ``size`` (H, W) -> (H, W, C) uint16; None when tifffile
     cannot decode it here (another colour model, or a compression that needs the ``imagecodecs`` package)."""
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages.first
+        page = tif.pages[0]
         if page.dtype != np.uint16 or page.photometric not in _PHOTOMETRIC:
             return None
         try:
