@@ -123,7 +123,7 @@ def test_grey_or_broken_icc_profile_is_left_out_with_a_note(tmp_path):
 
 
 def test_exif_orientation_at_every_depth_and_format(tmp_path):
-    """All eight orientations: 8-bit PNG / JPEG through Pillow, 16-bit PNG (eXIf before or after the image data)
+    """All eight orientations: 8-bit PNG and TIFF through Pillow, 16-bit PNG (eXIf before or after the image data)
     and 16-bit TIFF: the same pixels as Pillow's exif_transpose of the 8-bit image; image_size agrees."""
     a8 = np.random.default_rng(3).integers(0, 256, (5, 8, 3)).astype(np.uint8)
     a16 = a8.astype(np.uint16) * 257
@@ -135,8 +135,9 @@ def test_exif_orientation_at_every_depth_and_format(tmp_path):
                  "16-late.png": with_chunk(plain, b"eXIf", exif_body(o), before=b"IEND")}
         for name, data in files.items():
             (tmp_path / name).write_bytes(data)
-        tifffile.imwrite(tmp_path / "16.tif", a16, photometric="rgb", extratags=[(274, 3, 1, o, False)])
-        for name in (*files, "16.tif"):
+        for name, a in (("16.tif", a16), ("8.tif", a8)):
+            tifffile.imwrite(tmp_path / name, a, photometric="rgb", extratags=[(274, 3, 1, o, False)])
+        for name in (*files, "16.tif", "8.tif"):
             img = images.read_image(tmp_path / name)
             assert torch.allclose(img.rgb, want, atol=1e-6), (o, name)
             if name != "16-late.png":  # past the image data: only a decode finds it
