@@ -119,6 +119,31 @@ def test_16_bit_and_rgba_round_trips(tmp_path, capsys):
     assert no_partials(out)
 
 
+def test_icc_profile_and_16_bit_orientation_reach_the_output(tmp_path, capsys):
+    """A 16-bit PNG with an ICC profile and EXIF orientation 6 (turn 90 degrees): the output is turned (16 x 24
+    stored -> 96 x 64 shown, x4) and carries the profile; a folder at the output name fails before any work."""
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = encode_png((np.random.RandomState(6).rand(16, 24, 3) * 65535).astype(np.uint16), icc_profile=icc)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = exif.tobytes()[6:]
+    pos = data.index(b"IDAT") - 4
+    import struct
+    import zlib
+    src = tmp_path / "turned.png"
+    src.write_bytes(data[:pos] + struct.pack(">I", len(body)) + b"eXIf" + body
+                    + struct.pack(">I", zlib.crc32(b"eXIf" + body) & 0xFFFFFFFF) + data[pos:])
+    code, _, err = run(capsys, src, "-o", tmp_path / "out", *WEIGHTS, *FAST)
+    assert code == 0, err
+    back = files.read_image(tmp_path / "out" / "turned_x4.png")
+    assert back.bits == 16 and back.size == (96, 64) and back.icc_profile == icc
+    (tmp_path / "out" / "turned_x4.png").unlink()
+    (tmp_path / "out" / "turned_x4.png").mkdir()
+    assert_one_line_error(*run(capsys, src, "-o", tmp_path / "out", *WEIGHTS, *FAST),
+                          ["turned_x4.png: cannot write the output there (Is a directory)"], tmp_path / "none")
+
+
 def test_16_bit_tiff_output(tmp_path, capsys):
     src = tmp_path / "deep.png"
     src.write_bytes(encode_png((np.random.RandomState(5).rand(16, 16, 3) * 65535).astype(np.uint16)))
