@@ -20,8 +20,7 @@ from .metadata import (EXIF_IMAGE_DESCRIPTION, EXIF_ORIENTATION, exif_orientatio
                        read_png_parameters, rgb_icc_profile)
 from .paths import output_paths
 from .pngfile import PARAMETERS_KEY, encode_png
-from .read import (MAX_PIXELS, InputImage, check_pixels, image_size,
-                   load_image, open_image, read_image)
+from .read import MAX_PIXELS, InputImage, check_pixels, image_size, load_image, open_image, read_image
 from .tiff import encode_tiff16, read_tiff16
 from .write import (EXT_FORMAT, FORMAT_EXT, FORMATS, IMAGE_EXTENSIONS, JPEG_QUALITY, can_write, output_format,
                     save_png, write_bytes, write_image)

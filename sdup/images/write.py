@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..fileio import atomic_write
-from .convert import tensor_to_pil, to_uint, upscale_alpha
+from .convert import pil_to_tensor, tensor_to_pil, to_uint, upscale_alpha
 from .errors import ImageWriteError, UpscaleIOError, first_line, note
 from .metadata import EXIF_IMAGE_DESCRIPTION, _params_text
 from .pngfile import PARAMETERS_KEY, encode_png
@@ -130,7 +130,6 @@ def write_image(path: str | Path, rgb: Tensor, alpha: Tensor | None = None, *, b
 def save_png(image, path: str | Path, parameters: dict | None = None, bits: int = 8) -> Path:
     """Write ``image`` ((C, H, W) tensor in [0, 1] or a PIL image) as PNG with ``parameters`` as JSON in an
     iTXt chunk named "parameters". ``bits=16`` writes 16 bits per channel. Atomic (temporary file + rename)."""
-    from .convert import pil_to_tensor
     if not isinstance(image, Tensor):
         image = pil_to_tensor(image, alpha=True)
     return write_bytes(Path(path), lambda: encode(image, "png", 16 if bits == 16 else 8, parameters, None))
