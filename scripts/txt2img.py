@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     import torch
     import sdup
     from sdup.checkpoints import CheckpointError, KeyMismatch
+    from sdup import images
     from sdup.pipelines import common
     from sdup.optimize import prepare
     from sdup.pipelines.txt2img import txt2img
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     try:
         common.parse_sampler(args.sampler).resolve_eta(args.eta)  # before loading gigabytes
         common.sample_seeds(args.seed, args.batch)
-        paths = common.output_paths(args.out, args.batch, names=[f"txt2img-{args.seed + i}" for i in range(args.batch)])
+        paths = images.output_paths(args.out, args.batch, names=[f"txt2img-{args.seed + i}" for i in range(args.batch)])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             torch.empty(0, device=device)
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
         for path in {p.parent for p in paths} | ({Path(args.latents_out).parent} if args.latents_out else set()):
             path.mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(paths):
-            common.save_png(result.images[i], path, result.sample_parameters(i), bits=args.bits)
+            images.save_png(result.images[i], path, result.sample_parameters(i), bits=args.bits)
             print(f"wrote {path}")
         if args.latents_out:
             from safetensors.torch import save_file

@@ -9,6 +9,7 @@ writer to finish wins.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -81,8 +82,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, folder: bool
 
 def can_create(path: str | Path) -> None:
     """Raise ``OSError`` now unless a file can be created at ``path`` (its folders are created): the check a long
-    job runs before any work, instead of failing at its final write."""
+    job runs before any work, instead of failing at its final write (a folder at ``path`` fails too: the final
+    rename could not replace it)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     probe = temporary_name(path)
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from . import images
 from .fileio import Terminated, can_create, sigterm_as_interrupt
 
 UPSCALE_DOC = __doc__
@@ -63,7 +64,7 @@ def fail(msg: str):
 
 def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .pipelines.common import SAMPLER_NAMES
-    from .pipelines.upscale_io import MAX_PIXELS
+    from .images import MAX_PIXELS
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs (quote globs)")
     p.add_argument("--rerun", metavar="OUTPUT",
                    help="run again what made OUTPUT (an image sdup wrote): the command recorded in it, on the input "
@@ -335,7 +336,6 @@ def plan_items(inputs: list[Path], family: str | None, max_pixels: int | None = 
                decode: bool = False) -> list[Item]:
     """Pass over every input before any work: readable, and latents only for x2. From the headers alone (the dry
     run), or with ``decode`` each image decoded once and dropped, so a corrupt one fails before the first output."""
-    from .pipelines import upscale_io as io
     items = []
     for path in inputs:
         if is_latents(path):
@@ -351,10 +351,10 @@ def plan_items(inputs: list[Path], family: str | None, max_pixels: int | None = 
                 items.append(Item(path, (8 * shape[2], 8 * shape[3]), name, i, (shape[2], shape[3])))
         else:
             try:
-                items.append(Item(path, io.image_size(path, max_pixels), path))
+                items.append(Item(path, images.image_size(path, max_pixels), path))
                 if decode:
-                    io.read_image(path, max_pixels)
-            except io.UpscaleIOError as e:
+                    images.read_image(path, max_pixels)
+            except images.UpscaleIOError as e:
                 fail(str(e))
     return items
 
@@ -589,7 +589,7 @@ def _attach_cfw(model, args, device: str) -> None:
     import torch
     model.cfw_vae = None
     if not args.vae:
-        from .pipelines.upscale_io import note
+        from .images import note
         note("no --vae: decoding with the checkpoint's plain SD VAE (no CFW fusion, --dec-w unused); the reference "
              "uses vqgan_cfw_00011.ckpt")
         return
@@ -614,7 +614,7 @@ def cmd_upscale(args) -> int:
     negative = negative_ids if negative_ids is not None else args.negative_prompt
     try:
         inputs = io.expand_inputs(args.inputs)
-    except io.UpscaleIOError as e:
+    except images.UpscaleIOError as e:
         fail(str(e))
     family, meta = which_model(args)
     scale = family_options(args, family)
@@ -624,7 +624,7 @@ def cmd_upscale(args) -> int:
     items = plan_items(inputs, family, args.max_pixels, decode=not args.dry_run)
     try:
         outputs = io.plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
-    except io.UpscaleIOError as e:
+    except images.UpscaleIOError as e:
         fail(str(e))
     if args.dry_run:
         return dry_run(args, meta, family, scale, items, outputs)
@@ -786,15 +786,14 @@ def run_all(args, model, family: str, scale, todo, prompt, negative, settings: d
 def run_one(args, model, family: str, scale, it: Item, out: Path, prompt, negative, settings: dict, lo: int,
             writer: bool, split=None) -> str | None:
     """Read, upscale and (``writer``) write one input; returns the line to print."""
-    from .pipelines import upscale_io as io
     img, size = None, it.size
     if it.index is None:
-        img = io.read_image(it.path, args.max_pixels)
+        img = images.read_image(it.path, args.max_pixels)
         for n in img.notes:
-            io.note(n)
+            images.note(n)
         if min(img.size) < lo:
-            raise io.UpscaleIOError(f"{it.path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's "
-                                    f"minimum {lo}x{lo}")
+            raise images.UpscaleIOError(f"{it.path}: {img.size[1]}x{img.size[0]} is smaller than the {family} model's "
+                                        f"minimum {lo}x{lo}")
         size = img.size
     plan = tile_settings(args, latent_size(model, family, size, it.latent, scale, args.input_size), family)
     t0 = time.time()
@@ -808,7 +807,6 @@ def run_one(args, model, family: str, scale, it: Item, out: Path, prompt, negati
 
 def write_output(args, it: Item, img, out: Path, result, scale, seconds: float) -> None:
     """The image with its parameters (what was run, the input and the time), written atomically."""
-    from .pipelines import upscale_io as io
     params = result.sample_parameters(0)
     params.pop("batch_index", None)
     params.update(input=it.path.name, seed=args.seed, scale=scale, tiling=params.get("tiling", "off"),
@@ -822,8 +820,9 @@ def write_output(args, it: Item, img, out: Path, result, scale, seconds: float) 
     params.update(reproduction(args, it))
     params = {k: v for k, v in params.items() if v is not None}
     out.parent.mkdir(parents=True, exist_ok=True)
-    io.write_image(out, result.images[0], img.alpha if img is not None else None,
-                   bits=img.bits if img is not None else 8, parameters=params)
+    images.write_image(out, result.images[0], img.alpha if img is not None else None,
+                       bits=img.bits if img is not None else 8, parameters=params,
+                       icc_profile=img.icc_profile if img is not None else None)
 
 
 PATH_OPTIONS = ("weights", "config", "vae")  # file options a recorded command names, resolved against its folder
@@ -842,12 +841,11 @@ def reproduction(args, it: Item) -> dict:
 def rerun_args(parser, args):
     """The arguments that made ``args.rerun``, on its recorded input, writing to ``-o``; the weights must be the same."""
     from .fileio import fingerprint
-    from .pipelines import upscale_io as io
     made = Path(args.rerun)
     if args.inputs:
         fail("--rerun takes no inputs: it runs the input recorded in the output")
     try:
-        params = io.read_parameters(made) if made.is_file() else None
+        params = images.read_parameters(made) if made.is_file() else None
     except (OSError, ValueError) as e:
         fail(f"--rerun {made}: not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     if not params or "command" not in params:

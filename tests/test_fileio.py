@@ -92,6 +92,9 @@ def test_can_create(tmp_path):
     blocker.write_text("")
     with pytest.raises(OSError):
         can_create(blocker / "o.png")                        # a file where a folder should be
+    (tmp_path / "o.png").mkdir()
+    with pytest.raises(IsADirectoryError):
+        can_create(tmp_path / "o.png")                       # a folder where the file should be
 
 
 def test_outputs_get_the_usual_file_mode(tmp_path):

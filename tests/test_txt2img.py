@@ -13,6 +13,8 @@ from safetensors import safe_open
 import sdup
 from helpers import FIXTURES, SAMPLER_TOL, assert_parity
 from sdup.checkpoints.export import save_diffusers
+from sdup import images
+from sdup.images import pngfile
 from sdup.pipelines import common
 from sdup.pipelines.txt2img import Result, txt2img
 
@@ -237,12 +239,12 @@ def test_rejects_non_text_to_image_models():
 def test_png_parameters_and_16_bit_round_trip(tmp_path):
     img = torch.rand(3, 9, 13, generator=torch.Generator().manual_seed(0))
     params = {"prompt": "un chat sur la lune \u2603", "seed": 3}
-    p8 = common.save_png(img, tmp_path / "a.png", params)
-    assert common.read_png_parameters(p8) == params
-    assert (common.load_image(p8) - img).abs().max() <= 0.5 / 255 + 1e-6
-    p16 = common.save_png(img, tmp_path / "b.png", params, bits=16)
-    assert common.read_png_parameters(p16) == params
-    assert (common.load_image(p16) - img).abs().max() <= 0.5 / 65535 + 1e-7
+    p8 = images.save_png(img, tmp_path / "a.png", params)
+    assert images.read_png_parameters(p8) == params
+    assert (images.load_image(p8) - img).abs().max() <= 0.5 / 255 + 1e-6
+    p16 = images.save_png(img, tmp_path / "b.png", params, bits=16)
+    assert images.read_png_parameters(p16) == params
+    assert (images.load_image(p16) - img).abs().max() <= 0.5 / 65535 + 1e-7
     from PIL import Image
     with Image.open(p16) as im:  # a valid PNG for Pillow too (which reads it as 8-bit RGB)
         assert im.size == (13, 9)
@@ -257,35 +259,35 @@ def test_png_filter_decoding_matches_pillow(tmp_path):
     rgb = np.stack([(xx * 6) % 256, (yy * 7) % 256, g.integers(0, 256, (37, 41))], -1).astype(np.uint8)
     rgb[10:20] = g.integers(0, 256, (10, 41, 3))
     Image.fromarray(rgb).save(tmp_path / "rgb.png", optimize=True)
-    assert np.array_equal(common._read_png(tmp_path / "rgb.png"), rgb)
+    assert np.array_equal(pngfile._read_png(tmp_path / "rgb.png"), rgb)
     grey = ((xx * 1500 + yy * 700) % 65536).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "g16.png")
-    assert np.array_equal(common._read_png(tmp_path / "g16.png")[:, :, 0], grey)
-    t = common.load_image(tmp_path / "g16.png")
+    assert np.array_equal(pngfile._read_png(tmp_path / "g16.png")[:, :, 0], grey)
+    t = images.load_image(tmp_path / "g16.png")
     assert t.shape == (3, 37, 41) and torch.allclose(t[1], torch.from_numpy(grey / 65535.0).float())
 
 
 def test_pil_conversions(tmp_path):
     from PIL import Image
     x = torch.rand(3, 5, 6)
-    pil = common.tensor_to_pil(x)
-    assert pil.mode == "RGB" and (common.pil_to_tensor(pil) - x).abs().max() <= 0.5 / 255 + 1e-6
-    g16 = common.tensor_to_pil(x[:1], bits=16)
-    assert g16.mode == "I;16" and (common.pil_to_tensor(g16)[0] - x[0]).abs().max() <= 0.5 / 65535 + 1e-7
+    pil = images.tensor_to_pil(x)
+    assert pil.mode == "RGB" and (images.pil_to_tensor(pil) - x).abs().max() <= 0.5 / 255 + 1e-6
+    g16 = images.tensor_to_pil(x[:1], bits=16)
+    assert g16.mode == "I;16" and (images.pil_to_tensor(g16)[0] - x[0]).abs().max() <= 0.5 / 65535 + 1e-7
     rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 40))
-    assert common.pil_to_tensor(rgba).shape == (3, 3, 4) and common.pil_to_tensor(rgba, alpha=True).shape == (4, 3, 4)
+    assert images.pil_to_tensor(rgba).shape == (3, 3, 4) and images.pil_to_tensor(rgba, alpha=True).shape == (4, 3, 4)
     with pytest.raises(ValueError, match="16-bit RGB"):
-        common.tensor_to_pil(x, bits=16)
+        images.tensor_to_pil(x, bits=16)
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="not a readable"):
-        common.load_image(tmp_path / "junk.png")
+        images.load_image(tmp_path / "junk.png")
 
 
 def test_output_paths_and_samplers(tmp_path):
-    assert common.output_paths(tmp_path / "x.png", 1) == [tmp_path / "x.png"]
-    assert common.output_paths(tmp_path / "x.png", 2) == [tmp_path / "x-0.png", tmp_path / "x-1.png"]
+    assert images.output_paths(tmp_path / "x.png", 1) == [tmp_path / "x.png"]
+    assert images.output_paths(tmp_path / "x.png", 2) == [tmp_path / "x-0.png", tmp_path / "x-1.png"]
     (tmp_path / "s-42.png").write_bytes(b"")
-    assert common.output_paths(tmp_path, 2, names=["s-42", "s-43"]) == [tmp_path / "s-42-1.png", tmp_path / "s-43.png"]
+    assert images.output_paths(tmp_path, 2, names=["s-42", "s-43"]) == [tmp_path / "s-42-1.png", tmp_path / "s-43.png"]
     assert common.parse_sampler("DPM++ 2M").name == "dpmpp_2m" and common.parse_sampler("pndm").name == "plms"
     assert common.parse_sampler("k_euler_a").name == "euler_a"
     assert common.sample_seeds(5, 3) == [5, 6, 7] and len(common.sample_seeds(None, 2)) == 2
@@ -312,7 +314,7 @@ def test_script_writes_pngs_and_latents(tmp_path):
     assert r.returncode == 0, r.stderr
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == ["img-0.png", "img-1.png"]
-    p = common.read_png_parameters(files[1])
+    p = images.read_png_parameters(files[1])
     assert (p["seed"], p["steps"], p["sampler"], p["guidance"]) == (6, 3, "ddim", 7.5)
     assert p["prompt"] == {"token_ids": [254, 10, 20, 255]} and p["batch_index"] == 1
     assert p["timesteps"] == [667, 334, 1]  # 3 DDIM steps: diffusers' "leading" grid (CompVis cannot run 3)
@@ -324,7 +326,7 @@ def test_script_writes_pngs_and_latents(tmp_path):
     # the image is the one the library makes
     m = sdup.load(CKPT, config=YAML)
     ref = txt2img(m, [254, 10, 20, 255], height=H, width=W, steps=3, seed=[6], progress=False)
-    assert (common.load_image(files[1]) - ref.images[0]).abs().max() <= 0.5 / 255 + 1e-5
+    assert (images.load_image(files[1]) - ref.images[0]).abs().max() <= 0.5 / 255 + 1e-5
     assert not list(tmp_path.glob(".*partial"))
 
 

@@ -1,4 +1,4 @@
-"""The upscaler CLI (scripts/upscale.py = python -m sdup upscale) and its file handling (sdup.pipelines.upscale_io),
+"""The upscaler CLI (scripts/upscale.py = python -m sdup upscale) and its file handling (sdup.pipelines.upscale_io, sdup.images),
 on the tiny random-weight x4 checkpoint in the official single-file layout (tests/data/fixtures/x4/model.ckpt +
 its YAML; the tiny text encoder has no BPE vocabulary, so prompts are empty or token ids)."""
 from __future__ import annotations
@@ -16,8 +16,9 @@ from PIL import Image
 
 from helpers import FIXTURES
 from sdup import cli
+from sdup import images as files
+from sdup.images import encode_png
 from sdup.pipelines import upscale_io as io
-from sdup.pipelines.common import encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 X4 = FIXTURES / "x4"
@@ -78,10 +79,10 @@ def test_folder_in_folder_out_script(images, tmp_path):
         assert im.size == (96, 64) and im.mode == "RGB"
     with Image.open(out / "b_x4.jpg") as im:
         assert im.size == (64, 96) and im.format == "JPEG"
-    p = io.read_parameters(out / "a_x4.png")
+    p = files.read_parameters(out / "a_x4.png")
     assert p["pipeline"] == "x4" and p["steps"] == 2 and p["noise_level"] == 20 and p["input"] == "a.png"
     assert p["output_size"] == [64, 96] and p["seed"] == 1
-    assert io.read_parameters(out / "b_x4.jpg")["input"] == "b.jpg"  # EXIF ImageDescription
+    assert files.read_parameters(out / "b_x4.jpg")["input"] == "b.jpg"  # EXIF ImageDescription
     assert "Traceback" not in r.stderr
 
 
@@ -100,9 +101,9 @@ def test_16_bit_and_rgba_round_trips(tmp_path, capsys):
     assert code == 0, err
     # 16-bit PNG stays 16-bit
     assert (out / "deep_x4.png").read_bytes()[24] == 16
-    back = io.read_image(out / "deep_x4.png")
+    back = files.read_image(out / "deep_x4.png")
     assert back.bits == 16 and back.size == (64, 64) and back.alpha is None
-    assert io.read_parameters(out / "deep_x4.png")["prompt"] == {"token_ids": [254, 7, 9, 255]}
+    assert files.read_parameters(out / "deep_x4.png")["prompt"] == {"token_ids": [254, 7, 9, 255]}
     # RGBA: alpha upscaled separately (bicubic, clamped) and re-attached
     with Image.open(out / "cut_x4.png") as im:
         assert im.mode == "RGBA" and im.size == (96, 64)
@@ -110,12 +111,37 @@ def test_16_bit_and_rgba_round_trips(tmp_path, capsys):
     ref = F.interpolate(torch.from_numpy(rgba[:, :, 3] / 255.0)[None, None].float(), size=(64, 96), mode="bicubic",
                         align_corners=False).clamp(0, 1)[0, 0].numpy()
     assert np.abs(alpha - ref).max() <= 1 / 255 + 1e-6
-    assert io.read_parameters(out / "cut_x4.png")["alpha"].startswith("upscaled separately")
+    assert files.read_parameters(out / "cut_x4.png")["alpha"].startswith("upscaled separately")
     # 8-bit TIFF in -> TIFF out with the parameters in ImageDescription
     with Image.open(out / "deep_x4.tif") as im:
         assert im.format == "TIFF" and im.size == (64, 64)
-    assert io.read_parameters(out / "deep_x4.tif")["pipeline"] == "x4"
+    assert files.read_parameters(out / "deep_x4.tif")["pipeline"] == "x4"
     assert no_partials(out)
+
+
+def test_icc_profile_and_16_bit_orientation_reach_the_output(tmp_path, capsys):
+    """A 16-bit PNG with an ICC profile and EXIF orientation 6 (turn 90 degrees): the output is turned (16 x 24
+    stored -> 96 x 64 shown, x4) and carries the profile; a folder at the output name fails before any work."""
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = encode_png((np.random.RandomState(6).rand(16, 24, 3) * 65535).astype(np.uint16), icc_profile=icc)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = exif.tobytes()[6:]
+    pos = data.index(b"IDAT") - 4
+    import struct
+    import zlib
+    src = tmp_path / "turned.png"
+    src.write_bytes(data[:pos] + struct.pack(">I", len(body)) + b"eXIf" + body
+                    + struct.pack(">I", zlib.crc32(b"eXIf" + body) & 0xFFFFFFFF) + data[pos:])
+    code, _, err = run(capsys, src, "-o", tmp_path / "out", *WEIGHTS, *FAST)
+    assert code == 0, err
+    back = files.read_image(tmp_path / "out" / "turned_x4.png")
+    assert back.bits == 16 and back.size == (96, 64) and back.icc_profile == icc
+    (tmp_path / "out" / "turned_x4.png").unlink()
+    (tmp_path / "out" / "turned_x4.png").mkdir()
+    assert_one_line_error(*run(capsys, src, "-o", tmp_path / "out", *WEIGHTS, *FAST),
+                          ["turned_x4.png: cannot write the output there (Is a directory)"], tmp_path / "none")
 
 
 def test_16_bit_tiff_output(tmp_path, capsys):
@@ -123,9 +149,9 @@ def test_16_bit_tiff_output(tmp_path, capsys):
     src.write_bytes(encode_png((np.random.RandomState(5).rand(16, 16, 3) * 65535).astype(np.uint16)))
     code, _, err = run(capsys, src, "-o", tmp_path / "deep.tif", *WEIGHTS, *FAST, "--color-fix", "adain")
     assert code == 0, err
-    back = io.read_image(tmp_path / "deep.tif")
+    back = files.read_image(tmp_path / "deep.tif")
     assert back.bits == 16 and back.size == (64, 64)
-    p = io.read_parameters(tmp_path / "deep.tif")
+    p = files.read_parameters(tmp_path / "deep.tif")
     assert p["input_bits"] == 16 and p["color_fix"] == "adain"
 
 
@@ -134,10 +160,10 @@ def test_vae_dtype_is_applied_and_recorded(images, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, err = run(capsys, images / "a.png", "-o", out, *WEIGHTS, *FAST, "--vae-dtype", "fp16")
     assert code == 0, err
-    assert io.read_parameters(out / "a_x4.png")["vae_dtype"] == "float16"
+    assert files.read_parameters(out / "a_x4.png")["vae_dtype"] == "float16"
     code, _, err = run(capsys, images / "a.png", "-o", tmp_path / "out32", *WEIGHTS, *FAST)
     assert code == 0, err
-    assert io.read_parameters(tmp_path / "out32" / "a_x4.png")["vae_dtype"] == "float32"
+    assert files.read_parameters(tmp_path / "out32" / "a_x4.png")["vae_dtype"] == "float32"
 
 
 def test_skip_existing(images, tmp_path, capsys):
@@ -230,12 +256,12 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     from PIL import Image as PILImage
 
     def broken_save(self, fp, *a, **k):
-        Path(fp).write_bytes(b"half an image")
+        fp.write(b"half an image")  # the encoders write to memory; the file is written once, at the end
         raise OSError("disk full")
     monkeypatch.setattr(PILImage.Image, "save", broken_save)
     for name in ("o.jpg", "o.webp", "o.tif"):
         with pytest.raises(OSError, match="disk full"):
-            io.write_image(tmp_path / name, torch.rand(3, 8, 8), parameters={"a": 1})
+            files.write_image(tmp_path / name, torch.rand(3, 8, 8), parameters={"a": 1})
     assert not list(tmp_path.iterdir())
 
 
@@ -252,14 +278,14 @@ def test_io_helpers(tmp_path):
         (d / name).write_bytes(b"")
     assert [p.name for p in io.expand_inputs([d])] == ["a.jpeg", "b.PNG", "c.bmp"]
     assert [p.name for p in io.expand_inputs([str(d / "*.jpeg"), d / "a.jpeg"])] == ["a.jpeg"]  # de-duplicated
-    with pytest.raises(io.UpscaleIOError, match="no such file"):
+    with pytest.raises(files.UpscaleIOError, match="no such file"):
         io.expand_inputs([tmp_path / "missing.png"])
     paths = io.plan_outputs(io.expand_inputs([d]), tmp_path / "o", 4)
     assert [p.name for p in paths] == ["a_x4.jpeg", "b_x4.png", "c_x4.png"]  # BMP -> PNG
     assert [p.name for p in io.plan_outputs(io.expand_inputs([d]), tmp_path / "o", 2, "webp")] == \
         ["a_x2.webp", "b_x2.webp", "c_x2.webp"]
     assert io.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4) == [tmp_path / "x.tif"]
-    with pytest.raises(io.UpscaleIOError, match="--format"):
+    with pytest.raises(files.UpscaleIOError, match="--format"):
         io.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4, "png")
 
 
@@ -268,14 +294,14 @@ def test_exif_orientation_and_write_formats(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     Image.fromarray(a).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=100)
-    img = io.read_image(tmp_path / "rot.jpg")
-    assert img.size == (12, 8) and io.image_size(tmp_path / "rot.jpg") == (12, 8)
+    img = files.read_image(tmp_path / "rot.jpg")
+    assert img.size == (12, 8) and files.image_size(tmp_path / "rot.jpg") == (12, 8)
     x = torch.rand(3, 8, 8)
     alpha = torch.rand(1, 4, 4)
     for name in ("o.webp", "o.jpg", "o.png", "o.tif"):
-        io.write_image(tmp_path / name, x, alpha, parameters={"k": "v\u00e9"}, warn=lambda m: None)
-        assert io.read_parameters(tmp_path / name) == {"k": "v\u00e9"}
-        back = io.read_image(tmp_path / name)
+        files.write_image(tmp_path / name, x, alpha, parameters={"k": "v\u00e9"}, warn=lambda m: None)
+        assert files.read_parameters(tmp_path / name) == {"k": "v\u00e9"}
+        back = files.read_image(tmp_path / name)
         assert back.size == (8, 8) and (back.alpha is None) == (name == "o.jpg")
     assert not list(tmp_path.glob("*.partial"))
 
@@ -293,8 +319,8 @@ def test_tiled_run_and_whole_image_tile_equals_untiled(images, tmp_path, capsys)
     px = {k: np.asarray(Image.open(v)).astype(int) for k, v in outs.items()}
     assert np.abs(px["plain"] - px["cover"]).max() <= 1
     assert px["tiled"].shape == (64, 96, 3)
-    assert io.read_parameters(outs["tiled"])["tiling"] == {"tile": 16, "overlap": 8, "vae_tile": 16, "vae_overlap": 4}
-    assert io.read_parameters(outs["plain"])["tiling"] == "off"
+    assert files.read_parameters(outs["tiled"])["tiling"] == {"tile": 16, "overlap": 8, "vae_tile": 16, "vae_overlap": 4}
+    assert files.read_parameters(outs["plain"])["tiling"] == "off"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,11 +356,11 @@ def test_x2_images_and_latents(tmp_path, capsys):
         assert np.abs(np.asarray(im)[..., 3].astype(int) - 200).max() <= 1
     with Image.open(out / "lat-1_x2.png") as im:
         assert im.size == (192, 128)  # latent 8 x 12 -> 16 x 24 -> 128 x 192 pixels
-    p = io.read_parameters(out / "a_x2.png")
+    p = files.read_parameters(out / "a_x2.png")
     assert p["pipeline"] == "x2_latent" and p["sampler"] == "euler" and p["steps"] == 2 and p["guidance"] == 3
     assert p["padding"] == {"mode": "replicate", "bottom": 24, "right": 8} and p["vae"].endswith("vae")
-    assert "padding" not in io.read_parameters(out / "b_x2.png")
-    q = io.read_parameters(out / "lat-1_x2.png")
+    assert "padding" not in files.read_parameters(out / "b_x2.png")
+    q = files.read_parameters(out / "lat-1_x2.png")
     assert q["input"] == "lat.safetensors" and q["input_index"] == 1 and q["latents_source"]["seed"] == 4
     # the CLI equals the library call (same seed, one sample of the file)
     import sdup
@@ -399,7 +425,7 @@ def test_x2_kdiffusion_file_with_sd1_checkpoint(tmp_path, capsys):
     assert code == 2 and "has no text encoder" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run(capsys, *base, "--vae", sd1, "--noise-level", "0.25", "--prompt-ids", "254,7,9,255")
     assert code == 0, err
-    p = io.read_parameters(out / "lat_x2.png")
+    p = files.read_parameters(out / "lat_x2.png")
     assert p["noise_level"] == 0.25 and p["vae"].endswith("sd1.safetensors") and p["family"] == "x2"
 
 
@@ -420,7 +446,7 @@ def test_stablesr_folder(images, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["a_x4.png", "b_x4.jpg"]
     with Image.open(out / "a_x4.png") as im:
         assert im.size == (96, 64)
-    p = io.read_parameters(out / "a_x4.png")
+    p = files.read_parameters(out / "a_x4.png")
     assert (p["pipeline"], p["sampler"], p["steps"], p["dec_w"], p["color_fix"], p["start"]) == \
         ("stablesr", "ddpm", 2, 0.7, "wavelet", "lr")
     assert p["cfw_vae"].endswith("cfw_vae.ckpt") and p["native_size"] == 32
@@ -438,14 +464,14 @@ def test_stablesr_folder(images, tmp_path, capsys):
     assert code == 0, err
     with Image.open(tmp_path / "o2" / "a_x2.5.png") as im:
         assert im.size == (60, 40)
-    q = io.read_parameters(tmp_path / "o2" / "a_x2.5.png")
+    q = files.read_parameters(tmp_path / "o2" / "a_x2.5.png")
     assert q["sampler"] == "ddim" and q["guidance"] == 7.0 and q["scale"] == 2.5
 
 
 def test_stablesr_without_cfw_notes_plain_vae(images, tmp_path, capsys):
     code, _, err = run(capsys, images / "a.png", "-o", tmp_path / "o", *SR_WEIGHTS[:4], *SR_FAST)
     assert code == 0 and "no --vae" in err and "vqgan_cfw_00011" in err, err
-    assert "dec_w" not in io.read_parameters(tmp_path / "o" / "a_x4.png")
+    assert "dec_w" not in files.read_parameters(tmp_path / "o" / "a_x4.png")
 
 
 @pytest.mark.parametrize("case", ["dec_w", "dec_w_for_x4", "sampler", "wrong_vae", "noise_level",
@@ -537,8 +563,8 @@ def test_unknown_output_extension_and_empty_existing_output(images, tmp_path, ca
 
 SIGTERM_RUN = """
 import sys, time
-from sdup.pipelines import common, upscale_io
-real = common.atomic_write
+from sdup.images import write
+real = write.atomic_write
 
 def slow_atomic_write(path, write, **kw):
     def slow(tmp):
@@ -547,7 +573,7 @@ def slow_atomic_write(path, write, **kw):
         time.sleep(60)
     return real(path, slow, **kw)
 
-common.atomic_write = upscale_io.atomic_write = slow_atomic_write
+write.atomic_write = slow_atomic_write
 from sdup.upscale_cli import upscale_main
 sys.exit(upscale_main(sys.argv[1:]))
 """
@@ -598,13 +624,13 @@ def test_rerun_from_an_output_gives_identical_pixels(images, tmp_path, capsys):
     code, _, err = run(capsys, images, "-o", tmp_path / "first", *args)
     assert code == 0, err
     made = tmp_path / "first" / "b_x4.jpg"
-    p = io.read_parameters(made)
+    p = files.read_parameters(made)
     assert p["command"][0] == str(images) and p["input_path"] == str((images / "b.jpg").resolve())
     assert len(p["weights_sha256"]) == 64 and p["config"] == str((X4 / "config.yaml").resolve())
     code, _, err = run(capsys, "--rerun", made, "-o", tmp_path / "again.jpg")
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "again.jpg")))
-    assert io.read_parameters(tmp_path / "again.jpg")["noise_level"] == 40
+    assert files.read_parameters(tmp_path / "again.jpg")["noise_level"] == 40
     # other weights under the same name, a file without a record, inputs given as well: one line each
     weights.write_bytes(weights.read_bytes() + b"\0")
     assert_one_line_error(*run(capsys, "--rerun", made, "-o", tmp_path / "x.jpg"),
