@@ -13,6 +13,7 @@ from safetensors import safe_open
 import sdup
 from helpers import FIXTURES, SAMPLER_TOL, assert_parity
 from sdup.checkpoints.export import save_diffusers
+from sdup.diffusion.grids import discrete_timesteps
 from sdup.pipelines import common
 from sdup.pipelines.txt2img import Result, txt2img
 
@@ -289,11 +290,11 @@ def test_output_paths_and_samplers(tmp_path):
     assert common.parse_sampler("DPM++ 2M").name == "dpmpp_2m" and common.parse_sampler("pndm").name == "plms"
     assert common.parse_sampler("k_euler_a").name == "euler_a"
     assert common.sample_seeds(5, 3) == [5, 6, 7] and len(common.sample_seeds(None, 2)) == 2
-    assert common.discrete_timesteps(50).tolist()[:3] == [981, 961, 941]
-    assert common.discrete_timesteps(3).tolist() == [667, 334, 1]  # diffusers "leading"; CompVis fails here
-    assert common.discrete_timesteps(999)[0] == 999 and common.discrete_timesteps(501)[0] == 501  # one step per t
+    assert discrete_timesteps(50).tolist()[:3] == [981, 961, 941]
+    assert discrete_timesteps(3).tolist() == [667, 334, 1]  # diffusers "leading"; CompVis fails here
+    assert discrete_timesteps(999)[0] == 999 and discrete_timesteps(501)[0] == 501  # one step per t
     with pytest.raises(ValueError, match=r"steps must be in 1\.\.999"):
-        common.discrete_timesteps(1000)  # would end at t = 1000, past the schedule
+        discrete_timesteps(1000)  # would end at t = 1000, past the schedule
 
 
 # ------------------------------------------------------------------------------------------------ script

@@ -16,7 +16,6 @@ Seeds
     make_generators(seeds)            one CPU ``torch.Generator`` per sample: sample i does not depend on the batch
 Samplers
     parse_sampler(name)               = ``sdup.diffusion.samplers.get_sampler`` (the one table: ``SAMPLERS``)
-    discrete_timesteps / sigma_grid   the reference grids (``job.ldm_grid`` builds the denoiser on them)
 Inputs and outputs
     check_images(image, image_range)  tensors / PIL images -> (B, 3, h, w) in [-1, 1], with clear errors
     decode_latents(vae, latents)      scaled latents -> images, the VAE in fp32 by default, one sample at a time
@@ -400,29 +399,6 @@ parse_sampler = get_sampler
 def resolve_eta(spec: Sampler, eta: float | None) -> float:
     """``spec.resolve_eta(eta)``: eta for the sampler (None -> its default)."""
     return spec.resolve_eta(eta)
-
-
-def discrete_timesteps(steps: int, T: int = 1000, offset: int = 1) -> Tensor:
-    """The DDIM / PLMS / DDPM grid, descending: ``t_i = i * (T // steps) + offset`` for i < steps.
-
-    This is the first ``steps`` entries of the LDM uniform grid (``ddim_timesteps``) = diffusers' "leading"
-    spacing with ``steps_offset=1``: identical to CompVis whenever its grid has exactly ``steps`` entries
-    (10, 20, 25, 50, 100, 200, 250, 500, 1000, ...). For other counts CompVis runs a few extra steps (75 -> 77) or
-    fails (3, 9, ...: it would index t = 1000); sdup, like diffusers, runs exactly ``steps``. At most ``T - offset``
-    steps (999): with one step per timestep the grid would end at t = T, past the schedule."""
-    from ..diffusion.schedules import spaced_timesteps
-    if not 1 <= steps <= T - offset:
-        raise ValueError(f"steps must be in 1..{T - offset} for this sampler, got {steps}")
-    return spaced_timesteps(steps, "leading", T, offset).long()
-
-
-def sigma_grid(spec: Sampler, alphas_cumprod: Tensor, steps: int) -> Tensor:
-    """diffusers' default grid for the sigma samplers ("linspace" spacing, interpolated linearly in sigma over the
-    training sigmas, final sigma 0; DPM-Solver's own n+1-point variant for dpmpp_2m)."""
-    from ..diffusion.schedules import discrete_sigmas
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return discrete_sigmas(alphas_cumprod, steps, "linspace", dpm_solver=spec.name == "dpmpp_2m")[0]
 
 
 # ------------------------------------------------------------------------------------------------

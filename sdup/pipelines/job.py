@@ -15,7 +15,6 @@ scale <= 1; ``guidance_rule="diffusers"`` (x2 only, where parity with diffusers'
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -134,29 +133,6 @@ def start_noise(x_T: Tensor | None, shape: tuple, generators, device, what: str 
     elif tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T must have shape {tuple(shape)}{what}, got {tuple(x_T.shape)}")
     return x_T.float().to(device)
-
-
-def ldm_grid(sampler: Sampler, raw: Callable, schedule: dict, prediction: str, steps: int, device):
-    """(denoiser, grid, init_scale, record) of an LDM network (eps or v; x4, txt2img) on the reference grids.
-    Discrete samplers: ``DiscreteDenoiser`` on the LDM / diffusers "leading" timesteps (DDPM: the chain respaced to
-    them).  Sigma samplers: ``CompVisDenoiser`` on diffusers' "linspace" sigma grid, t(sigma) by linear
-    interpolation (so the network gets diffusers' timesteps exactly); the start is x_T * sigma_max (diffusers'
-    ``init_noise_sigma``) or x_T * sqrt(sigma_max^2 + 1) for DPM++ (diffusers' DPM-Solver starts in the
-    variance-preserving scale).  ``record``: the timesteps for the parameters (``finish`` records sigmas)."""
-    from ..diffusion.denoisers import CompVisDenoiser, DiscreteDenoiser
-    from ..diffusion.schedules import schedule_betas
-    from .common import discrete_timesteps, sigma_grid
-    den = DiscreteDenoiser(raw, schedule_betas(schedule), prediction)
-    if sampler.discrete:
-        ts = discrete_timesteps(steps, den.num_timesteps)
-        record = {"timesteps": ts.tolist()}
-        if sampler.name == "ddpm":
-            return den.respaced(ts.tolist()), None, 1.0, record
-        return den, ts, 1.0, record
-    sigmas = sigma_grid(sampler, den.alphas_cumprod, steps)
-    s0 = float(sigmas[0])
-    kd = CompVisDenoiser(raw, den.alphas_cumprod, prediction, interpolation="linear")
-    return kd, sigmas.to(device), math.sqrt(s0 ** 2 + 1) if sampler.name == "dpmpp_2m" else s0, {}
 
 
 def base_parameters(pipeline: str, model, steps: int, guidance: float, batch: int) -> dict:

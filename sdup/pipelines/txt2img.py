@@ -12,7 +12,7 @@ What it computes (CompVis ``scripts/txt2img.py`` / diffusers ``StableDiffusionPi
 2. x_T ~ N(0, I) of shape (B, 4, H/8, W/8), sample i drawn from its own generator seeded ``seed + i``; the same
    generator then supplies that sample's per-step noise (DDIM eta > 0, DDPM, Euler a).
 3. Network output with classifier-free guidance, ONE UNet call on the batch [u, c]: out_u + g (out_c - out_u),
-   on eps or v as the model predicts; then the sampler (``job.ldm_grid``: DDIM / PLMS / DDPM on the LDM
+   on eps or v as the model predicts; then the sampler (``diffusion.grids.ldm_grid``: DDIM / PLMS / DDPM on the LDM
    timesteps, Euler / Euler a / LMS / DPM++ 2M on diffusers' sigma grids).
 4. image = clamp((vae.decode(x_0 / scale_factor) + 1) / 2, 0, 1); the VAE runs in fp32, one sample at a time.
 
@@ -43,10 +43,11 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion.denoisers import CFG
+from ..diffusion.grids import ldm_grid
 from ..diffusion.samplers import get_sampler
 from .common import (Result, check_finite, check_int, decode_latents, dtype_name, prompt_context, record_prompts,
                      resolve_generators)
-from .job import Job, base_parameters, finish, guided, ldm_grid, sample, start_noise
+from .job import Job, base_parameters, finish, guided, sample, start_noise
 
 Tensor = torch.Tensor
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")

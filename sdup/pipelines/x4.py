@@ -71,11 +71,12 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion.denoisers import CFG
+from ..diffusion.grids import ldm_grid
 from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .common import (Result, check_finite, check_int, check_images, decode_scaled, dtype_name, pad_to_multiple,
                      prompt_context, record_prompts, resolve_generators)
-from .job import Job, base_parameters, check_color_fix, guided, ldm_grid, run, start_noise, tile_parameters, tiled
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
 SAMPLERS = SAMPLER_NAMES   # every sampler of the registry runs on the x4 v network
