@@ -83,20 +83,22 @@ def main(argv=None) -> int:
     import torch
     import sdup
     from sdup.checkpoints import CheckpointError, KeyMismatch
+    from sdup.diffusion.samplers import get_sampler
     from sdup.pipelines import common
+    from sdup.pipelines.result import DTYPES
+    from sdup.pipelines.seeds import sample_seeds
     from sdup.optimize import prepare
     from sdup.pipelines.txt2img import txt2img
 
     try:
-        common.parse_sampler(args.sampler).resolve_eta(args.eta)  # before loading gigabytes
-        common.sample_seeds(args.seed, args.batch)
+        get_sampler(args.sampler).resolve_eta(args.eta)  # before loading gigabytes
+        sample_seeds(args.seed, args.batch)
         paths = common.output_paths(args.out, args.batch, names=[f"txt2img-{args.seed + i}" for i in range(args.batch)])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:
             fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
-        DTYPES = common.DTYPES
         dtype = DTYPES[args.dtype]
         model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
         memory_format = prepare(model, args.memory_format)  # fused q/k/v, bf16 oneDNN Linears, layout (sdup.optimize)

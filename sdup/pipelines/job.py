@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..diffusion.samplers import Sampler
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import Result
+from .result import Result, dtype_name
 
 Tensor = torch.Tensor
 GUIDANCE_RULES = ("sdup", "diffusers")
@@ -138,7 +138,6 @@ def start_noise(x_T: Tensor | None, shape: tuple, generators, device, what: str 
 def base_parameters(pipeline: str, model, steps: int, guidance: float, batch: int) -> dict:
     """The parameters every pipeline records first."""
     from .. import __version__
-    from .common import dtype_name
     return {"pipeline": pipeline, "sdup_version": __version__, "model": str(model.source), "family": model.family,
             "steps": steps, "guidance": float(guidance), "batch_size": batch,
             "dtype": dtype_name(next(model.unet.parameters()).dtype)}

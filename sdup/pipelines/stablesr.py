@@ -41,6 +41,8 @@ the ranks of a process group. Upstream instead decodes images above 1280 px in o
 Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, which takes the same):
     cfw_vae: the CFW autoencoder (LoadedModel or module) or None (the model's plain VAE; ``dec_w`` then unused).
     prompt / negative_prompt: text or token ids; the reference uses "" (guidance applies only when != 1).
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text
+        (``conditioning.check_prompts``: the one rule of every pipeline).
     steps: respaced DDPM steps (default 200 as the reference; the turbo checkpoint 4) or DDIM steps (default 50);
     sampler "ddpm" | "ddim".  guidance: CFG scale on the network output (default 1 for ddpm, 7 for ddim as the DDIM
     script).  dec_w: CFW fidelity weight 0..1; start: "lr" | "noise"; input_size: the model's native size (default
@@ -62,8 +64,10 @@ import torch.nn.functional as F
 from ..diffusion.denoisers import CFG, DiscreteDenoiser
 from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
-from .common import (Result, check_finite, check_int, check_images, pad_to_multiple, prompt_context, record_prompts,
-                     resolve_generators)
+from .checks import check_finite, check_images, check_int, pad_to_multiple
+from .conditioning import check_prompts, record_prompts, text_contexts
+from .result import Result
+from .seeds import resolve_generators
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
@@ -176,8 +180,8 @@ def upsampled_size(model, size: tuple[int, int], scale: float, input_size: int |
 
 
 def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
-                     negative_prompt: str | Sequence[str] | Tensor = "", *, scale: float = 4.0,
-                     steps: int | None = None, sampler: str = DEFAULTS.sampler, guidance: float | None = None,
+                     negative_prompt: str | Sequence[str] | Tensor = "", *, prompt_embeds: Tensor | None = None,
+                     negative_embeds: Tensor | None = None, scale: float = 4.0, steps: int | None = None, sampler: str = DEFAULTS.sampler, guidance: float | None = None,
                      dec_w: float = DEFAULTS.dec_w, start: str = DEFAULTS.start, input_size: int | None = None,
                      seed: int | Sequence[int] | None = 42,
                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -191,6 +195,7 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                   start=start, input_size=input_size, color_fix_mode=color_fix_mode, vae_tile=vae_tile,
                   vae_overlap=vae_overlap)
     steps, guidance = DEFAULTS.steps_for(sampler, steps), DEFAULTS.guidance_for(sampler, guidance)
+    prompts = check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds)
     low = check_images(image)                                         # (B, 3, h, w) in [-1, 1]
     if min(low.shape[-2:]) < 8:
         raise ValueError(f"the image is {low.shape[-1]}x{low.shape[-2]}; StableSR needs at least 8x8")
@@ -206,10 +211,8 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
     z_lr, feats = _encode(cfw or model.vae, cfw is not None, padded, generators, model.scale_factor)
     device = next(model.unet.parameters()).device
     x_T = _start(model, z_lr, start, x_T, generators)
-    cond = dict(context=prompt_context(model, prompt, None, batch, "prompt").to(device), lr=z_lr.to(device))
-    uncond = None
-    if guided(guidance):
-        uncond = dict(context=prompt_context(model, negative_prompt, None, batch, "negative_prompt").to(device))
+    cond, uncond = text_contexts(model, prompts, batch, guided(guidance), device)
+    cond["lr"] = z_lr.to(device)
     den, ddim_ts = stablesr_denoiser(model, guidance, sampler, steps, tile, tile_overlap, tile_batch, weights, progress)
     spec = get_sampler(sampler)
     oh, ow = round(h * scale), round(w * scale)
@@ -224,7 +227,7 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
         params["tiling"] = dict(tile_parameters(tiler, vae_tile, vae_overlap),
                                 **({"tile_batch": tile_batch, "weights": weights} if tiler is not None else {}))
     params["timesteps"] = space_timesteps(1000, [steps])[::-1]
-    record_prompts(params, batch, guidance, seeds, prompt=(prompt, None), negative_prompt=(negative_prompt, None))
+    record_prompts(params, prompts, batch, guidance, seeds)
     return Job(spec, den, x_T.to(device), ddim_ts, dict(cond=cond, uncond=uncond), 1.0, spec.options(0.0), generators,
                callback, progress, tiler, decode=_cfw_decoding(model, cfw, feats, dec_w, vae_tile, vae_overlap, progress),
                color_fix=color_fix_mode,

@@ -59,7 +59,8 @@ Arguments of ``prepare_x2`` (and of the wrapper, which takes the same):
     vae: an SD VAE (LoadedModel or sdup AutoencoderKL) for encoding / decoding; default the model's vae/.
     prompt / negative_prompt: text or token ids (as txt2img); the prompt should describe the image ("" works).
     prompt_embeds + pooled_prompt_embeds (+ negative_embeds + negative_pooled_embeds): precomputed text features
-        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text. ``prompt_mask`` /
+        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text (``conditioning.check_prompts``:
+        the one rule of every pipeline). ``prompt_mask`` /
         ``negative_mask`` (B, 77) go with them when ``mask_padding``.
     steps, sampler (euler | euler_a | lms | dpmpp_2m), schedule (diffusers | original | karras) or sigmas (an
         explicit grid, visiting order, final 0 or not): see the module docstring.
@@ -88,13 +89,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import SIGMA_SAMPLERS, get_sampler, randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
-from .common import (Result, check_finite, check_int, decode_latents, dtype_name, pad_to_multiple, prompt_rows,
-                     record_prompts, resolve_generators, token_ids)
+from .checks import check_finite, check_int, pad_to_multiple
+from .conditioning import (Prompts, check_embeddings, check_prompts, per_sample, prompt_rows, record_prompts,
+                           token_ids)
+from .decoding import decode_latents
+from .result import Result, dtype_name
+from .seeds import resolve_generators
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
@@ -209,7 +214,7 @@ def padding_mask(model, ids: Tensor) -> Tensor:
 
 
 def encode_x2_prompts(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
-    """Prompts (text or token ids, see ``common.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
+    """Prompts (text or token ids, see ``conditioning.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
     pooled (B, D), padding mask (B, 77)). Identical prompts are encoded once."""
     if model.text_encoder is None:
         raise ValueError("this x2 model has no text encoder: pass prompt_embeds and pooled_prompt_embeds")
@@ -228,9 +233,7 @@ def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_paddi
             raise ValueError(f"{what}_embeds needs the matching pooled vector ({what.replace('prompt', 'pooled')}"
                              f"{'' if what == 'negative_prompt' else '_prompt'}_embeds): the x2 UNet is "
                              "conditioned on both")
-        if not isinstance(embeds, Tensor) or embeds.ndim not in (2, 3) or not embeds.is_floating_point():
-            raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
-        ctx = embeds[None] if embeds.ndim == 2 else embeds
+        ctx = check_embeddings(embeds, what)
         pooled = pooled[None] if pooled.ndim == 1 else pooled
         if mask_padding and mask is None:
             raise ValueError(f"mask_padding=True with {what}_embeds needs the padding mask too ({what}_mask (B, 77), "
@@ -239,15 +242,8 @@ def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_paddi
             mask = (mask[None] if mask.ndim == 1 else mask).float()
     else:
         ctx, pooled, mask = encode_x2_prompts(model, prompt_rows(prompt, batch))
-    out = []
-    for name, t in (("embeddings", ctx), ("pooled", pooled), ("mask", mask)):
-        if t is not None:
-            if t.shape[0] == 1 and batch > 1:
-                t = t.expand(batch, *t.shape[1:])
-            if t.shape[0] != batch:
-                raise ValueError(f"{what}: {name} have {t.shape[0]} rows for a batch of {batch}")
-        out.append(t)
-    ctx, pooled, mask = out
+    ctx, pooled = per_sample(ctx, batch, what), per_sample(pooled, batch, what, "pooled")
+    mask = per_sample(mask, batch, what, "mask") if mask is not None else None
     cfg = model.unet.cfg
     if ctx.shape[-1] != cfg.cross_cond_dim or pooled.shape[-1] != cfg.mapping_cond_dim - cfg.noise_aug_dim:
         raise ValueError(f"{what}: text width {ctx.shape[-1]} / pooled {pooled.shape[-1]}, the K-UNet expects "
@@ -336,17 +332,18 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
         raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
     unet, spec = model.unet, get_sampler(sampler)
     eta, use_cfg = spec.resolve_eta(eta), guided(guidance, guidance_rule)
-    prompt = _x2_prompt(prompt, prompt_embeds, guidance)
+    prompts = _x2_prompts(check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds), guidance)
     vae_module = _x2_vae(model, vae, decode or image is not None)
     image, in_hw, padding = _x2_image(image, vae_module, unet, pad_mode)
     batch = image.shape[0] if image is not None else 1 if latents.ndim == 3 else latents.shape[0]
     scale_factor = float(getattr(model, "scale_factor", 0.18215))
     seeds, generators = resolve_generators(seed, generator, batch)
     p = next(unet.parameters())
-    text = [_text(model, prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch, "prompt", mask_padding)]
+    text = [_text(model, prompts.prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch, "prompt",
+                  mask_padding)]
     if use_cfg:  # text before any random draw: errors come first
-        text.append(_text(model, None if negative_embeds is not None else negative_prompt, negative_embeds,
-                          negative_pooled_embeds, negative_mask, batch, "negative_prompt", mask_padding))
+        text.append(_text(model, prompts.negative_prompt, negative_embeds, negative_pooled_embeds, negative_mask, batch,
+                          "negative_prompt", mask_padding))
     if image is not None:
         latents = encode_image(vae_module, image, scale_factor, generators, sample_posterior)
     low = check_latents(unet, latents).to(p.device)
@@ -363,8 +360,7 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                   input="image" if image is not None else "latents",
                   sample_posterior=bool(sample_posterior) if image is not None else None,
                   low_res_size=list(low.shape[-2:]), latent_size=list(shape[-2:]), scale_factor=scale_factor)
-    record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
-                   negative_prompt=(negative_prompt, negative_embeds))
+    record_prompts(params, prompts, batch, guidance if use_cfg else 1.0, seeds)
     job = Job(spec, den, x_T, sigmas.to(p.device), extra, float(sigmas[0]), spec.options(eta), generators, callback,
               progress, net if tile else None, parameters=params)
     if decode:
@@ -408,14 +404,9 @@ def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAUL
     check_color_fix(color_fix_mode)
 
 
-def _x2_prompt(prompt, prompt_embeds, guidance: float):
-    if prompt_embeds is not None:
-        return None
-    if guidance == 0:  # diffusers: guidance_scale == 0 replaces the prompt by ""
-        return ""
-    if prompt is None:
-        raise ValueError("give a prompt (text or token ids; \"\" is fine) or prompt_embeds + pooled_prompt_embeds")
-    return prompt
+def _x2_prompts(prompts: Prompts, guidance: float) -> Prompts:
+    """diffusers: guidance_scale == 0 replaces a text prompt by ""."""
+    return replace(prompts, prompt="") if guidance == 0 and prompts.prompt_embeds is None else prompts
 
 
 def _x2_vae(model, vae, needed: bool):
