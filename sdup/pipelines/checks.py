@@ -53,9 +53,9 @@ def check_images(image, image_range=(0, 1)) -> Tensor:
                              "channel off (image[:, :3]) and upscale it separately")
         if t.shape[1] != 3:
             raise ValueError(f"the input image must have 3 (RGB) channels, got {t.shape[1]}")
-        t = t.detach().float()
+        t = t.float()  # no detach: gradients flow from the output back to the input
         if t.numel():
-            mn, mx = float(t.min()), float(t.max())
+            mn, mx = float(t.detach().min()), float(t.detach().max())
             if mn < lo_hi[0] - 0.01 or mx > lo_hi[1] + 0.01:
                 hint = " (pass image_range=(-1, 1) for [-1, 1] input)" if mn >= -1.01 and mx <= 1.01 else ""
                 raise ValueError(f"image values span [{mn:.3g}, {mx:.3g}], outside image_range {lo_hi}{hint}")

@@ -29,10 +29,10 @@ Tensor = torch.Tensor
 GUIDANCE_RULES = ("sdup", "diffusers")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
     """Everything one sampler run needs, built by a ``prepare_<model>`` and free to inspect or change before
-    ``sample``.  Contracts (``sdup.diffusion.samplers``): for a discrete sampler ``denoiser(x, t, **extra_args)``
+    ``sample``; built with keywords.  Contracts (``sdup.diffusion.samplers``): for a discrete sampler ``denoiser(x, t, **extra_args)``
     returns (eps, x0) and ``grid`` holds integer timesteps (None: the denoiser's whole chain, DDPM on a respaced
     chain); for a sigma sampler ``denoiser(x, sigma, **extra_args)`` returns D and ``grid`` the sigmas in visiting
     order.  A new grid for a sigma sampler usually wants ``init_scale = grid[0]``."""

@@ -131,8 +131,9 @@ def prepare_txt2img(model, prompt: str | Sequence[str] | Tensor | None = None,
                   vae_dtype=dtype_name(vae_dtype))
     record_prompts(params, prompts, batch, guidance, seeds)
     params.update(record)
-    return Job(spec, den, x_T, grid, dict(cond=cond, uncond=uncond), init_scale, spec.options(eta), generators,
-               callback, progress, decode=lambda z: decode_latents(model, z, clamp=False, vae_dtype=vae_dtype),
+    return Job(sampler=spec, denoiser=den, x_T=x_T, grid=grid, extra_args=dict(cond=cond, uncond=uncond),
+               init_scale=init_scale, options=spec.options(eta), generators=generators, callback=callback,
+               progress=progress, decode=lambda z: decode_latents(model, z, clamp=False, vae_dtype=vae_dtype),
                parameters=params)
 
 

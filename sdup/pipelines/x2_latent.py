@@ -97,8 +97,8 @@ from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exp
 from .checks import check_finite, check_int, pad_to_multiple
 from .conditioning import (Prompts, check_embeddings, check_prompts, per_sample, prompt_rows, record_prompts,
                            token_ids)
-from .decoding import decode_latents
-from .result import Result, dtype_name
+from .decoding import decode_latents, recorded_dtype
+from .result import Result
 from .seeds import resolve_generators
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
@@ -361,12 +361,13 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                   sample_posterior=bool(sample_posterior) if image is not None else None,
                   low_res_size=list(low.shape[-2:]), latent_size=list(shape[-2:]), scale_factor=scale_factor)
     record_prompts(params, prompts, batch, guidance if use_cfg else 1.0, seeds)
-    job = Job(spec, den, x_T, sigmas.to(p.device), extra, float(sigmas[0]), spec.options(eta), generators, callback,
-              progress, net if tile else None, parameters=params)
-    if decode:
-        _x2_decoding(job, vae_module, scale_factor, image, in_hw, low, color_fix_mode, vae_tile, vae_overlap, vae_dtype)
-    _x2_layout_parameters(params, padding, pad_mode, job.tiler, vae_tile, vae_overlap)
-    return job
+    decoding = _x2_decoding(vae_module, scale_factor, image, in_hw, low, shape[-2:], color_fix_mode, vae_tile,
+                            vae_overlap, vae_dtype, progress, params) if decode else {}
+    tiler = net if tile else None
+    _x2_layout_parameters(params, padding, pad_mode, tiler, vae_tile, vae_overlap)
+    return Job(sampler=spec, denoiser=den, x_T=x_T, grid=sigmas.to(p.device), extra_args=extra,
+               init_scale=float(sigmas[0]), options=spec.options(eta), generators=generators, callback=callback,
+               progress=progress, tiler=tiler, parameters=params, **decoding)
 
 
 def _x2_layout_parameters(params: dict, padding, pad_mode, tiler, vae_tile, vae_overlap) -> None:
@@ -464,21 +465,20 @@ def _x2_grid(sigmas, steps: int, schedule: str, model) -> tuple[Tensor, str]:
     return sigmas, "custom"
 
 
-def _x2_decoding(job: Job, vae, scale_factor: float, image, in_hw, low: Tensor, color_fix_mode: str, vae_tile,
-                 vae_overlap: int, vae_dtype) -> None:
-    """The decode half of the job: VAE decode, colour fix against the input image (latents: the decoded low-res
-    latents), crop of the image padding; and its parameters."""
-    job.decode = lambda z: decode_latents(vae, z, scale_factor, clamp=False, vae_tile=vae_tile,
-                                          vae_overlap=vae_overlap, progress=job.progress, vae_dtype=vae_dtype)
-    job.color_fix = color_fix_mode
+def _x2_decoding(vae, scale_factor: float, image, in_hw, low: Tensor, latent_hw, color_fix_mode: str, vae_tile,
+                 vae_overlap: int, vae_dtype, progress: bool, params: dict) -> dict:
+    """The decode half of the job, as ``Job`` fields: VAE decode, colour fix against the input image (latents: the
+    decoded low-res latents), crop of the image padding; its parameters go into ``params``."""
+    options = dict(clamp=False, vae_tile=vae_tile, vae_overlap=vae_overlap, progress=progress, vae_dtype=vae_dtype)
+    fields = dict(decode=lambda z: decode_latents(vae, z, scale_factor, **options), color_fix=color_fix_mode)
     if image is not None:
-        job.color_ref, job.crop = 2 * image.float() - 1, (2 * in_hw[0], 2 * in_hw[1])
+        fields.update(color_ref=2 * image.float() - 1, crop=(2 * in_hw[0], 2 * in_hw[1]))
     else:
-        job.color_ref = lambda: decode_latents(vae, low, scale_factor, clamp=False)
+        fields["color_ref"] = lambda: decode_latents(vae, low, scale_factor, clamp=False)
     f = vae.cfg.downscale if getattr(vae, "cfg", None) is not None else 8
-    h, w = job.crop or (f * job.x_T.shape[-2], f * job.x_T.shape[-1])
-    job.parameters.update(height=h, width=w, color_fix=color_fix_mode,
-                          vae_dtype="float32" if vae_tile else dtype_name(vae_dtype))  # tiled: fp32
+    h, w = fields.get("crop") or (f * latent_hw[0], f * latent_hw[1])
+    params.update(height=h, width=w, color_fix=color_fix_mode, vae_dtype=recorded_dtype(vae, vae_dtype, vae_tile))
+    return fields
 
 
 @torch.inference_mode()

@@ -77,8 +77,8 @@ from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from .checks import check_finite, check_images, check_int, pad_to_multiple
 from .conditioning import check_prompts, record_prompts, text_contexts
-from .decoding import decode_scaled
-from .result import Result, dtype_name
+from .decoding import decode_scaled, recorded_dtype
+from .result import Result
 from .seeds import resolve_generators
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
@@ -235,7 +235,7 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     params = base_parameters("x4", model, steps, guidance, batch)
     params.update(prediction=model.prediction, eta=eta, input_size=[h, w], output_size=[4 * h, 4 * w],
                   scale_factor=model.scale_factor, color_fix=color_fix_mode,
-                  vae_dtype="float32" if vae_tile else dtype_name(vae_dtype))  # tiled decodes: fp32
+                  vae_dtype=recorded_dtype(model.vae, vae_dtype, vae_tile))
     lv = levels.tolist()
     params.update({"noise_level": lv[0]} if len(set(lv)) == 1 else {"noise_levels": lv})
     if ph or pw:
@@ -245,8 +245,9 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
         params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
     record_prompts(params, prompts, batch, guidance, seeds)
     params.update(record)
-    return Job(spec, den, x_T, grid, dict(cond=cond, uncond=uncond), init_scale, spec.options(eta), generators,
-               callback, progress, tiler,
+    return Job(sampler=spec, denoiser=den, x_T=x_T, grid=grid, extra_args=dict(cond=cond, uncond=uncond),
+               init_scale=init_scale, options=spec.options(eta), generators=generators, callback=callback,
+               progress=progress, tiler=tiler,
                decode=lambda z: decode(model, z, vae_tile, vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w],
                color_fix=color_fix_mode, color_ref=low, parameters=params)
 
