@@ -84,20 +84,22 @@ def main(argv=None) -> int:
     import sdup
     from sdup.checkpoints import CheckpointError, KeyMismatch
     from sdup import images
-    from sdup.pipelines import common
+    from sdup.diffusion.samplers import get_sampler
+    from sdup.fileio import atomic_write
+    from sdup.pipelines.result import DTYPES
+    from sdup.pipelines.seeds import sample_seeds
     from sdup.optimize import prepare
     from sdup.pipelines.txt2img import txt2img
 
     try:
-        common.parse_sampler(args.sampler).resolve_eta(args.eta)  # before loading gigabytes
-        common.sample_seeds(args.seed, args.batch)
+        get_sampler(args.sampler).resolve_eta(args.eta)  # before loading gigabytes
+        sample_seeds(args.seed, args.batch)
         paths = images.output_paths(args.out, args.batch, names=[f"txt2img-{args.seed + i}" for i in range(args.batch)])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:
             fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
-        DTYPES = common.DTYPES
         dtype = DTYPES[args.dtype]
         model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
         memory_format = prepare(model, args.memory_format)  # fused q/k/v, bf16 oneDNN Linears, layout (sdup.optimize)
@@ -118,8 +120,8 @@ def main(argv=None) -> int:
             meta = {"parameters": json.dumps(p), "scale_factor": str(model.scale_factor),
                     "seeds": json.dumps(p.get("seeds")), "prompt": json.dumps(p.get("prompt", p.get("prompts"))),
                     "negative_prompt": json.dumps(p.get("negative_prompt", p.get("negative_prompts")))}
-            common.atomic_write(args.latents_out, lambda tmp: save_file({"latents": result.latents.contiguous()},
-                                                                        str(tmp), metadata=meta))
+            atomic_write(args.latents_out, lambda tmp: save_file({"latents": result.latents.contiguous()},
+                                                                 str(tmp), metadata=meta))
             print(f"wrote {args.latents_out}")
     except KeyMismatch as e:
         fail(e.one_line())

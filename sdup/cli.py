@@ -71,7 +71,7 @@ def _absent_components(path: Path, model) -> list[str]:
 def cmd_convert(args) -> int:
     from .checkpoints import load, save_sdup
     from .checkpoints.export import save_diffusers, save_ldm
-    from .pipelines.common import DTYPES
+    from .pipelines.result import DTYPES
     out = Path(args.output)
     fmt = args.to or ("diffusers" if out.suffix == "" else "sdup" if out.name.endswith(".sdup.safetensors") else "ldm")
     model = load(args.input, config=args.config, ema=args.ema, variant=args.variant,

@@ -63,7 +63,7 @@ def fail(msg: str):
 
 
 def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .pipelines.common import SAMPLER_NAMES
+    from .diffusion.samplers import SAMPLER_NAMES
     from .images import MAX_PIXELS
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs (quote globs)")
     p.add_argument("--rerun", metavar="OUTPUT",
@@ -537,7 +537,7 @@ def run_item(model, family: str, item: Item, img, prompt, negative, settings: di
     """prepare -> sample -> finish of one input, under ``torch.inference_mode()``; ``split``: the group its tiles are
     split over (torchrun with a single input), or None."""
     import torch
-    from .pipelines.common import DTYPES
+    from .pipelines.result import DTYPES
     from .pipelines.job import run
     common = dict(settings, prompt=prompt, negative_prompt=negative, seed=args.seed, color_fix_mode=args.color_fix,
                   tile=plan["tile"], tile_overlap=plan["overlap"], vae_tile=plan["vae_tile"],
@@ -727,7 +727,7 @@ def dry_run(args, meta, family: str, scale, items, outputs) -> int:
 def load_model(args, family: str):
     """The weights (plus --vae), checked complete, with fused q/k/v and, with --compile, a compiled UNet."""
     from .optimize import compile_model, prepare
-    from .pipelines.common import DTYPES
+    from .pipelines.result import DTYPES
     group = getattr(args, "group", None)
     device = _device(args.device or (group.device if group is not None and group.device != "cpu" else None))
     model = _load(args.weights, args.config, device, DTYPES[args.dtype])

@@ -1,6 +1,6 @@
 """Full-size UNets and VAEs (random weights) on every memory format and dtype path of sdup.optimize.prepare: fp32
 channels_last == fp32 contiguous within the parity criterion; bf16 (contiguous and channels_last) within
-2e-2 * max|fp32| of fp32; the bf16 VAE decode (sdup.pipelines.common.decode_scaled, vae_dtype=bf16) within 5e-2 of
+2e-2 * max|fp32| of fp32; the bf16 VAE decode (sdup.pipelines.decoding.decode_scaled, vae_dtype=bf16) within 5e-2 of
 fp32 on [0, 1] pixels. Slow: GBs of RAM, minutes."""
 import copy
 import json
@@ -13,7 +13,7 @@ from sdup.checkpoints import diffusers as dfs
 from sdup.models.unet import UNet
 from sdup.models.vae import AutoencoderKL
 from sdup.optimize import prepare
-from sdup.pipelines.common import decode_scaled
+from sdup.pipelines.decoding import decode_scaled
 
 pytestmark = pytest.mark.slow
 CONFIGS = json.loads((MANIFESTS / "diffusers_configs.json").read_text())["configs"]

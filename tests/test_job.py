@@ -54,7 +54,8 @@ def test_job_by_hand_swap_and_hook():
     den = DiscreteDenoiser(CFG(net, 1.0), ldm_linear_betas(0.00085, 0.012, 1000))
     x_T = torch.randn(2, 2, 8, 8)
     ts = torch.tensor([801, 401, 1])
-    job = Job(S.get_sampler("ddim"), den, x_T, ts, dict(cond={}, uncond=None), progress=False,
+    job = Job(sampler=S.get_sampler("ddim"), denoiser=den, x_T=x_T, grid=ts, extra_args=dict(cond={}, uncond=None),
+              progress=False,
               decode=lambda z: z[:, :1].repeat(1, 3, 1, 1).tanh())
     ref = S.sample_ddim(den, x_T, ts, extra_args=dict(cond={}, uncond=None), disable=True)
     assert torch.equal(sample(job), ref)

@@ -15,7 +15,10 @@ from helpers import FIXTURES, SAMPLER_TOL, assert_parity
 from sdup.checkpoints.export import save_diffusers
 from sdup import images
 from sdup.images import pngfile
-from sdup.pipelines import common
+from sdup.diffusion.grids import discrete_timesteps
+from sdup.diffusion.samplers import get_sampler
+from sdup.pipelines import conditioning
+from sdup.pipelines.seeds import sample_seeds
 from sdup.pipelines.txt2img import Result, txt2img
 
 pytestmark = [pytest.mark.usefixtures("no_grad"),  # forward-only tests (conftest.py)
@@ -55,13 +58,13 @@ def diffusers_pipe(folder, scheduler, prediction="epsilon"):
 
 
 def embeddings(model, ids):
-    return common.encode_prompts(model, ids)
+    return conditioning.encode_prompts(model, ids)
 
 
 def test_text_encoder_matches_transformers(model, folder):
     from transformers import CLIPTextModel
     ref = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    ids = common.token_ids(model, PROMPT_IDS + [""])
+    ids = conditioning.token_ids(model, PROMPT_IDS + [""])
     assert ids.shape == (3, 77) and ids[2, :3].tolist() == [254, 255, 255]  # "" = [bos, eos, pad...] everywhere
     err = assert_parity(embeddings(model, ids), ref(ids).last_hidden_state, what="text encoder")
     print(f"text encoder vs transformers: max|Δ| = {err:.2e}")
@@ -210,7 +213,7 @@ def test_sd2_style_text_encoder_and_v(model):
     x4 = sdup.load(FIXTURES / "x4" / "model.ckpt", config=FIXTURES / "x4" / "config.yaml")
     sd2 = sdup.LoadedModel(family="sd2", source="tiny sd2", unet=model.unet, vae=model.vae, text_encoder=x4.text_encoder,
                            prediction="v", scale_factor=model.scale_factor, schedule=model.schedule)
-    ids = common.token_ids(sd2, [""])
+    ids = conditioning.token_ids(sd2, [""])
     assert ids[0, :3].tolist() == [254, 255, 0]  # open_clip pads with 0
     out = txt2img(sd2, [254, 9, 255], height=H, width=W, steps=3, sampler="euler", progress=False)
     assert out.images.shape == (1, 3, H, W) and torch.isfinite(out.images).all()
@@ -288,14 +291,14 @@ def test_output_paths_and_samplers(tmp_path):
     assert images.output_paths(tmp_path / "x.png", 2) == [tmp_path / "x-0.png", tmp_path / "x-1.png"]
     (tmp_path / "s-42.png").write_bytes(b"")
     assert images.output_paths(tmp_path, 2, names=["s-42", "s-43"]) == [tmp_path / "s-42-1.png", tmp_path / "s-43.png"]
-    assert common.parse_sampler("DPM++ 2M").name == "dpmpp_2m" and common.parse_sampler("pndm").name == "plms"
-    assert common.parse_sampler("k_euler_a").name == "euler_a"
-    assert common.sample_seeds(5, 3) == [5, 6, 7] and len(common.sample_seeds(None, 2)) == 2
-    assert common.discrete_timesteps(50).tolist()[:3] == [981, 961, 941]
-    assert common.discrete_timesteps(3).tolist() == [667, 334, 1]  # diffusers "leading"; CompVis fails here
-    assert common.discrete_timesteps(999)[0] == 999 and common.discrete_timesteps(501)[0] == 501  # one step per t
+    assert get_sampler("DPM++ 2M").name == "dpmpp_2m" and get_sampler("pndm").name == "plms"
+    assert get_sampler("k_euler_a").name == "euler_a"
+    assert sample_seeds(5, 3) == [5, 6, 7] and len(sample_seeds(None, 2)) == 2
+    assert discrete_timesteps(50).tolist()[:3] == [981, 961, 941]
+    assert discrete_timesteps(3).tolist() == [667, 334, 1]  # diffusers "leading"; CompVis fails here
+    assert discrete_timesteps(999)[0] == 999 and discrete_timesteps(501)[0] == 501  # one step per t
     with pytest.raises(ValueError, match=r"steps must be in 1\.\.999"):
-        common.discrete_timesteps(1000)  # would end at t = 1000, past the schedule
+        discrete_timesteps(1000)  # would end at t = 1000, past the schedule
 
 
 # ------------------------------------------------------------------------------------------------ script

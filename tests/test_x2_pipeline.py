@@ -410,7 +410,7 @@ def test_tiled_equals_untiled_and_tiles_blend(loaded):
 def test_color_fix(loaded, mode):
     """Colour fix against the input image (image path) or the decoded low-res latents (latents path)."""
     from sdup.pipelines.colorfix import color_fix
-    from sdup.pipelines.x2_latent import decode_latents
+    from sdup.pipelines.decoding import decode_latents
     t = sdup_text(text_inputs(batch=1))
     kw = dict(steps=2, guidance=1.0, seed=2, progress=False)
     low = low_latents(1)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import sdup
 from helpers import FIXTURES, SAMPLER_TOL, assert_parity
 from sdup.pipelines import colorfix as CF
-from sdup.pipelines.common import encode_prompts
+from sdup.pipelines.conditioning import encode_prompts
 from sdup.pipelines.x4 import (decode, low_res_buffers, noise_augment, unet_input, unet_multiple, upscale_x4,
                                x4_network)
 

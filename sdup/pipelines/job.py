@@ -15,7 +15,6 @@ scale <= 1; ``guidance_rule="diffusers"`` (x2 only, where parity with diffusers'
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,16 +23,16 @@ import torch.nn.functional as F
 
 from ..diffusion.samplers import Sampler
 from .colorfix import COLOR_FIX_MODES, color_fix
-from .common import Result
+from .result import Result, dtype_name
 
 Tensor = torch.Tensor
 GUIDANCE_RULES = ("sdup", "diffusers")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
     """Everything one sampler run needs, built by a ``prepare_<model>`` and free to inspect or change before
-    ``sample``.  Contracts (``sdup.diffusion.samplers``): for a discrete sampler ``denoiser(x, t, **extra_args)``
+    ``sample``; built with keywords.  Contracts (``sdup.diffusion.samplers``): for a discrete sampler ``denoiser(x, t, **extra_args)``
     returns (eps, x0) and ``grid`` holds integer timesteps (None: the denoiser's whole chain, DDPM on a respaced
     chain); for a sigma sampler ``denoiser(x, sigma, **extra_args)`` returns D and ``grid`` the sigmas in visiting
     order.  A new grid for a sigma sampler usually wants ``init_scale = grid[0]``."""
@@ -136,33 +135,9 @@ def start_noise(x_T: Tensor | None, shape: tuple, generators, device, what: str 
     return x_T.float().to(device)
 
 
-def ldm_grid(sampler: Sampler, raw: Callable, schedule: dict, prediction: str, steps: int, device):
-    """(denoiser, grid, init_scale, record) of an LDM network (eps or v; x4, txt2img) on the reference grids.
-    Discrete samplers: ``DiscreteDenoiser`` on the LDM / diffusers "leading" timesteps (DDPM: the chain respaced to
-    them).  Sigma samplers: ``CompVisDenoiser`` on diffusers' "linspace" sigma grid, t(sigma) by linear
-    interpolation (so the network gets diffusers' timesteps exactly); the start is x_T * sigma_max (diffusers'
-    ``init_noise_sigma``) or x_T * sqrt(sigma_max^2 + 1) for DPM++ (diffusers' DPM-Solver starts in the
-    variance-preserving scale).  ``record``: the timesteps for the parameters (``finish`` records sigmas)."""
-    from ..diffusion.denoisers import CompVisDenoiser, DiscreteDenoiser
-    from ..diffusion.schedules import schedule_betas
-    from .common import discrete_timesteps, sigma_grid
-    den = DiscreteDenoiser(raw, schedule_betas(schedule), prediction)
-    if sampler.discrete:
-        ts = discrete_timesteps(steps, den.num_timesteps)
-        record = {"timesteps": ts.tolist()}
-        if sampler.name == "ddpm":
-            return den.respaced(ts.tolist()), None, 1.0, record
-        return den, ts, 1.0, record
-    sigmas = sigma_grid(sampler, den.alphas_cumprod, steps)
-    s0 = float(sigmas[0])
-    kd = CompVisDenoiser(raw, den.alphas_cumprod, prediction, interpolation="linear")
-    return kd, sigmas.to(device), math.sqrt(s0 ** 2 + 1) if sampler.name == "dpmpp_2m" else s0, {}
-
-
 def base_parameters(pipeline: str, model, steps: int, guidance: float, batch: int) -> dict:
     """The parameters every pipeline records first."""
     from .. import __version__
-    from .common import dtype_name
     return {"pipeline": pipeline, "sdup_version": __version__, "model": str(model.source), "family": model.family,
             "steps": steps, "guidance": float(guidance), "batch_size": batch,
             "dtype": dtype_name(next(model.unet.parameters()).dtype)}

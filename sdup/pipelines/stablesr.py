@@ -41,6 +41,8 @@ the ranks of a process group. Upstream instead decodes images above 1280 px in o
 Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, which takes the same):
     cfw_vae: the CFW autoencoder (LoadedModel or module) or None (the model's plain VAE; ``dec_w`` then unused).
     prompt / negative_prompt: text or token ids; the reference uses "" (guidance applies only when != 1).
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text
+        (``conditioning.check_prompts``: the one rule of every pipeline).
     steps: respaced DDPM steps (default 200 as the reference; the turbo checkpoint 4) or DDIM steps (default 50);
     sampler "ddpm" | "ddim".  guidance: CFG scale on the network output (default 1 for ddpm, 7 for ddim as the DDIM
     script).  dec_w: CFW fidelity weight 0..1; start: "lr" | "noise"; input_size: the model's native size (default
@@ -48,6 +50,8 @@ Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, whic
     x_T: (B, 4, H/8, W/8) unit-variance noise for the start (the eps of ``start="lr"``), else drawn.
     tile, tile_overlap, tile_batch, weights: latent tiling (``tiling.TiledModel``; None = whole latent).
     vae_tile, vae_overlap: decode in latent tiles (``tiling.tiled_decode``, exact; None = the whole latent at once).
+    vae_dtype: the decode's dtype (None: the VAE's own; ``decoding.decode_scaled``: a non-finite half-precision
+        decode is redone in fp32, tiled decodes run in fp32).
 Step by step: ``job = prepare_stablesr(...)``, ``latents = sample(job)``, ``finish(job, latents)``.
 """
 from __future__ import annotations
@@ -62,8 +66,11 @@ import torch.nn.functional as F
 from ..diffusion.denoisers import CFG, DiscreteDenoiser
 from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
-from .common import (Result, check_finite, check_int, check_images, pad_to_multiple, prompt_context, record_prompts,
-                     resolve_generators)
+from .checks import check_finite, check_images, check_int, pad_to_multiple
+from .conditioning import check_prompts, record_prompts, text_contexts
+from .decoding import decode_scaled, recorded_dtype
+from .result import Result
+from .seeds import resolve_generators
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
@@ -176,14 +183,14 @@ def upsampled_size(model, size: tuple[int, int], scale: float, input_size: int |
 
 
 def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] | Tensor | None = "",
-                     negative_prompt: str | Sequence[str] | Tensor = "", *, scale: float = 4.0,
-                     steps: int | None = None, sampler: str = DEFAULTS.sampler, guidance: float | None = None,
-                     dec_w: float = DEFAULTS.dec_w, start: str = DEFAULTS.start, input_size: int | None = None,
-                     seed: int | Sequence[int] | None = 42,
+                     negative_prompt: str | Sequence[str] | Tensor = "", *, prompt_embeds: Tensor | None = None,
+                     negative_embeds: Tensor | None = None, scale: float = 4.0, steps: int | None = None,
+                     sampler: str = DEFAULTS.sampler, guidance: float | None = None, dec_w: float = DEFAULTS.dec_w,
+                     start: str = DEFAULTS.start, input_size: int | None = None, seed: int | Sequence[int] | None = 42,
                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
                      x_T: Tensor | None = None, tile: int | None = None, tile_overlap: int = DEFAULTS.tile_overlap,
                      tile_batch: int = 1, weights: str = "symmetric", color_fix_mode: str = DEFAULTS.color_fix,
-                     vae_tile: int | None = None, vae_overlap: int = 8,
+                     vae_tile: int | None = None, vae_overlap: int = 8, vae_dtype: torch.dtype | None = None,
                      callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
     """The StableSR ``Job`` for (B, 3, h, w) images in [0, 1] upscaled by ``scale`` with a StableSR ``LoadedModel``:
     the arguments are in the module docstring; ``upscale_stablesr`` = ``finish(job, sample(job))``."""
@@ -191,25 +198,20 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                   start=start, input_size=input_size, color_fix_mode=color_fix_mode, vae_tile=vae_tile,
                   vae_overlap=vae_overlap)
     steps, guidance = DEFAULTS.steps_for(sampler, steps), DEFAULTS.guidance_for(sampler, guidance)
+    prompts = check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds)
     low = check_images(image)                                         # (B, 3, h, w) in [-1, 1]
     if min(low.shape[-2:]) < 8:
         raise ValueError(f"the image is {low.shape[-1]}x{low.shape[-2]}; StableSR needs at least 8x8")
     batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
     input_size = input_size or (768 if model.prediction == "v" else DEFAULTS.input_size)
-    up = F.interpolate(low, size=upsampled_size(model, (h, w), scale, input_size), mode="bicubic",
-                       align_corners=False).clamp(-1, 1)
-    H, W = up.shape[-2:]
-    pad_mode = "reflect" if (-H) % PAD_MULTIPLE < H and (-W) % PAD_MULTIPLE < W else "replicate"  # reflect as upstream
-    padded, (ph, pw) = pad_to_multiple(up, PAD_MULTIPLE, pad_mode, "upsampled image")
+    padded, (H, W), padding = _upsample(model, low, scale, input_size)
     seeds, generators = resolve_generators(seed, generator, batch)
     cfw = getattr(cfw_vae, "vae", cfw_vae) if cfw_vae is not None else None
     z_lr, feats = _encode(cfw or model.vae, cfw is not None, padded, generators, model.scale_factor)
     device = next(model.unet.parameters()).device
     x_T = _start(model, z_lr, start, x_T, generators)
-    cond = dict(context=prompt_context(model, prompt, None, batch, "prompt").to(device), lr=z_lr.to(device))
-    uncond = None
-    if guided(guidance):
-        uncond = dict(context=prompt_context(model, negative_prompt, None, batch, "negative_prompt").to(device))
+    cond, uncond = text_contexts(model, prompts, batch, guided(guidance), device)
+    cond["lr"] = z_lr.to(device)
     den, ddim_ts = stablesr_denoiser(model, guidance, sampler, steps, tile, tile_overlap, tile_batch, weights, progress)
     spec = get_sampler(sampler)
     oh, ow = round(h * scale), round(w * scale)
@@ -218,18 +220,29 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                   prediction=model.prediction, dec_w=float(dec_w) if cfw is not None else None, start=start,
                   scale=float(scale), input_size=[h, w], output_size=[oh, ow], upsampled_size=[H, W],
                   native_size=input_size, scale_factor=model.scale_factor, color_fix=color_fix_mode,
-                  padding={"mode": pad_mode, "bottom": ph, "right": pw} if ph or pw else None)
+                  vae_dtype=recorded_dtype(cfw or model.vae, vae_dtype, vae_tile), padding=padding)
     tiler = den.model.inner if tile else None
     if tiler is not None or vae_tile:
         params["tiling"] = dict(tile_parameters(tiler, vae_tile, vae_overlap),
                                 **({"tile_batch": tile_batch, "weights": weights} if tiler is not None else {}))
     params["timesteps"] = space_timesteps(1000, [steps])[::-1]
-    record_prompts(params, batch, guidance, seeds, prompt=(prompt, None), negative_prompt=(negative_prompt, None))
-    return Job(spec, den, x_T.to(device), ddim_ts, dict(cond=cond, uncond=uncond), 1.0, spec.options(0.0), generators,
-               callback, progress, tiler, decode=_cfw_decoding(model, cfw, feats, dec_w, vae_tile, vae_overlap, progress),
-               color_fix=color_fix_mode,
-               color_ref=padded.cpu(), crop=(H, W), resize=(oh, ow),
+    record_prompts(params, prompts, batch, guidance, seeds)
+    decode = _cfw_decoding(model, cfw, feats, dec_w, vae_tile, vae_overlap, vae_dtype, progress)
+    return Job(sampler=spec, denoiser=den, x_T=x_T.to(device), grid=ddim_ts, extra_args=dict(cond=cond, uncond=uncond),
+               options=spec.options(0.0), generators=generators, callback=callback, progress=progress, tiler=tiler,
+               decode=decode, color_fix=color_fix_mode, color_ref=padded.cpu(), crop=(H, W), resize=(oh, ow),
                parameters={k: v for k, v in params.items() if v is not None})
+
+
+def _upsample(model, low: Tensor, scale: float, input_size: int) -> tuple[Tensor, tuple[int, int], dict | None]:
+    """(the bicubic-upsampled image padded to a multiple of 32, its size (H, W) before padding, the padding record or
+    None): reflect padding as upstream, replicate where reflecting is impossible."""
+    up = F.interpolate(low, size=upsampled_size(model, tuple(low.shape[-2:]), scale, input_size), mode="bicubic",
+                       align_corners=False).clamp(-1, 1)
+    H, W = up.shape[-2:]
+    pad_mode = "reflect" if (-H) % PAD_MULTIPLE < H and (-W) % PAD_MULTIPLE < W else "replicate"
+    padded, (ph, pw) = pad_to_multiple(up, PAD_MULTIPLE, pad_mode, "upsampled image")
+    return padded, (H, W), ({"mode": pad_mode, "bottom": ph, "right": pw} if ph or pw else None)
 
 
 def _start(model, z_lr: Tensor, start: str, x_T: Tensor | None, generators) -> Tensor:
@@ -255,23 +268,12 @@ def _encode(vae, is_cfw: bool, padded: Tensor, generators, scale_factor: float) 
 
 
 def _cfw_decoding(model, cfw, feats: list, dec_w: float, vae_tile: int | None = None, vae_overlap: int = 8,
-                  progress: bool = False) -> Callable[[Tensor], Tensor]:
-    """latents -> [-1, 1] images: the CFW decoder fusing each sample's encoder features with weight ``dec_w`` (the
-    model's plain VAE without CFW); ``vae_tile``: in latent tiles (``tiling.tiled_decode``, the same fusion)."""
-    vae = cfw if cfw is not None else model.vae
-    vp = next(vae.parameters())
-
-    def decode_one(z: Tensor, i: int) -> Tensor:
-        if vae_tile:
-            from .tiling import tiled_decode
-            fuse = vae.fuse_inputs(feats[i], float(dec_w)) if cfw is not None else None
-            return tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, fuse_inputs=fuse, progress=progress)
-        return vae.decode(z, feats[i], float(dec_w)) if cfw is not None else vae.decode(z)
-
-    def decode(latents: Tensor) -> Tensor:
-        return torch.cat([decode_one((latents[i:i + 1] / model.scale_factor).to(vp.device, vp.dtype), i).float().cpu()
-                          for i in range(latents.shape[0])])
-    return decode
+                  vae_dtype: torch.dtype | None = None, progress: bool = False) -> Callable[[Tensor], Tensor]:
+    """latents -> [-1, 1] images (``decoding.decode_scaled``): the CFW decoder fusing each sample's encoder features
+    with weight ``dec_w`` (the model's plain VAE without CFW), in the VAE's own dtype unless ``vae_dtype``."""
+    vae, features = (cfw, feats) if cfw is not None else (model.vae, None)
+    return lambda z: decode_scaled(vae, z, model.scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
+                                   progress=progress, vae_dtype=vae_dtype, features=features, dec_w=dec_w)
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ What it computes (CompVis ``scripts/txt2img.py`` / diffusers ``StableDiffusionPi
 2. x_T ~ N(0, I) of shape (B, 4, H/8, W/8), sample i drawn from its own generator seeded ``seed + i``; the same
    generator then supplies that sample's per-step noise (DDIM eta > 0, DDPM, Euler a).
 3. Network output with classifier-free guidance, ONE UNet call on the batch [u, c]: out_u + g (out_c - out_u),
-   on eps or v as the model predicts; then the sampler (``job.ldm_grid``: DDIM / PLMS / DDPM on the LDM
+   on eps or v as the model predicts; then the sampler (``diffusion.grids.ldm_grid``: DDIM / PLMS / DDPM on the LDM
    timesteps, Euler / Euler a / LMS / DPM++ 2M on diffusers' sigma grids).
 4. image = clamp((vae.decode(x_0 / scale_factor) + 1) / 2, 0, 1); the VAE runs in fp32, one sample at a time.
 
@@ -22,7 +22,8 @@ Arguments of ``prepare_txt2img`` (and of the wrapper, which takes the same):
     prompt / negative_prompt: a string (shared by the batch), a list of strings (one per sample), or token ids
         ((L,) / (B, L) int tensor or lists, start/end tokens included; for encoders without a BPE tokenizer).
         The negative prompt is the unconditional input of classifier-free guidance ("" = the reference).
-    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text
+        (``conditioning.check_prompts``: the one rule of every pipeline).
     height, width: image size (multiples of 8; of 64 for SD's 3-times-downsampling UNet).
     steps: sampler steps (UNet evaluations, x2 with guidance; PLMS does one extra on its first step).
     sampler: ddim (the reference) | plms | ddpm | euler | euler_a | lms | dpmpp_2m (good images in ~20 steps).
@@ -43,10 +44,14 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion.denoisers import CFG
+from ..diffusion.grids import ldm_grid
 from ..diffusion.samplers import get_sampler
-from .common import (Result, check_finite, check_int, decode_latents, dtype_name, prompt_context, record_prompts,
-                     resolve_generators)
-from .job import Job, base_parameters, finish, guided, ldm_grid, sample, start_noise
+from .checks import check_finite, check_int
+from .conditioning import check_prompts, record_prompts, text_contexts
+from .decoding import decode_latents
+from .result import Result, dtype_name
+from .seeds import resolve_generators
+from .job import Job, base_parameters, finish, guided, sample, start_noise
 
 Tensor = torch.Tensor
 TEXT_TO_IMAGE_FAMILIES = ("sd1", "sd2")
@@ -112,29 +117,23 @@ def prepare_txt2img(model, prompt: str | Sequence[str] | Tensor | None = None,
     eta = spec.resolve_eta(eta)
     steps = check_int("steps", steps)
     check_finite("guidance", guidance)
-    if prompt is None and prompt_embeds is None:
-        raise ValueError("give a prompt (text or token ids) or prompt_embeds")
-    if prompt is not None and prompt_embeds is not None:
-        raise ValueError("give either prompt or prompt_embeds, not both")
+    prompts = check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds, required=True)
     batch = check_int("batch_size", batch_size) if batch_size is not None else _batch_of(prompt, prompt_embeds)
     channels, h, w = latent_geometry(model, height, width)
     seeds, generators = resolve_generators(seed, generator, batch)
     device = next(model.unet.parameters()).device
     x_T = start_noise(x_T, (batch, channels, h, w), generators, device)
-    cond = dict(context=prompt_context(model, prompt, prompt_embeds, batch, "prompt"))
-    uncond = None
-    if guided(guidance):
-        uncond = dict(context=prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt"))
+    cond, uncond = text_contexts(model, prompts, batch, guided(guidance), device)
     den, grid, init_scale, record = ldm_grid(spec, CFG(_unet_net(model.unet), float(guidance)), model.schedule,
                                              model.prediction, steps, device)
     params = base_parameters("txt2img", model, steps, guidance, batch)
     params.update(prediction=model.prediction, eta=eta, height=height, width=width, scale_factor=model.scale_factor,
                   vae_dtype=dtype_name(vae_dtype))
-    record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
-                   negative_prompt=(negative_prompt, negative_embeds))
+    record_prompts(params, prompts, batch, guidance, seeds)
     params.update(record)
-    return Job(spec, den, x_T, grid, dict(cond=cond, uncond=uncond), init_scale, spec.options(eta), generators,
-               callback, progress, decode=lambda z: decode_latents(model, z, clamp=False, vae_dtype=vae_dtype),
+    return Job(sampler=spec, denoiser=den, x_T=x_T, grid=grid, extra_args=dict(cond=cond, uncond=uncond),
+               init_scale=init_scale, options=spec.options(eta), generators=generators, callback=callback,
+               progress=progress, decode=lambda z: decode_latents(model, z, clamp=False, vae_dtype=vae_dtype),
                parameters=params)
 
 

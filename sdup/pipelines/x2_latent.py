@@ -59,7 +59,8 @@ Arguments of ``prepare_x2`` (and of the wrapper, which takes the same):
     vae: an SD VAE (LoadedModel or sdup AutoencoderKL) for encoding / decoding; default the model's vae/.
     prompt / negative_prompt: text or token ids (as txt2img); the prompt should describe the image ("" works).
     prompt_embeds + pooled_prompt_embeds (+ negative_embeds + negative_pooled_embeds): precomputed text features
-        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text. ``prompt_mask`` /
+        (hidden_states[-1] (B, 77, D) and pooler_output (B, D)) instead of text (``conditioning.check_prompts``:
+        the one rule of every pipeline). ``prompt_mask`` /
         ``negative_mask`` (B, 77) go with them when ``mask_padding``.
     steps, sampler (euler | euler_a | lms | dpmpp_2m), schedule (diffusers | original | karras) or sigmas (an
         explicit grid, visiting order, final 0 or not): see the module docstring.
@@ -88,13 +89,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import SIGMA_SAMPLERS, get_sampler, randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
-from .common import (Result, check_finite, check_int, decode_latents, dtype_name, pad_to_multiple, prompt_rows,
-                     record_prompts, resolve_generators, token_ids)
+from .checks import check_finite, check_int, pad_to_multiple
+from .conditioning import (Prompts, check_embeddings, check_prompts, per_sample, prompt_rows, record_prompts,
+                           token_ids)
+from .decoding import decode_latents, recorded_dtype
+from .result import Result
+from .seeds import resolve_generators
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
@@ -209,7 +214,7 @@ def padding_mask(model, ids: Tensor) -> Tensor:
 
 
 def encode_x2_prompts(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
-    """Prompts (text or token ids, see ``common.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
+    """Prompts (text or token ids, see ``conditioning.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
     pooled (B, D), padding mask (B, 77)). Identical prompts are encoded once."""
     if model.text_encoder is None:
         raise ValueError("this x2 model has no text encoder: pass prompt_embeds and pooled_prompt_embeds")
@@ -228,9 +233,7 @@ def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_paddi
             raise ValueError(f"{what}_embeds needs the matching pooled vector ({what.replace('prompt', 'pooled')}"
                              f"{'' if what == 'negative_prompt' else '_prompt'}_embeds): the x2 UNet is "
                              "conditioned on both")
-        if not isinstance(embeds, Tensor) or embeds.ndim not in (2, 3) or not embeds.is_floating_point():
-            raise ValueError(f"{what}_embeds must be a float tensor (77, D) or (B, 77, D)")
-        ctx = embeds[None] if embeds.ndim == 2 else embeds
+        ctx = check_embeddings(embeds, what)
         pooled = pooled[None] if pooled.ndim == 1 else pooled
         if mask_padding and mask is None:
             raise ValueError(f"mask_padding=True with {what}_embeds needs the padding mask too ({what}_mask (B, 77), "
@@ -239,15 +242,8 @@ def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_paddi
             mask = (mask[None] if mask.ndim == 1 else mask).float()
     else:
         ctx, pooled, mask = encode_x2_prompts(model, prompt_rows(prompt, batch))
-    out = []
-    for name, t in (("embeddings", ctx), ("pooled", pooled), ("mask", mask)):
-        if t is not None:
-            if t.shape[0] == 1 and batch > 1:
-                t = t.expand(batch, *t.shape[1:])
-            if t.shape[0] != batch:
-                raise ValueError(f"{what}: {name} have {t.shape[0]} rows for a batch of {batch}")
-        out.append(t)
-    ctx, pooled, mask = out
+    ctx, pooled = per_sample(ctx, batch, what), per_sample(pooled, batch, what, "pooled")
+    mask = per_sample(mask, batch, what, "mask") if mask is not None else None
     cfg = model.unet.cfg
     if ctx.shape[-1] != cfg.cross_cond_dim or pooled.shape[-1] != cfg.mapping_cond_dim - cfg.noise_aug_dim:
         raise ValueError(f"{what}: text width {ctx.shape[-1]} / pooled {pooled.shape[-1]}, the K-UNet expects "
@@ -336,17 +332,18 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
         raise ValueError("give exactly one of latents (B, 4, h, w) and image (B, 3, H, W)")
     unet, spec = model.unet, get_sampler(sampler)
     eta, use_cfg = spec.resolve_eta(eta), guided(guidance, guidance_rule)
-    prompt = _x2_prompt(prompt, prompt_embeds, guidance)
+    prompts = _x2_prompts(check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds), guidance)
     vae_module = _x2_vae(model, vae, decode or image is not None)
     image, in_hw, padding = _x2_image(image, vae_module, unet, pad_mode)
     batch = image.shape[0] if image is not None else 1 if latents.ndim == 3 else latents.shape[0]
     scale_factor = float(getattr(model, "scale_factor", 0.18215))
     seeds, generators = resolve_generators(seed, generator, batch)
     p = next(unet.parameters())
-    text = [_text(model, prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch, "prompt", mask_padding)]
+    text = [_text(model, prompts.prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch, "prompt",
+                  mask_padding)]
     if use_cfg:  # text before any random draw: errors come first
-        text.append(_text(model, None if negative_embeds is not None else negative_prompt, negative_embeds,
-                          negative_pooled_embeds, negative_mask, batch, "negative_prompt", mask_padding))
+        text.append(_text(model, prompts.negative_prompt, negative_embeds, negative_pooled_embeds, negative_mask, batch,
+                          "negative_prompt", mask_padding))
     if image is not None:
         latents = encode_image(vae_module, image, scale_factor, generators, sample_posterior)
     low = check_latents(unet, latents).to(p.device)
@@ -363,14 +360,14 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                   input="image" if image is not None else "latents",
                   sample_posterior=bool(sample_posterior) if image is not None else None,
                   low_res_size=list(low.shape[-2:]), latent_size=list(shape[-2:]), scale_factor=scale_factor)
-    record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
-                   negative_prompt=(negative_prompt, negative_embeds))
-    job = Job(spec, den, x_T, sigmas.to(p.device), extra, float(sigmas[0]), spec.options(eta), generators, callback,
-              progress, net if tile else None, parameters=params)
-    if decode:
-        _x2_decoding(job, vae_module, scale_factor, image, in_hw, low, color_fix_mode, vae_tile, vae_overlap, vae_dtype)
-    _x2_layout_parameters(params, padding, pad_mode, job.tiler, vae_tile, vae_overlap)
-    return job
+    record_prompts(params, prompts, batch, guidance if use_cfg else 1.0, seeds)
+    decoding = _x2_decoding(vae_module, scale_factor, image, in_hw, low, shape[-2:], color_fix_mode, vae_tile,
+                            vae_overlap, vae_dtype, progress, params) if decode else {}
+    tiler = net if tile else None
+    _x2_layout_parameters(params, padding, pad_mode, tiler, vae_tile, vae_overlap)
+    return Job(sampler=spec, denoiser=den, x_T=x_T, grid=sigmas.to(p.device), extra_args=extra,
+               init_scale=float(sigmas[0]), options=spec.options(eta), generators=generators, callback=callback,
+               progress=progress, tiler=tiler, parameters=params, **decoding)
 
 
 def _x2_layout_parameters(params: dict, padding, pad_mode, tiler, vae_tile, vae_overlap) -> None:
@@ -408,14 +405,9 @@ def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAUL
     check_color_fix(color_fix_mode)
 
 
-def _x2_prompt(prompt, prompt_embeds, guidance: float):
-    if prompt_embeds is not None:
-        return None
-    if guidance == 0:  # diffusers: guidance_scale == 0 replaces the prompt by ""
-        return ""
-    if prompt is None:
-        raise ValueError("give a prompt (text or token ids; \"\" is fine) or prompt_embeds + pooled_prompt_embeds")
-    return prompt
+def _x2_prompts(prompts: Prompts, guidance: float) -> Prompts:
+    """diffusers: guidance_scale == 0 replaces a text prompt by ""."""
+    return replace(prompts, prompt="") if guidance == 0 and prompts.prompt_embeds is None else prompts
 
 
 def _x2_vae(model, vae, needed: bool):
@@ -473,21 +465,20 @@ def _x2_grid(sigmas, steps: int, schedule: str, model) -> tuple[Tensor, str]:
     return sigmas, "custom"
 
 
-def _x2_decoding(job: Job, vae, scale_factor: float, image, in_hw, low: Tensor, color_fix_mode: str, vae_tile,
-                 vae_overlap: int, vae_dtype) -> None:
-    """The decode half of the job: VAE decode, colour fix against the input image (latents: the decoded low-res
-    latents), crop of the image padding; and its parameters."""
-    job.decode = lambda z: decode_latents(vae, z, scale_factor, clamp=False, vae_tile=vae_tile,
-                                          vae_overlap=vae_overlap, progress=job.progress, vae_dtype=vae_dtype)
-    job.color_fix = color_fix_mode
+def _x2_decoding(vae, scale_factor: float, image, in_hw, low: Tensor, latent_hw, color_fix_mode: str, vae_tile,
+                 vae_overlap: int, vae_dtype, progress: bool, params: dict) -> dict:
+    """The decode half of the job, as ``Job`` fields: VAE decode, colour fix against the input image (latents: the
+    decoded low-res latents), crop of the image padding; its parameters go into ``params``."""
+    options = dict(clamp=False, vae_tile=vae_tile, vae_overlap=vae_overlap, progress=progress, vae_dtype=vae_dtype)
+    fields = dict(decode=lambda z: decode_latents(vae, z, scale_factor, **options), color_fix=color_fix_mode)
     if image is not None:
-        job.color_ref, job.crop = 2 * image.float() - 1, (2 * in_hw[0], 2 * in_hw[1])
+        fields.update(color_ref=2 * image.float() - 1, crop=(2 * in_hw[0], 2 * in_hw[1]))
     else:
-        job.color_ref = lambda: decode_latents(vae, low, scale_factor, clamp=False)
+        fields["color_ref"] = lambda: decode_latents(vae, low, scale_factor, clamp=False)
     f = vae.cfg.downscale if getattr(vae, "cfg", None) is not None else 8
-    h, w = job.crop or (f * job.x_T.shape[-2], f * job.x_T.shape[-1])
-    job.parameters.update(height=h, width=w, color_fix=color_fix_mode,
-                          vae_dtype="float32" if vae_tile else dtype_name(vae_dtype))  # tiled: fp32
+    h, w = fields.get("crop") or (f * latent_hw[0], f * latent_hw[1])
+    params.update(height=h, width=w, color_fix=color_fix_mode, vae_dtype=recorded_dtype(vae, vae_dtype, vae_tile))
+    return fields
 
 
 @torch.inference_mode()

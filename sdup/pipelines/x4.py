@@ -45,7 +45,8 @@ Arguments of ``prepare_x4`` (and of the wrapper, which takes the same):
         image, or a list of those; RGB only (an alpha channel raises ValueError).
     prompt / negative_prompt: a string (shared), one string per image, or token ids ((L,) / (B, L) int tensor or
         lists, start/end tokens included -- needed for encoders without a BPE tokenizer). "" = no text.
-    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text.
+    prompt_embeds / negative_embeds: precomputed text-encoder contexts (77, D) or (B, 77, D) instead of text
+        (``conditioning.check_prompts``: the one rule of every pipeline).
     noise_level: low-res noise augmentation level, 0..max_noise_level (350), int or one per image. More noise
         = the model invents more detail and follows the input less.
     steps, sampler, guidance, eta: as in ``txt2img`` (ddim | plms | ddpm | euler | euler_a | lms | dpmpp_2m);
@@ -71,11 +72,15 @@ from typing import Callable, Sequence
 import torch
 
 from ..diffusion.denoisers import CFG
+from ..diffusion.grids import ldm_grid
 from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
-from .common import (Result, check_finite, check_int, check_images, decode_scaled, dtype_name, pad_to_multiple,
-                     prompt_context, record_prompts, resolve_generators)
-from .job import Job, base_parameters, check_color_fix, guided, ldm_grid, run, start_noise, tile_parameters, tiled
+from .checks import check_finite, check_images, check_int, pad_to_multiple
+from .conditioning import check_prompts, record_prompts, text_contexts
+from .decoding import decode_scaled, recorded_dtype
+from .result import Result
+from .seeds import resolve_generators
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
 
 Tensor = torch.Tensor
 SAMPLERS = SAMPLER_NAMES   # every sampler of the registry runs on the x4 v network
@@ -148,7 +153,7 @@ def unet_multiple(model) -> int:
 def decode(model, latents: Tensor, vae_tile: int | None = None, vae_overlap: int = 8, progress: bool = False,
            vae_dtype: torch.dtype = torch.float32) -> Tensor:
     """Scaled latents (B, 4, h, w) -> images (B, 3, 4h, 4w) in [-1, 1] (not clamped), float32 on the CPU: the model's
-    VAE in fp32 by default (``common.decode_scaled``; the x4 VAE overflows in half precision: a non-finite fp16
+    VAE in fp32 by default (``decoding.decode_scaled``; the x4 VAE overflows in half precision: a non-finite fp16
     decode is redone in fp32)."""
     return decode_scaled(model.vae, latents, model.scale_factor, vae_tile=vae_tile, vae_overlap=vae_overlap,
                          progress=progress, vae_dtype=vae_dtype)
@@ -214,12 +219,7 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     the module docstring; ``upscale_x4`` = ``finish(job, sample(job))``."""
     spec, eta = check_options(model, sampler=sampler, steps=steps, guidance=guidance, eta=eta, noise_level=noise_level,
                               color_fix_mode=color_fix_mode)
-    if prompt is not None and prompt_embeds is not None:
-        if not (isinstance(prompt, str) and prompt == ""):
-            raise ValueError("give either prompt or prompt_embeds, not both")
-        prompt = None
-    if prompt is None and prompt_embeds is None:
-        prompt = ""
+    prompts = check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds)
     low = check_images(image, image_range)                  # (B, 3, h, w) in [-1, 1]
     batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
     levels = _noise_levels(noise_level, batch, max_noise_level(model))
@@ -227,18 +227,15 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     seeds, generators = resolve_generators(seed, generator, batch)
     device = next(model.unet.parameters()).device
     x_aug, x_T = _start(model, padded, levels, generators, aug_noise, x_T, device)
-    cond = dict(context=prompt_context(model, prompt, prompt_embeds, batch, "prompt").to(device),
-                concat=x_aug, y=levels.to(device))
-    uncond = None
-    if guided(guidance):
-        uncond = dict(context=prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt").to(device))
+    cond, uncond = text_contexts(model, prompts, batch, guided(guidance), device)
+    cond.update(concat=x_aug, y=levels.to(device))
     net = tiled(x4_network(model.unet), tile, tile_overlap, unet_multiple(model), progress)
     den, grid, init_scale, record = ldm_grid(spec, CFG(net, float(guidance)), model.schedule, model.prediction, steps,
                                              device)
     params = base_parameters("x4", model, steps, guidance, batch)
     params.update(prediction=model.prediction, eta=eta, input_size=[h, w], output_size=[4 * h, 4 * w],
                   scale_factor=model.scale_factor, color_fix=color_fix_mode,
-                  vae_dtype="float32" if vae_tile else dtype_name(vae_dtype))  # tiled decodes: fp32
+                  vae_dtype=recorded_dtype(model.vae, vae_dtype, vae_tile))
     lv = levels.tolist()
     params.update({"noise_level": lv[0]} if len(set(lv)) == 1 else {"noise_levels": lv})
     if ph or pw:
@@ -246,11 +243,11 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     tiler = net if tile else None
     if tile_parameters(tiler, vae_tile, vae_overlap):
         params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
-    record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
-                   negative_prompt=(negative_prompt, negative_embeds))
+    record_prompts(params, prompts, batch, guidance, seeds)
     params.update(record)
-    return Job(spec, den, x_T, grid, dict(cond=cond, uncond=uncond), init_scale, spec.options(eta), generators,
-               callback, progress, tiler,
+    return Job(sampler=spec, denoiser=den, x_T=x_T, grid=grid, extra_args=dict(cond=cond, uncond=uncond),
+               init_scale=init_scale, options=spec.options(eta), generators=generators, callback=callback,
+               progress=progress, tiler=tiler,
                decode=lambda z: decode(model, z, vae_tile, vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w],
                color_fix=color_fix_mode, color_ref=low, parameters=params)
 
