@@ -367,7 +367,7 @@ def tiles_1d(n: int, tile: int, overlap: int) -> int:
     """Tiles along one axis, with the grid of ``tiling.tile_grid`` (StableSR's canvas)."""
     if tile <= 0 or n <= tile:
         return 1
-    from .pipelines.tiling import tile_grid
+    from .tiling import tile_grid
     return len(tile_grid(n, tile, overlap))
 
 
@@ -436,7 +436,8 @@ def estimate_peak_bytes(model, latent_hw, plan: dict, dtype: str, guidance: floa
         _ldm_unet_bytes(ucfg, th, tw, batch, b)
     f = vcfg.downscale
     if plan["vae_tile"]:  # tiling.tiled_decode: mid block on the whole map (chunked attention) + tiles
-        from .pipelines.tiling import auto_store_bytes, estimate_vae_bytes
+        from .tiling.engine import auto_store_bytes
+        from .tiling.memory import estimate_vae_bytes
         largest = max(vcfg.ch * m * (f * h >> lvl) * (f * w >> lvl) * 4 for lvl, m in enumerate(vcfg.ch_mult))
         vae = estimate_vae_bytes(vcfg, (1, vcfg.embed_dim, h, w), tile=plan["vae_tile"], halo=16,
                                  store_bytes=auto_store_bytes(largest))

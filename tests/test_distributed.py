@@ -83,7 +83,7 @@ LIBRARY = textwrap.dedent("""
     import sys, torch, sdup
     from sdup import distributed
     from sdup.pipelines.stablesr import upscale_stablesr
-    from sdup.pipelines.tiling import tiled_decode, tiled_encode
+    from sdup.tiling import tiled_decode, tiled_encode
     from sdup.pipelines.x2_latent import upscale_latents_x2
     from sdup.pipelines.x4 import upscale_x4
     fixtures, out, then = sys.argv[1], sys.argv[2], sys.argv[3]

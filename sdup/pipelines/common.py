@@ -589,7 +589,7 @@ def decode_scaled(vae, latents: Tensor, scale_factor: float, *, vae_tile: int | 
     fp32: a half-precision VAE is converted to fp32 in place for it)."""
     p = next(vae.parameters())
     if vae_tile:
-        from .tiling import tiled_decode
+        from ..tiling import tiled_decode
         if p.dtype != torch.float32:
             vae.float()
         vae_dtype = torch.float32

@@ -48,6 +48,7 @@ Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, whic
     x_T: (B, 4, H/8, W/8) unit-variance noise for the start (the eps of ``start="lr"``), else drawn.
     tile, tile_overlap, tile_batch, weights: latent tiling (``tiling.TiledModel``; None = whole latent).
     vae_tile, vae_overlap: decode in latent tiles (``tiling.tiled_decode``, exact; None = the whole latent at once).
+    plan: a ``tiling.TilePlan`` for the padded latent instead of the tile arguments (the command line's).
 Step by step: ``job = prepare_stablesr(...)``, ``latents = sample(job)``, ``finish(job, latents)``.
 """
 from __future__ import annotations
@@ -62,9 +63,10 @@ import torch.nn.functional as F
 from ..diffusion.denoisers import CFG, DiscreteDenoiser
 from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
+from ..tiling import TilePlan
 from .common import (Result, check_finite, check_int, check_images, pad_to_multiple, prompt_context, record_prompts,
                      resolve_generators)
-from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
 
 Tensor = torch.Tensor
 SAMPLERS = ("ddpm", "ddim")   # the reference scripts' samplers (DDIM with its timestep quirk, see stablesr_denoiser)
@@ -94,6 +96,7 @@ class Defaults:
 
 DEFAULTS = Defaults()
 PAD_MULTIPLE = 32
+LATENT_MULTIPLE = 8   # latent tiles are multiples of this (the SFT UNet's downsampling)
 
 
 def stablesr_network(model) -> Callable:
@@ -109,13 +112,12 @@ def stablesr_network(model) -> Callable:
     return net
 
 
-def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, tile: int | None = None,
-                      tile_overlap: int = 32, tile_batch: int = 1, weights: str = "symmetric",
+def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, plan: TilePlan | None = None,
                       progress: bool = False) -> tuple[DiscreteDenoiser, Tensor | None]:
     """(denoiser, DDIM timesteps or None) for the reference samplers: ``ddpm`` = the chain respaced to
     ``space_timesteps(1000, [steps])``; ``ddim`` = the offset-0 alpha grid with the network timesteps mapped to
-    ``space_timesteps``: the reference DDIM script's quirk)."""
-    net = tiled(stablesr_network(model), tile, tile_overlap, 8, progress, tile_batch=tile_batch, weights=weights)
+    ``space_timesteps``: the reference DDIM script's quirk); ``plan``: its latent tiles (None: untiled)."""
+    net = plan.wrap(stablesr_network(model), progress) if plan is not None else stablesr_network(model)
     den = DiscreteDenoiser(CFG(net, float(guidance)), schedule_betas(model.schedule), model.prediction)
     T = den.num_timesteps
     spaced = space_timesteps(T, [steps])
@@ -183,7 +185,7 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
                      x_T: Tensor | None = None, tile: int | None = None, tile_overlap: int = DEFAULTS.tile_overlap,
                      tile_batch: int = 1, weights: str = "symmetric", color_fix_mode: str = DEFAULTS.color_fix,
-                     vae_tile: int | None = None, vae_overlap: int = 8,
+                     vae_tile: int | None = None, vae_overlap: int = 8, plan: TilePlan | None = None,
                      callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
     """The StableSR ``Job`` for (B, 3, h, w) images in [0, 1] upscaled by ``scale`` with a StableSR ``LoadedModel``:
     the arguments are in the module docstring; ``upscale_stablesr`` = ``finish(job, sample(job))``."""
@@ -210,7 +212,9 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
     uncond = None
     if guided(guidance):
         uncond = dict(context=prompt_context(model, negative_prompt, None, batch, "negative_prompt").to(device))
-    den, ddim_ts = stablesr_denoiser(model, guidance, sampler, steps, tile, tile_overlap, tile_batch, weights, progress)
+    plan = tile_plan(plan, z_lr.shape[-2:], tile, tile_overlap, vae_tile, vae_overlap, LATENT_MULTIPLE,
+                     tile_batch=tile_batch, weights=weights)
+    den, ddim_ts = stablesr_denoiser(model, guidance, sampler, steps, plan, progress)
     spec = get_sampler(sampler)
     oh, ow = round(h * scale), round(w * scale)
     params = base_parameters("stablesr", model, steps, guidance, batch)
@@ -219,14 +223,11 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                   scale=float(scale), input_size=[h, w], output_size=[oh, ow], upsampled_size=[H, W],
                   native_size=input_size, scale_factor=model.scale_factor, color_fix=color_fix_mode,
                   padding={"mode": pad_mode, "bottom": ph, "right": pw} if ph or pw else None)
-    tiler = den.model.inner if tile else None
-    if tiler is not None or vae_tile:
-        params["tiling"] = dict(tile_parameters(tiler, vae_tile, vae_overlap),
-                                **({"tile_batch": tile_batch, "weights": weights} if tiler is not None else {}))
     params["timesteps"] = space_timesteps(1000, [steps])[::-1]
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, None), negative_prompt=(negative_prompt, None))
     return Job(spec, den, x_T.to(device), ddim_ts, dict(cond=cond, uncond=uncond), 1.0, spec.options(0.0), generators,
-               callback, progress, tiler, decode=_cfw_decoding(model, cfw, feats, dec_w, vae_tile, vae_overlap, progress),
+               callback, progress, plan,
+               decode=_cfw_decoding(model, cfw, feats, dec_w, plan.vae_tile, plan.vae_overlap, progress),
                color_fix=color_fix_mode,
                color_ref=padded.cpu(), crop=(H, W), resize=(oh, ow),
                parameters={k: v for k, v in params.items() if v is not None})
@@ -263,7 +264,7 @@ def _cfw_decoding(model, cfw, feats: list, dec_w: float, vae_tile: int | None = 
 
     def decode_one(z: Tensor, i: int) -> Tensor:
         if vae_tile:
-            from .tiling import tiled_decode
+            from ..tiling import tiled_decode
             fuse = vae.fuse_inputs(feats[i], float(dec_w)) if cfw is not None else None
             return tiled_decode(vae, z, tile=vae_tile, overlap=vae_overlap, fuse_inputs=fuse, progress=progress)
         return vae.decode(z, feats[i], float(dec_w)) if cfw is not None else vae.decode(z)

@@ -76,7 +76,8 @@ Arguments of ``prepare_x2`` (and of the wrapper, which takes the same):
         None raises instead. Latents are never padded (the latent contract).
     tile, tile_overlap: run the K-UNet on overlapping tiles of the 2x latent (``tiling.TiledModel``, Gaussian
         blending every step; one tile covering the latent = the untiled run); vae_tile, vae_overlap: decode with
-        ``tiling.tiled_decode`` (exact, bounded memory).
+        ``tiling.tiled_decode`` (exact, bounded memory); plan: a ``tiling.TilePlan`` for the 2x latent instead of
+        these four (the command line's, built once per input).
     color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the input image (latents path: to
         the VAE decode of the low-res latents).
     callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
@@ -91,11 +92,12 @@ import torch
 from dataclasses import dataclass
 
 from ..diffusion.denoisers import CFG, KarrasDenoiser
+from ..tiling import TilePlan
 from ..diffusion.samplers import SIGMA_SAMPLERS, get_sampler, randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
 from .common import (Result, check_finite, check_int, decode_latents, dtype_name, pad_to_multiple, prompt_rows,
                      record_prompts, resolve_generators, token_ids)
-from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
@@ -325,7 +327,8 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                x_T: Tensor | None = None, noise_level: float = 0.0, noise_aug: str = "gaussian",
                mask_padding: bool = False, sample_posterior: bool = True, pad_mode: str | None = "replicate",
                tile: int | None = None, tile_overlap: int = 16, vae_tile: int | None = None,
-               vae_overlap: int = 8, vae_dtype: torch.dtype = torch.float32, color_fix_mode: str = "none",
+               vae_overlap: int = 8, plan: TilePlan | None = None, vae_dtype: torch.dtype = torch.float32,
+               color_fix_mode: str = "none",
                callback: Callable[[dict], None] | None = None, progress: bool = True,
                decode: bool = True, guidance_rule: str = "sdup") -> Job:
     """The x2 ``Job`` for SD latents (or an image through the SD VAE) and an sd-x2-latent-upscaler ``LoadedModel``:
@@ -354,7 +357,8 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
     x_T = start_noise(x_T, shape, generators, p.device)
     low, extra = _x2_conditioning(unet, low, text, noise_level, noise_aug, generators)
     sigmas, schedule = _x2_grid(sigmas, steps, schedule, model)
-    net = tiled(x2_network(unet), tile, tile_overlap, 2 * latent_multiple(unet), progress)
+    plan = tile_plan(plan, shape[-2:], tile, tile_overlap, vae_tile, vae_overlap, 2 * latent_multiple(unet))
+    net = plan.wrap(x2_network(unet), progress)
     den = CFG(KarrasDenoiser(net, sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX),
               float(guidance) if use_cfg else 1.0)
     params = base_parameters("x2_latent", model, len(sigmas) - 1, guidance, batch)
@@ -366,18 +370,12 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
     record_prompts(params, batch, guidance if use_cfg else 1.0, seeds, prompt=(prompt, prompt_embeds),
                    negative_prompt=(negative_prompt, negative_embeds))
     job = Job(spec, den, x_T, sigmas.to(p.device), extra, float(sigmas[0]), spec.options(eta), generators, callback,
-              progress, net if tile else None, parameters=params)
+              progress, plan, parameters=params)
     if decode:
-        _x2_decoding(job, vae_module, scale_factor, image, in_hw, low, color_fix_mode, vae_tile, vae_overlap, vae_dtype)
-    _x2_layout_parameters(params, padding, pad_mode, job.tiler, vae_tile, vae_overlap)
-    return job
-
-
-def _x2_layout_parameters(params: dict, padding, pad_mode, tiler, vae_tile, vae_overlap) -> None:
+        _x2_decoding(job, vae_module, scale_factor, image, in_hw, low, color_fix_mode, vae_dtype)
     if any(padding):
         params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
-    if tile_parameters(tiler, vae_tile, vae_overlap):
-        params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
+    return job
 
 
 def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,
@@ -473,10 +471,11 @@ def _x2_grid(sigmas, steps: int, schedule: str, model) -> tuple[Tensor, str]:
     return sigmas, "custom"
 
 
-def _x2_decoding(job: Job, vae, scale_factor: float, image, in_hw, low: Tensor, color_fix_mode: str, vae_tile,
-                 vae_overlap: int, vae_dtype) -> None:
+def _x2_decoding(job: Job, vae, scale_factor: float, image, in_hw, low: Tensor, color_fix_mode: str,
+                 vae_dtype) -> None:
     """The decode half of the job: VAE decode, colour fix against the input image (latents: the decoded low-res
     latents), crop of the image padding; and its parameters."""
+    vae_tile, vae_overlap = job.plan.vae_tile, job.plan.vae_overlap
     job.decode = lambda z: decode_latents(vae, z, scale_factor, clamp=False, vae_tile=vae_tile,
                                           vae_overlap=vae_overlap, progress=job.progress, vae_dtype=vae_dtype)
     job.color_fix = color_fix_mode

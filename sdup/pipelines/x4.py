@@ -57,7 +57,8 @@ Arguments of ``prepare_x4`` (and of the wrapper, which takes the same):
     color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the (un-augmented) low-res input.
     tile, tile_overlap: run the UNet on overlapping latent tiles (``tiling.TiledModel`` under CFG; the tile is rounded
         down to the UNet's multiple); vae_tile, vae_overlap: decode with ``tiling.tiled_decode``. Same random numbers;
-        a tile covering the latent gives the untiled result.
+        a tile covering the latent gives the untiled result.  plan: a ``tiling.TilePlan`` for the padded latent
+        instead of these four (the command line's, built once per input).
     callback: called after every step with dict(i, t, sigma, x, x0_pred) (latents at the padded size).
     ``upscale_x4`` = ``finish(job, sample(job))``: ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``.
 """
@@ -73,9 +74,10 @@ import torch
 from ..diffusion.denoisers import CFG
 from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
+from ..tiling import TilePlan
 from .common import (Result, check_finite, check_int, check_images, decode_scaled, dtype_name, pad_to_multiple,
                      prompt_context, record_prompts, resolve_generators)
-from .job import Job, base_parameters, check_color_fix, guided, ldm_grid, run, start_noise, tile_parameters, tiled
+from .job import Job, base_parameters, check_color_fix, guided, ldm_grid, run, start_noise, tile_plan
 
 Tensor = torch.Tensor
 SAMPLERS = SAMPLER_NAMES   # every sampler of the registry runs on the x4 v network
@@ -208,7 +210,7 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                x_T: Tensor | None = None, aug_noise: Tensor | None = None, image_range=(0, 1),
                pad_mode: str | None = "replicate", color_fix_mode: str = "none", tile: int | None = None,
                tile_overlap: int = 32, vae_tile: int | None = None, vae_overlap: int = 8,
-               vae_dtype: torch.dtype = torch.float32,
+               plan: TilePlan | None = None, vae_dtype: torch.dtype = torch.float32,
                callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
     """The x4 ``Job`` for low-res images and a stable-diffusion-x4-upscaler ``LoadedModel``: the arguments are in
     the module docstring; ``upscale_x4`` = ``finish(job, sample(job))``."""
@@ -232,26 +234,24 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     uncond = None
     if guided(guidance):
         uncond = dict(context=prompt_context(model, negative_prompt, negative_embeds, batch, "negative_prompt").to(device))
-    net = tiled(x4_network(model.unet), tile, tile_overlap, unet_multiple(model), progress)
+    plan = tile_plan(plan, padded.shape[-2:], tile, tile_overlap, vae_tile, vae_overlap, unet_multiple(model))
+    net = plan.wrap(x4_network(model.unet), progress)
     den, grid, init_scale, record = ldm_grid(spec, CFG(net, float(guidance)), model.schedule, model.prediction, steps,
                                              device)
     params = base_parameters("x4", model, steps, guidance, batch)
     params.update(prediction=model.prediction, eta=eta, input_size=[h, w], output_size=[4 * h, 4 * w],
                   scale_factor=model.scale_factor, color_fix=color_fix_mode,
-                  vae_dtype="float32" if vae_tile else dtype_name(vae_dtype))  # tiled decodes: fp32
+                  vae_dtype="float32" if plan.vae_tile else dtype_name(vae_dtype))  # tiled decodes: fp32
     lv = levels.tolist()
     params.update({"noise_level": lv[0]} if len(set(lv)) == 1 else {"noise_levels": lv})
     if ph or pw:
         params["padding"] = {"mode": pad_mode, "bottom": ph, "right": pw}
-    tiler = net if tile else None
-    if tile_parameters(tiler, vae_tile, vae_overlap):
-        params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
     record_prompts(params, batch, guidance, seeds, prompt=(prompt, prompt_embeds),
                    negative_prompt=(negative_prompt, negative_embeds))
     params.update(record)
     return Job(spec, den, x_T, grid, dict(cond=cond, uncond=uncond), init_scale, spec.options(eta), generators,
-               callback, progress, tiler,
-               decode=lambda z: decode(model, z, vae_tile, vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w],
+               callback, progress, plan,
+               decode=lambda z: decode(model, z, plan.vae_tile, plan.vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w],
                color_fix=color_fix_mode, color_ref=low, parameters=params)
 
 
