@@ -608,3 +608,6 @@ def inspect(path: str | Path, config=None) -> tuple[Detection, LoadedModel | Non
     except (CheckpointError, KeyError, ValueError, ImportError) as e:
         det = locals().get("det") or Detection("unknown", "unknown")
         return det, None, str(e).splitlines()[0]
+
+
+yaml_params, ldm_constants = _yaml_params, _ldm_constants  # public names (the weight-less dry run builds from them)

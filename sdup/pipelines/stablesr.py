@@ -55,18 +55,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints.loader import inspect
 from ..diffusion.denoisers import CFG, DiscreteDenoiser
 from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
 from ..tiling import TilePlan
+from ..tiling.memory import ldm_unet_bytes
+from ..tiling.plan import TileDefaults
 from .common import (Result, check_finite, check_int, check_images, pad_to_multiple, prompt_context, record_prompts,
                      resolve_generators)
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
+from .upscale_io import note
+from .upscaler import Upscaler
 
 Tensor = torch.Tensor
 SAMPLERS = ("ddpm", "ddim")   # the reference scripts' samplers (DDIM with its timestep quirk, see stablesr_denoiser)
@@ -282,3 +288,56 @@ def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
     ``torch.inference_mode()``.  Returns ``Result(images (B, 3, s*h, s*w) in [0, 1], latents, parameters)``."""
     job = prepare_stablesr(model, cfw_vae, image, prompt, negative_prompt, **options)
     return run(job, group)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line's record (sdup.pipelines.upscaler)
+
+
+def cli_settings(opts) -> dict:
+    """The StableSR options of the command line, ``DEFAULTS`` where not given (steps and guidance: the sampler's)."""
+    if opts.noise_level is not None or opts.schedule:
+        raise ValueError("--noise-level / --schedule are not options of StableSR")
+    D, sampler = DEFAULTS, opts.sampler or DEFAULTS.sampler
+    return dict(sampler=sampler, steps=D.steps_for(sampler, opts.steps), guidance=D.guidance_for(sampler, opts.guidance),
+                dec_w=D.dec_w if opts.dec_w is None else opts.dec_w, start=opts.start or D.start,
+                scale=opts.scale or 4.0, input_size=opts.input_size)
+
+
+def cli_job(model, image: Tensor | None = None, latents=None, vae_dtype=None, **options) -> Job:
+    """The job of one input image (1, 3, h, w) with the CFW autoencoder ``attach_cfw`` found (the CFW VAE decodes
+    in the model's dtype: no ``vae_dtype``)."""
+    return prepare_stablesr(model, getattr(model, "cfw_vae", None), image, **options)
+
+
+def latent_size(model, size: tuple[int, int], latent=None, scale: float = 4.0, settings=None) -> tuple[int, int]:
+    """The latent of the upsampled image padded to ``PAD_MULTIPLE`` (the VAE's factor f: 8 for the real model)."""
+    H, W = upsampled_size(model, size, scale, (settings or {}).get("input_size"))
+    f = model.vae.cfg.downscale
+    return -(-H // PAD_MULTIPLE) * PAD_MULTIPLE // f, -(-W // PAD_MULTIPLE) * PAD_MULTIPLE // f
+
+
+def attach_cfw(model, opts, load) -> None:
+    """The CFW autoencoder from ``--vae`` (vqgan_cfw_00011.ckpt) as ``model.cfw_vae``; without it the plain SD VAE
+    decodes (a note says so)."""
+    model.cfw_vae = None
+    if not opts.vae:
+        note("no --vae: decoding with the checkpoint's plain SD VAE (no CFW fusion, --dec-w unused); the reference "
+             "uses vqgan_cfw_00011.ckpt")
+        return
+    family = inspect(Path(opts.vae))[0].family
+    if family != "stablesr_cfw_vae":
+        raise ValueError(f"--vae {opts.vae}: a {family} checkpoint; StableSR needs its CFW autoencoder "
+                         "(vqgan_cfw_00011.ckpt)")
+    model.cfw_vae = load(opts.vae)
+
+
+UPSCALER = Upscaler(
+    name="stablesr", family="stablesr", title="StableSR", scale=4, defaults=DEFAULTS, settings=cli_settings,
+    check_options=check_options, job=cli_job, min_side=lambda model: 8, latent_size=latent_size,
+    tile_multiple=lambda model: LATENT_MULTIPLE, unet_bytes=ldm_unet_bytes,
+    describe=lambda s: f"dec_w {s['dec_w']:g}, start {s['start']}",
+    expected_files="stablesr_000117.ckpt (or stablesr_768v_000139.ckpt) + vqgan_cfw_00011.ckpt (Iceclear/StableSR)",
+    tiles=TileDefaults(tile=64, overlap=32, overlap_share=2, tile_batch=1, weights="symmetric"),
+    color_fix=DEFAULTS.color_fix, variable_scale=True, own_options=("dec_w", "scale", "start", "input_size"),
+    attach=attach_cfw, config_hint="v2-finetune_text_T_512.yaml")

@@ -75,9 +75,11 @@ from ..diffusion.denoisers import CFG
 from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from ..tiling import TilePlan
+from ..tiling.memory import ldm_unet_bytes
 from .common import (Result, check_finite, check_int, check_images, decode_scaled, dtype_name, pad_to_multiple,
                      prompt_context, record_prompts, resolve_generators)
 from .job import Job, base_parameters, check_color_fix, guided, ldm_grid, run, start_noise, tile_plan
+from .upscaler import Upscaler
 
 Tensor = torch.Tensor
 SAMPLERS = SAMPLER_NAMES   # every sampler of the registry runs on the x4 v network
@@ -214,8 +216,10 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
     """The x4 ``Job`` for low-res images and a stable-diffusion-x4-upscaler ``LoadedModel``: the arguments are in
     the module docstring; ``upscale_x4`` = ``finish(job, sample(job))``."""
-    spec, eta = check_options(model, sampler=sampler, steps=steps, guidance=guidance, eta=eta, noise_level=noise_level,
-                              color_fix_mode=color_fix_mode)
+    check_options(model, sampler=sampler, steps=steps, guidance=guidance, eta=eta, noise_level=noise_level,
+                  color_fix_mode=color_fix_mode)
+    spec = get_sampler(sampler)
+    eta = spec.resolve_eta(eta)
     if prompt is not None and prompt_embeds is not None:
         if not (isinstance(prompt, str) and prompt == ""):
             raise ValueError("give either prompt or prompt_embeds, not both")
@@ -258,19 +262,17 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
 def check_options(model=None, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,
                   guidance: float = DEFAULTS.guidance, eta: float | None = None,
                   noise_level: int | Sequence[int] | Tensor = DEFAULTS.noise_level, color_fix_mode: str = "none"):
-    """The options that need no image checked (ValueError) -> (sampler row, eta); ``prepare_x4`` and the CLI (before
-    loading any weights: ``model`` None) use it."""
+    """The options that need no image checked (ValueError); ``prepare_x4`` and the CLI (before loading any weights:
+    ``model`` None) use it."""
     if model is not None:
         _check_model(model)
-    spec = get_sampler(sampler)
-    eta = spec.resolve_eta(eta)
+    get_sampler(sampler).resolve_eta(eta)
     check_int("steps", steps)
     check_finite("guidance", guidance)
     check_color_fix(color_fix_mode)
     count = noise_level.numel() if isinstance(noise_level, Tensor) else \
         len(noise_level) if isinstance(noise_level, (list, tuple)) else 1
     _noise_levels(noise_level, count, max_noise_level(model))
-    return spec, eta
 
 
 def _start(model, padded: Tensor, levels: Tensor, generators, aug_noise, x_T, device) -> tuple[Tensor, Tensor]:
@@ -294,3 +296,43 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     ``torch.inference_mode()``.  Returns ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``."""
     job = prepare_x4(model, image, prompt, negative_prompt, **options)
     return run(job, group)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line's record (sdup.pipelines.upscaler)
+
+
+def cli_settings(opts) -> dict:
+    """The x4 options of the command line, ``DEFAULTS`` where not given (a whole noise level as an int)."""
+    if opts.schedule:
+        raise ValueError("--schedule is an option of the x2 latent upscaler, not of x4")
+    level = DEFAULTS.noise_level if opts.noise_level is None else opts.noise_level
+    return dict(steps=opts.steps or DEFAULTS.steps, sampler=opts.sampler or DEFAULTS.sampler,
+                guidance=DEFAULTS.guidance if opts.guidance is None else opts.guidance,
+                noise_level=int(level) if float(level).is_integer() else level)
+
+
+def cli_job(model, image: Tensor | None = None, latents=None, **options) -> Job:
+    """The job of one input image (1, 3, h, w) for the command line."""
+    return prepare_x4(model, image, **options)
+
+
+def min_side(model) -> int:
+    """The UNet's multiple: the x4 latent has the input's size, and a smaller input would be mostly padding with a
+    sub-pixel bottleneck."""
+    return unet_multiple(model)
+
+
+def latent_size(model, size: tuple[int, int], latent=None, scale: float = 4, settings=None) -> tuple[int, int]:
+    """The input's size padded to the UNet's multiple (the x4 latent is the low-res image's size)."""
+    m = unet_multiple(model)
+    return -(-size[0] // m) * m, -(-size[1] // m) * m
+
+
+UPSCALER = Upscaler(
+    name="x4", family="x4", title="the x4 upscaler", scale=4, defaults=DEFAULTS, settings=cli_settings,
+    check_options=check_options, job=cli_job, min_side=min_side, latent_size=latent_size, tile_multiple=unet_multiple,
+    unet_bytes=ldm_unet_bytes, describe=lambda s: f"noise level {s['noise_level']:g}",
+    expected_files="x4-upscaler-ema.safetensors or x4-upscaler-ema.ckpt (stabilityai/stable-diffusion-x4-upscaler), "
+                   "or that repo's diffusers folder",
+    official_config="x4-upscaling.yaml")
