@@ -614,3 +614,16 @@ def test_rerun_from_an_output_gives_identical_pixels(images, tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--rerun", images / "a.png"), ["no recorded command"], tmp_path / "none")
     assert_one_line_error(*run(capsys, images / "a.png", "--rerun", made), ["--rerun takes no inputs"],
                           tmp_path / "none")
+
+
+def test_dry_run_prints_the_plan_that_runs(images, tmp_path, capsys):
+    """The ``tiling`` a --dry-run line prints is the one the output records (one TilePlan for both)."""
+    import json
+    args = [images / "a.png", "-o", tmp_path / "o.png", *WEIGHTS, *FAST, "--tile", "16", "--tile-overlap", "12",
+            "--vae-tile", "12"]
+    code, stdout, err = run(capsys, *args, "--dry-run")
+    assert code == 0, err
+    printed = json.loads(stdout.splitlines()[0].split("; tiling ", 1)[1])
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert io.read_parameters(tmp_path / "o.png")["tiling"] == printed

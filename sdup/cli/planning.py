@@ -38,16 +38,16 @@ def missing_weights(model: str, given: str | None) -> str:
 def detect_upscaler(args):
     """The upscaler of the checkpoint's family (header only), checked against --model."""
     det, _, error = inspect(Path(args.weights), config=args.config)
-    family = det.family
-    if family == "unknown":
+    found = det.family
+    if found == "unknown":
         fail(f"{args.weights}: not a supported checkpoint ({error or 'unknown layout'})")
-    chosen = UPSCALERS[args.model] if args.model != "auto" else for_family(family)
-    if args.model != "auto" and chosen.family != family:
-        fail(f"--model {args.model} does not match the checkpoint: {args.weights} is a {family} checkpoint "
-             f"({FAMILY_NAMES.get(family, family)})")
+    chosen = UPSCALERS[args.model] if args.model != "auto" else for_family(found)
+    if args.model != "auto" and not chosen.loads(found):
+        fail(f"--model {args.model} does not match the checkpoint: {args.weights} is a {found} checkpoint "
+             f"({FAMILY_NAMES.get(found, found)})")
     if chosen is None:
         names = list(dict.fromkeys(u.family for u in UPSCALERS.values()))
-        fail(f"{args.weights} is a {family} checkpoint ({FAMILY_NAMES.get(family, family)}), not an upscaler "
+        fail(f"{args.weights} is a {found} checkpoint ({FAMILY_NAMES.get(found, found)}), not an upscaler "
              f"({', '.join(names[:-1])} or {names[-1]})")
     return chosen
 

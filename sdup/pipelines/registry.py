@@ -18,4 +18,4 @@ UPSCALERS: dict[str, Upscaler] = {u.name: u for u in (import_module(f"{__package
 
 def for_family(family: str) -> Upscaler | None:
     """The first upscaler that loads checkpoints of ``family`` (what ``--model auto`` picks), or None."""
-    return next((u for u in UPSCALERS.values() if u.family == family), None)
+    return next((u for u in UPSCALERS.values() if u.loads(family)), None)

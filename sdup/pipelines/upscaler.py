@@ -55,3 +55,7 @@ class Upscaler:
     official_config: str | None = None   # YAML in configs/ for the weight-less dry run
     config_hint: str | None = None       # the upstream YAML to pass as --config when there is no official one
     meta_model: Callable[[], Any] | None = None
+
+    def loads(self, family: str) -> bool:
+        """Whether checkpoints of ``family`` (``sdup.checkpoints.detect``) are this upscaler's weights."""
+        return self.family == family

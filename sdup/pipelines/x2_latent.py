@@ -380,9 +380,13 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
               progress, plan, parameters=params)
     if decode:
         _x2_decoding(job, vae_module, scale_factor, image, in_hw, low, color_fix_mode, vae_dtype)
+    _x2_layout_parameters(params, padding, pad_mode)
+    return job
+
+
+def _x2_layout_parameters(params: dict, padding, pad_mode) -> None:
     if any(padding):
         params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
-    return job
 
 
 def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,

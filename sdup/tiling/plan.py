@@ -61,7 +61,8 @@ class TilePlan:
     @property
     def vae_tiles(self) -> int:
         h, w = self.latent
-        return len(tiles_along(h, self.vae_tile, self.vae_overlap)) * len(tiles_along(w, self.vae_tile, self.vae_overlap))
+        along = [tiles_along(n, self.vae_tile, self.vae_overlap) for n in (h, w)]
+        return len(along[0]) * len(along[1])
 
     def wrap(self, net: Callable, progress: bool = False):
         """``TiledModel`` around ``net`` on this plan's latent tiles; ``net`` itself when untiled."""
