@@ -150,7 +150,7 @@ def parse_ids(text: str | None, what: str):
 
 
 def check_args(args) -> None:
-    """The file and tiling arguments, before touching the weights (the pipeline options: ``_settings``)."""
+    """The file and tiling arguments, before touching the weights (the pipeline options: ``planning.settings``)."""
     for name in ("tile", "vae_tile"):
         v = getattr(args, name)
         if v is not None and v != 0 and v < MIN_SIDE:
