@@ -152,7 +152,7 @@ def vae_decode_case(repo, h, w, dtype=torch.float32, tiled=False):
     prepare(mine, memory_format(dtype))
     z = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(0)).to(device(), dtype)
     if tiled:  # the only way sdup decodes this size (exact tiling, whole-image GroupNorm statistics)
-        from sdup.pipelines.tiling import tiled_decode
+        from sdup.tiling import tiled_decode
         return {"sdup": lambda: tiled_decode(mine, z, tile=128, overlap=8), "diffusers": lambda: ref.decode(z).sample}
     return {"sdup": lambda: mine.decode(z), "diffusers": lambda: ref.decode(z).sample}
 

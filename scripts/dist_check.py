@@ -30,7 +30,7 @@ FIXTURES = ROOT / "tests" / "data" / "fixtures"
 def cases(device: str, group) -> dict:
     import sdup
     from sdup.pipelines.stablesr import upscale_stablesr
-    from sdup.pipelines.tiling import tiled_decode, tiled_encode
+    from sdup.tiling import tiled_decode, tiled_encode
     from sdup.pipelines.x2_latent import upscale_latents_x2
     from sdup.pipelines.x4 import upscale_x4
     g = torch.Generator().manual_seed(0)
@@ -101,7 +101,7 @@ def cmd_time_decode(args) -> int:
     after a warm-up on a small latent."""
     from sdup.checkpoints import diffusers as dfs
     from sdup.models.vae import AutoencoderKL
-    from sdup.pipelines.tiling import _chunked_attention, tiled_decode
+    from sdup.tiling.vae import _chunked_attention, tiled_decode
     import json
     cfg = json.loads((ROOT / "tests/data/manifests/diffusers_configs.json").read_text())["configs"]
     vcfg = dfs.vae_config(cfg["stabilityai/stable-diffusion-x4-upscaler"]["vae"])

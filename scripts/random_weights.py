@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdup.checkpoints.export import save_ldm  # noqa: E402
-from sdup.upscale_cli import meta_model_from_config, repo_configs  # noqa: E402
+from sdup.cli.planning import meta_model_from_yaml, repo_configs  # noqa: E402
 
 DEFAULT_CONFIGS = {"x4": "x4-upscaling.yaml", "sd1": "sd1-inference.yaml", "sd2": "sd2-inference.yaml"}
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             ap.error(f"{args.manifest}: {error}")
         print(f"{args.manifest}: {det.family}")
     else:
-        model = meta_model_from_config(args.family, args.config or str(repo_configs() / DEFAULT_CONFIGS[args.family]))
+        model = meta_model_from_yaml(args.family, args.config or str(repo_configs() / DEFAULT_CONFIGS[args.family]))
     g = torch.Generator().manual_seed(args.seed)
     for name, m in model.components().items():
         randomize(m, g)

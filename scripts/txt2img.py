@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdup.diffusion.samplers import SAMPLER_NAMES  # noqa: E402  (light: no model code yet)
-from sdup.upscale_cli import Parser, add_prompt_arguments, fail, parse_ids  # noqa: E402  (one-line errors, token ids: as the upscale CLI)
+from sdup.cli.arguments import Parser, add_prompt_arguments, fail, parse_ids  # noqa: E402  (one-line errors, token ids: as the upscale CLI)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,11 +12,7 @@ import sdup
 from helpers import FIXTURES, FORWARD_TOL, assert_parity
 from sdup.nn import AttentionOutput, attention_hooks, attention_layers, use_attention_backend
 from sdup.pipelines.x4 import x4_network
-
-try:  # the tiling package (older trees: sdup.pipelines.tiling)
-    from sdup.tiling import TiledModel
-except ImportError:
-    from sdup.pipelines.tiling import TiledModel
+from sdup.tiling import TiledModel
 
 A = importlib.import_module("sdup.nn.attention")  # the module (sdup.nn.attention is also the function's name)
 pytestmark = [pytest.mark.usefixtures("no_grad", "one_thread")]

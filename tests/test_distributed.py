@@ -60,7 +60,7 @@ def test_cli_folder_and_one_image_over_two_ranks_equal_one_process(tmp_path):
     folder = [src, "-o", tmp_path / "one", *X4, *FAST, *tiles]
     big = [tmp_path / "big.png", "-o", tmp_path / "t1.png", *X4, *FAST, *tiles, *vae_tiles]
     # the single-process references, both in one process (one start-up), beside the first torchrun
-    code = "import sys; from sdup.upscale_cli import upscale_main as m; a = sys.argv[1:]; i = a.index('--'); " \
+    code = "import sys; from sdup.cli import upscale_main as m; a = sys.argv[1:]; i = a.index('--'); " \
            "sys.exit(m(a[:i]) or m(a[i + 1:]))"
     one = subprocess.Popen([sys.executable, "-c", code, *map(str, folder), "--", *map(str, big)], text=True, env=ENV,
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -83,7 +83,7 @@ LIBRARY = textwrap.dedent("""
     import sys, torch, sdup
     from sdup import distributed
     from sdup.pipelines.stablesr import upscale_stablesr
-    from sdup.pipelines.tiling import tiled_decode, tiled_encode
+    from sdup.tiling import tiled_decode, tiled_encode
     from sdup.pipelines.x2_latent import upscale_latents_x2
     from sdup.pipelines.x4 import upscale_x4
     fixtures, out, then = sys.argv[1], sys.argv[2], sys.argv[3]

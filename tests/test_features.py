@@ -10,11 +10,7 @@ import torch
 import sdup
 from helpers import FIXTURES
 from sdup.pipelines.x4 import x4_network
-
-try:  # the tiling package (older trees: sdup.pipelines.tiling)
-    from sdup.tiling import TiledModel, tiled_decode
-except ImportError:
-    from sdup.pipelines.tiling import TiledModel, tiled_decode
+from sdup.tiling import TiledModel, tiled_decode
 
 pytestmark = [pytest.mark.usefixtures("no_grad", "one_thread")]
 H, W = 16, 24

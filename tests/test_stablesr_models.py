@@ -117,7 +117,7 @@ def test_cfw_vae_matches_upstream():
 def test_cfw_tiled_decode_matches_upstream():
     """The exact tiled decode runs the CFW decoder through the same stages (the fusion layers as level hooks, their
     encoder features cut to the tiles): the untiled result and the upstream fixture, on 3 x 4 latent tiles."""
-    from sdup.pipelines.tiling import tiled_decode
+    from sdup.tiling import tiled_decode
     vae, _, _ = cfw_vae()
     d = load_file(SSR / "cfw_vae.safetensors")
     enc_fea = [d["out.enc_fea.0"], d["out.enc_fea.1"]]

@@ -14,7 +14,7 @@ import sdup
 from helpers import FIXTURES, assert_parity
 from sdup.diffusion import samplers as S
 from sdup.pipelines.stablesr import stablesr_denoiser, upscale_stablesr
-from sdup.pipelines.tiling import gaussian_weights
+from sdup.tiling import gaussian_weights
 
 D = FIXTURES / "stablesr"
 FAST = dict(steps=2, input_size=32, progress=False)

@@ -1,4 +1,4 @@
-"""Tiling (sdup.pipelines.tiling): StableSR's tile grid and Gaussian weights, the TiledModel drop-in for samplers,
+"""Tiling (sdup.tiling): StableSR's tile grid and Gaussian weights, the TiledModel drop-in for samplers,
 and the seam-free tiled VAE (exact halos + whole-image GroupNorm statistics) incl. a peak-RSS check.
 
 Measured on the dev box (2 CPU cores, fp32), for the record:
@@ -26,8 +26,8 @@ from sdup.diffusion.denoisers import CFG, DiffusionWrapper, DiscreteDenoiser
 from sdup.diffusion.schedules import ldm_linear_betas
 from sdup.models.unet import UNet, UNetConfig
 from sdup.models.vae import AutoencoderKL, VAEConfig
-from sdup.pipelines.tiling import (TiledModel, auto_tile, estimate_vae_bytes, gaussian_weights, needs_tiling,
-                                   tile_grid, tiled_decode, tiled_encode)
+from sdup.tiling import TiledModel, estimate_vae_bytes, gaussian_weights, tile_grid, tiled_decode, tiled_encode
+from sdup.tiling.plan import TileDefaults, default_plan, plan_tiles
 
 
 pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")  # forward-only, tiny models: one thread (conftest.py)
@@ -318,17 +318,30 @@ def test_tiled_decode_has_no_seams():
         assert naive_ex > 1e3 * max(ours, 1e-6), (naive_ex, ours)
 
 
-def test_memory_helpers():
+def test_memory_estimate_of_the_vae():
     sd = VAEConfig()
-    assert not needs_tiling((1, 4, 64, 64), 8 << 30, sd)                 # 512^2 decode fits in 8 GiB
-    assert needs_tiling((1, 4, 512, 512), 8 << 30, sd)                   # 4096^2 does not
-    assert auto_tile((1, 4, 64, 64), 8 << 30, sd) is None
-    pick = auto_tile((1, 4, 512, 512), 8 << 30, sd)
-    assert pick is not None and pick["tile"] >= 32 and pick["store_bytes"] > 0
-    tiled = estimate_vae_bytes(sd, (1, 4, 512, 512), tile=pick["tile"], halo=16, store_bytes=pick["store_bytes"])
-    assert tiled <= 8 << 30 < estimate_vae_bytes(sd, (1, 4, 512, 512))
-    enc = auto_tile((1, 3, 4096, 4096), 8 << 30, sd, kind="encode")
-    assert enc is not None and enc["tile"] % 8 == 0
+    assert estimate_vae_bytes(sd, (1, 4, 64, 64)) < 8 << 30                # 512^2 decode fits in 8 GiB
+    assert estimate_vae_bytes(sd, (1, 4, 512, 512)) > 8 << 30              # 4096^2 does not, untiled
+    assert estimate_vae_bytes(sd, (1, 4, 512, 512), tile=64, halo=16, store_bytes=1 << 30) < 8 << 30
+    assert estimate_vae_bytes(sd, (1, 3, 4096, 4096), kind="encode", tile=64, halo=11) < \
+        estimate_vae_bytes(sd, (1, 3, 4096, 4096), kind="encode")
+
+
+def test_tile_plan_rounds_once_and_counts_like_the_runners():
+    """``plan_tiles``: the tile rounded down to the multiple, the overlap below it; the counts are the grids that
+    ``TiledModel`` and ``tiled_decode`` run; ``default_plan`` switches tiling on above the defaults."""
+    plan = plan_tiles((40, 70), tile=21, overlap=30, vae_tile=16, vae_overlap=4, multiple=8)
+    assert (plan.tile, plan.overlap, plan.vae_tile, plan.vae_overlap) == (16, 8, 16, 4)
+    th, tw, tiles = plan.wrap(lambda x, t: x).grid(40, 70)
+    assert (th, tw) == (16, 16) and plan.latent_tiles == len(tiles)
+    info = {}
+    tiled_decode(tiny_vae(), torch.zeros(1, 4, 40, 70), tile=plan.vae_tile, overlap=plan.vae_overlap, info=info)
+    assert plan.vae_tiles == info["tiles"]
+    assert plan.parameters() == {"tile": 16, "overlap": 8, "vae_tile": 16, "vae_overlap": 4}
+    assert plan_tiles((40, 70)).parameters() is None and plan_tiles((40, 70)).wrap(abs) is abs
+    small, big = default_plan((64, 64), TileDefaults(), 8), default_plan((64, 200), TileDefaults(), 8)
+    assert small.tile is None and small.vae_tile is None
+    assert (big.tile, big.overlap, big.vae_tile, big.vae_overlap, big.latent_tiles) == (128, 32, 128, 8, 2)
 
 
 MEM_SCRIPT = textwrap.dedent("""
@@ -338,7 +351,7 @@ MEM_SCRIPT = textwrap.dedent("""
     from helpers import randomize_
     from sdup.models.vae import AutoencoderKL, VAEConfig
     from sdup.nn import set_attention_backend
-    from sdup.pipelines.tiling import tiled_decode
+    from sdup.tiling import tiled_decode
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     set_attention_backend("math")       # the reference attention: untiled needs the full N x N logits

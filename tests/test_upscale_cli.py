@@ -1,4 +1,4 @@
-"""The upscaler CLI (scripts/upscale.py = python -m sdup upscale) and its file handling (sdup.pipelines.upscale_io, sdup.images),
+"""The upscaler CLI (scripts/upscale.py = python -m sdup upscale) and its file handling (sdup.cli.inputs, sdup.images),
 on the tiny random-weight x4 checkpoint in the official single-file layout (tests/data/fixtures/x4/model.ckpt +
 its YAML; the tiny text encoder has no BPE vocabulary, so prompts are empty or token ids)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from helpers import FIXTURES
 from sdup import cli
 from sdup import images as files
 from sdup.images import encode_png
-from sdup.pipelines import upscale_io as io
+from sdup.cli import inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 X4 = FIXTURES / "x4"
@@ -276,17 +276,17 @@ def test_io_helpers(tmp_path):
     d.mkdir()
     for name in ("b.PNG", "a.jpeg", "c.bmp", "x.txt"):
         (d / name).write_bytes(b"")
-    assert [p.name for p in io.expand_inputs([d])] == ["a.jpeg", "b.PNG", "c.bmp"]
-    assert [p.name for p in io.expand_inputs([str(d / "*.jpeg"), d / "a.jpeg"])] == ["a.jpeg"]  # de-duplicated
+    assert [p.name for p in inputs.expand_inputs([d])] == ["a.jpeg", "b.PNG", "c.bmp"]
+    assert [p.name for p in inputs.expand_inputs([str(d / "*.jpeg"), d / "a.jpeg"])] == ["a.jpeg"]  # de-duplicated
     with pytest.raises(files.UpscaleIOError, match="no such file"):
-        io.expand_inputs([tmp_path / "missing.png"])
-    paths = io.plan_outputs(io.expand_inputs([d]), tmp_path / "o", 4)
+        inputs.expand_inputs([tmp_path / "missing.png"])
+    paths = inputs.plan_outputs(inputs.expand_inputs([d]), tmp_path / "o", 4)
     assert [p.name for p in paths] == ["a_x4.jpeg", "b_x4.png", "c_x4.png"]  # BMP -> PNG
-    assert [p.name for p in io.plan_outputs(io.expand_inputs([d]), tmp_path / "o", 2, "webp")] == \
+    assert [p.name for p in inputs.plan_outputs(inputs.expand_inputs([d]), tmp_path / "o", 2, "webp")] == \
         ["a_x2.webp", "b_x2.webp", "c_x2.webp"]
-    assert io.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4) == [tmp_path / "x.tif"]
+    assert inputs.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4) == [tmp_path / "x.tif"]
     with pytest.raises(files.UpscaleIOError, match="--format"):
-        io.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4, "png")
+        inputs.plan_outputs([d / "a.jpeg"], tmp_path / "x.tif", 4, "png")
 
 
 def test_exif_orientation_and_write_formats(tmp_path):
@@ -494,7 +494,8 @@ def test_stablesr_dry_run_with_weights(tmp_path, capsys):
     code, stdout, err = run(capsys, tmp_path / "p.png", "-o", tmp_path / "o", *SR_WEIGHTS, "--dry-run")
     assert code == 0, err
     assert "(768x512)" in stdout and "sampler ddpm, steps 200" in stdout and "dec_w 0.5" in stdout
-    assert "latent tiles 2" in stdout and not (tmp_path / "o").exists()  # 64 x 96 latent, 64-px tiles, overlap 32
+    # the latent that runs: 128 x 192 (the tiny VAE has f = 4), 64-px tiles, overlap 32: 3 x 5
+    assert "latent tiles 15" in stdout and not (tmp_path / "o").exists()
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -574,7 +575,7 @@ def slow_atomic_write(path, write, **kw):
     return real(path, slow, **kw)
 
 write.atomic_write = slow_atomic_write
-from sdup.upscale_cli import upscale_main
+from sdup.cli import upscale_main
 sys.exit(upscale_main(sys.argv[1:]))
 """
 
@@ -597,7 +598,7 @@ def test_sigterm_during_the_final_write_leaves_nothing(images, tmp_path):
 
 def test_unwritable_output_fails_before_loading_the_model(images, tmp_path, capsys, monkeypatch):
     """The output location is tried (folders created, a file written and removed) before any weight is read."""
-    import sdup.upscale_cli as U
+    import sdup.cli.running as U
     loads = []
     monkeypatch.setattr(U, "_load", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
     blocker = tmp_path / "blocker"
@@ -638,3 +639,16 @@ def test_rerun_from_an_output_gives_identical_pixels(images, tmp_path, capsys):
     assert_one_line_error(*run(capsys, "--rerun", images / "a.png"), ["no recorded command"], tmp_path / "none")
     assert_one_line_error(*run(capsys, images / "a.png", "--rerun", made), ["--rerun takes no inputs"],
                           tmp_path / "none")
+
+
+def test_dry_run_prints_the_plan_that_runs(images, tmp_path, capsys):
+    """The ``tiling`` a --dry-run line prints is the one the output records (one TilePlan for both)."""
+    import json
+    args = [images / "a.png", "-o", tmp_path / "o.png", *WEIGHTS, *FAST, "--tile", "16", "--tile-overlap", "12",
+            "--vae-tile", "12"]
+    code, stdout, err = run(capsys, *args, "--dry-run")
+    assert code == 0, err
+    printed = json.loads(stdout.splitlines()[0].split("; tiling ", 1)[1])
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert files.read_parameters(tmp_path / "o.png")["tiling"] == printed

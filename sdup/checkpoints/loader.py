@@ -407,3 +407,4 @@ def inspect(path: str | Path, config=None) -> tuple[Detection, LoadedModel | Non
     except (CheckpointError, KeyError, ValueError, ImportError) as e:
         det = locals().get("det") or Detection("unknown", "unknown")
         return det, None, str(e).splitlines()[0]
+

@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from ..optimize import MEMORY_FORMATS, choose_memory_format
 from .result import dtype_name
-from .tiling import tiled_decode
+from ..tiling import tiled_decode
 
 Tensor = torch.Tensor
 

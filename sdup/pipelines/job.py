@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.samplers import Sampler
+from ..tiling import TilePlan, plan_tiles
 from .colorfix import COLOR_FIX_MODES, color_fix
 from .result import Result, dtype_name
 
@@ -46,7 +47,7 @@ class Job:
     generators: Any = None              # per-sample generators of the per-step noise
     callback: Callable[[dict], None] | None = None   # called after every step (see the samplers' docstring)
     progress: bool = True
-    tiler: Any = None                   # the ``tiling.TiledModel`` inside the denoiser (the tile plan), or None
+    plan: TilePlan | None = None        # the tiles of the denoiser's network and of the decode (``finish`` records it)
     decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]; None: no images
     color_fix: str = "none"             # "none" | "adain" | "wavelet"
     color_ref: Tensor | Callable[[], Tensor] | None = None  # what the colours are matched to ([-1, 1]; lazy if callable)
@@ -84,6 +85,8 @@ def finish(job: Job, latents: Tensor) -> Result:
             out = F.interpolate(out, size=job.resize, mode="bicubic", align_corners=False, antialias=True)
         images = ((out + 1) / 2).clamp(0, 1)
     params = dict(job.parameters, sampler=job.sampler.name)
+    if job.plan is not None and job.plan.parameters() is not None:
+        params["tiling"] = job.plan.parameters()
     if not job.sampler.discrete and job.grid is not None:
         params["sigmas"] = [round(float(s), 6) for s in job.grid]
     return Result(images=images, latents=latents.float().cpu(), parameters=params)
@@ -106,23 +109,17 @@ def check_color_fix(mode: str) -> str:
     return mode
 
 
-def tiled(net: Callable, tile: int | None, overlap: int, multiple: int, progress: bool = False, **kw):
-    """``tiling.TiledModel`` around ``net`` with the tile rounded down to a multiple of ``multiple`` (the network's
-    downsampling; at least one multiple) and the overlap kept below the tile; ``tile`` None / 0: ``net`` itself."""
-    if not tile:
-        return net
-    from .tiling import TiledModel
-    t = max(multiple, tile - tile % multiple)
-    return TiledModel(net, tile=t, overlap=min(overlap, t - multiple), progress=progress, **kw)
-
-
-def tile_parameters(tiler, vae_tile: int | None = None, vae_overlap: int = 8) -> dict | None:
-    """The ``tiling`` entry of the parameters of a latent tile plan and a tiled VAE decode (None: nothing tiled)."""
-    if tiler is None and not vae_tile:
-        return None
-    return {"tile": tiler.tile[0] if tiler is not None else None,
-            "overlap": tiler.overlap[0] if tiler is not None else None,
-            "vae_tile": vae_tile, "vae_overlap": vae_overlap if vae_tile else None}
+def tile_plan(plan: TilePlan | None, latent: tuple[int, int], tile: int | None, overlap: int, vae_tile: int | None,
+              vae_overlap: int, multiple: int, **blend) -> TilePlan:
+    """The job's ``TilePlan``: ``plan`` when given (it must be for this latent), else ``plan_tiles`` of the keyword
+    sizes (the tile rounded down to ``multiple``, the network's downsampling; the overlap kept below the tile)."""
+    latent = (int(latent[0]), int(latent[1]))
+    if plan is None:
+        return plan_tiles(latent, tile, overlap, vae_tile, vae_overlap, multiple, **blend)
+    if tuple(plan.latent) != latent or (plan.tile and plan.tile % multiple):
+        raise ValueError(f"the tile plan is for a {plan.latent[0]}x{plan.latent[1]} latent in multiples of "
+                         f"{plan.multiple}; this job runs on {latent[0]}x{latent[1]} in multiples of {multiple}")
+    return plan
 
 
 def start_noise(x_T: Tensor | None, shape: tuple, generators, device, what: str = "") -> Tensor:

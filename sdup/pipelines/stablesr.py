@@ -52,26 +52,34 @@ Arguments of ``prepare_stablesr`` (and of the wrapper ``upscale_stablesr``, whic
     vae_tile, vae_overlap: decode in latent tiles (``tiling.tiled_decode``, exact; None = the whole latent at once).
     vae_dtype: the decode's dtype (None: the VAE's own; ``decoding.decode_scaled``: a non-finite half-precision
         decode is redone in fp32, tiled decodes run in fp32).
+    plan: a ``tiling.TilePlan`` for the padded latent instead of the tile arguments (the command line's).
 Step by step: ``job = prepare_stablesr(...)``, ``latents = sample(job)``, ``finish(job, latents)``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints.loader import inspect
 from ..diffusion.denoisers import CFG, DiscreteDenoiser
 from ..diffusion.samplers import get_sampler, randn
 from ..diffusion.schedules import ddim_timesteps, ldm_buffers, schedule_betas, space_timesteps
+from ..images import note
+from ..tiling import TilePlan
+from ..tiling.memory import ldm_unet_bytes
+from ..tiling.plan import TileDefaults
 from .checks import check_finite, check_images, check_int, pad_to_multiple
 from .conditioning import check_prompts, record_prompts, text_contexts
 from .decoding import decode_scaled, recorded_dtype
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
 from .result import Result
 from .seeds import resolve_generators
-from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
+from .upscaler import Upscaler
 
 Tensor = torch.Tensor
 SAMPLERS = ("ddpm", "ddim")   # the reference scripts' samplers (DDIM with its timestep quirk, see stablesr_denoiser)
@@ -101,6 +109,7 @@ class Defaults:
 
 DEFAULTS = Defaults()
 PAD_MULTIPLE = 32
+LATENT_MULTIPLE = 8   # latent tiles are multiples of this (the SFT UNet's downsampling)
 
 
 def stablesr_network(model) -> Callable:
@@ -116,13 +125,12 @@ def stablesr_network(model) -> Callable:
     return net
 
 
-def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, tile: int | None = None,
-                      tile_overlap: int = 32, tile_batch: int = 1, weights: str = "symmetric",
+def stablesr_denoiser(model, guidance: float, sampler: str, steps: int, plan: TilePlan | None = None,
                       progress: bool = False) -> tuple[DiscreteDenoiser, Tensor | None]:
     """(denoiser, DDIM timesteps or None) for the reference samplers: ``ddpm`` = the chain respaced to
     ``space_timesteps(1000, [steps])``; ``ddim`` = the offset-0 alpha grid with the network timesteps mapped to
-    ``space_timesteps``: the reference DDIM script's quirk)."""
-    net = tiled(stablesr_network(model), tile, tile_overlap, 8, progress, tile_batch=tile_batch, weights=weights)
+    ``space_timesteps``: the reference DDIM script's quirk); ``plan``: its latent tiles (None: untiled)."""
+    net = plan.wrap(stablesr_network(model), progress) if plan is not None else stablesr_network(model)
     den = DiscreteDenoiser(CFG(net, float(guidance)), schedule_betas(model.schedule), model.prediction)
     T = den.num_timesteps
     spaced = space_timesteps(T, [steps])
@@ -190,7 +198,8 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
                      x_T: Tensor | None = None, tile: int | None = None, tile_overlap: int = DEFAULTS.tile_overlap,
                      tile_batch: int = 1, weights: str = "symmetric", color_fix_mode: str = DEFAULTS.color_fix,
-                     vae_tile: int | None = None, vae_overlap: int = 8, vae_dtype: torch.dtype | None = None,
+                     vae_tile: int | None = None, vae_overlap: int = 8, plan: TilePlan | None = None,
+                     vae_dtype: torch.dtype | None = None,
                      callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
     """The StableSR ``Job`` for (B, 3, h, w) images in [0, 1] upscaled by ``scale`` with a StableSR ``LoadedModel``:
     the arguments are in the module docstring; ``upscale_stablesr`` = ``finish(job, sample(job))``."""
@@ -212,7 +221,9 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
     x_T = _start(model, z_lr, start, x_T, generators)
     cond, uncond = text_contexts(model, prompts, batch, guided(guidance), device)
     cond["lr"] = z_lr.to(device)
-    den, ddim_ts = stablesr_denoiser(model, guidance, sampler, steps, tile, tile_overlap, tile_batch, weights, progress)
+    plan = tile_plan(plan, z_lr.shape[-2:], tile, tile_overlap, vae_tile, vae_overlap, LATENT_MULTIPLE,
+                     tile_batch=tile_batch, weights=weights)
+    den, ddim_ts = stablesr_denoiser(model, guidance, sampler, steps, plan, progress)
     spec = get_sampler(sampler)
     oh, ow = round(h * scale), round(w * scale)
     params = base_parameters("stablesr", model, steps, guidance, batch)
@@ -220,16 +231,12 @@ def prepare_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
                   prediction=model.prediction, dec_w=float(dec_w) if cfw is not None else None, start=start,
                   scale=float(scale), input_size=[h, w], output_size=[oh, ow], upsampled_size=[H, W],
                   native_size=input_size, scale_factor=model.scale_factor, color_fix=color_fix_mode,
-                  vae_dtype=recorded_dtype(cfw or model.vae, vae_dtype, vae_tile), padding=padding)
-    tiler = den.model.inner if tile else None
-    if tiler is not None or vae_tile:
-        params["tiling"] = dict(tile_parameters(tiler, vae_tile, vae_overlap),
-                                **({"tile_batch": tile_batch, "weights": weights} if tiler is not None else {}))
+                  vae_dtype=recorded_dtype(cfw or model.vae, vae_dtype, plan.vae_tile), padding=padding)
     params["timesteps"] = space_timesteps(1000, [steps])[::-1]
     record_prompts(params, prompts, batch, guidance, seeds)
-    decode = _cfw_decoding(model, cfw, feats, dec_w, vae_tile, vae_overlap, vae_dtype, progress)
+    decode = _cfw_decoding(model, cfw, feats, dec_w, plan.vae_tile, plan.vae_overlap, vae_dtype, progress)
     return Job(sampler=spec, denoiser=den, x_T=x_T.to(device), grid=ddim_ts, extra_args=dict(cond=cond, uncond=uncond),
-               options=spec.options(0.0), generators=generators, callback=callback, progress=progress, tiler=tiler,
+               options=spec.options(0.0), generators=generators, callback=callback, progress=progress, plan=plan,
                decode=decode, color_fix=color_fix_mode, color_ref=padded.cpu(), crop=(H, W), resize=(oh, ow),
                parameters={k: v for k, v in params.items() if v is not None})
 
@@ -283,3 +290,56 @@ def upscale_stablesr(model, cfw_vae, image: Tensor, prompt: str | Sequence[str] 
     ``torch.inference_mode()``.  Returns ``Result(images (B, 3, s*h, s*w) in [0, 1], latents, parameters)``."""
     job = prepare_stablesr(model, cfw_vae, image, prompt, negative_prompt, **options)
     return run(job, group)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line's record (sdup.pipelines.upscaler)
+
+
+def cli_settings(opts) -> dict:
+    """The StableSR options of the command line, ``DEFAULTS`` where not given (steps and guidance: the sampler's)."""
+    if opts.noise_level is not None or opts.schedule:
+        raise ValueError("--noise-level / --schedule are not options of StableSR")
+    D, sampler = DEFAULTS, opts.sampler or DEFAULTS.sampler
+    return dict(sampler=sampler, steps=D.steps_for(sampler, opts.steps), guidance=D.guidance_for(sampler, opts.guidance),
+                dec_w=D.dec_w if opts.dec_w is None else opts.dec_w, start=opts.start or D.start,
+                scale=opts.scale or 4.0, input_size=opts.input_size)
+
+
+def cli_job(model, image: Tensor | None = None, latents=None, vae_dtype=None, **options) -> Job:
+    """The job of one input image (1, 3, h, w) with the CFW autoencoder ``attach_cfw`` found (the CFW VAE decodes
+    in the model's dtype: no ``vae_dtype``)."""
+    return prepare_stablesr(model, getattr(model, "cfw_vae", None), image, **options)
+
+
+def latent_size(model, size: tuple[int, int], latent=None, scale: float = 4.0, settings=None) -> tuple[int, int]:
+    """The latent of the upsampled image padded to ``PAD_MULTIPLE`` (the VAE's factor f: 8 for the real model)."""
+    H, W = upsampled_size(model, size, scale, (settings or {}).get("input_size"))
+    f = model.vae.cfg.downscale
+    return -(-H // PAD_MULTIPLE) * PAD_MULTIPLE // f, -(-W // PAD_MULTIPLE) * PAD_MULTIPLE // f
+
+
+def attach_cfw(model, opts, load) -> None:
+    """The CFW autoencoder from ``--vae`` (vqgan_cfw_00011.ckpt) as ``model.cfw_vae``; without it the plain SD VAE
+    decodes (a note says so)."""
+    model.cfw_vae = None
+    if not opts.vae:
+        note("no --vae: decoding with the checkpoint's plain SD VAE (no CFW fusion, --dec-w unused); the reference "
+             "uses vqgan_cfw_00011.ckpt")
+        return
+    family = inspect(Path(opts.vae))[0].family
+    if family != "stablesr_cfw_vae":
+        raise ValueError(f"--vae {opts.vae}: a {family} checkpoint; StableSR needs its CFW autoencoder "
+                         "(vqgan_cfw_00011.ckpt)")
+    model.cfw_vae = load(opts.vae)
+
+
+UPSCALER = Upscaler(
+    name="stablesr", family="stablesr", title="StableSR", scale=4, defaults=DEFAULTS, settings=cli_settings,
+    check_options=check_options, job=cli_job, min_side=lambda model: 8, latent_size=latent_size,
+    tile_multiple=lambda model: LATENT_MULTIPLE, unet_bytes=ldm_unet_bytes,
+    describe=lambda s: f"dec_w {s['dec_w']:g}, start {s['start']}",
+    expected_files="stablesr_000117.ckpt (or stablesr_768v_000139.ckpt) + vqgan_cfw_00011.ckpt (Iceclear/StableSR)",
+    tiles=TileDefaults(tile=64, overlap=32, overlap_share=2, tile_batch=1, weights="symmetric"),
+    color_fix=DEFAULTS.color_fix, variable_scale=True, own_options=("dec_w", "scale", "start", "input_size"),
+    attach=attach_cfw, config_hint="v2-finetune_text_T_512.yaml")

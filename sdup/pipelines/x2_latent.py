@@ -77,7 +77,8 @@ Arguments of ``prepare_x2`` (and of the wrapper, which takes the same):
         None raises instead. Latents are never padded (the latent contract).
     tile, tile_overlap: run the K-UNet on overlapping tiles of the 2x latent (``tiling.TiledModel``, Gaussian
         blending every step; one tile covering the latent = the untiled run); vae_tile, vae_overlap: decode with
-        ``tiling.tiled_decode`` (exact, bounded memory).
+        ``tiling.tiled_decode`` (exact, bounded memory); plan: a ``tiling.TilePlan`` for the 2x latent instead of
+        these four (the command line's, built once per input).
     color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the input image (latents path: to
         the VAE decode of the low-res latents).
     callback(dict(i, t, sigma, x, x0_pred)) after every step; decode=False skips the VAE (images None).
@@ -85,22 +86,30 @@ Arguments of ``prepare_x2`` (and of the wrapper, which takes the same):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from dataclasses import dataclass, replace
 
+from ..checkpoints.loader import FAMILY_DEFAULTS, LoadedModel, inspect
 from ..diffusion.denoisers import CFG, KarrasDenoiser
 from ..diffusion.samplers import SIGMA_SAMPLERS, get_sampler, randn
 from ..diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas, exponential_sigmas, karras_sigmas
+from ..models.latent_upscaler import KUNet, KUNetConfig
+from ..models.text import KNOWN_TEXT_CONFIGS, TextEncoder
+from ..models.vae import AutoencoderKL, VAEConfig
+from ..tiling import TilePlan
+from ..tiling.memory import kunet_bytes
 from .checks import check_finite, check_int, pad_to_multiple
 from .conditioning import (Prompts, check_embeddings, check_prompts, per_sample, prompt_rows, record_prompts,
                            token_ids)
 from .decoding import decode_latents, recorded_dtype
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
 from .result import Result
 from .seeds import resolve_generators
-from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
+from .upscaler import Upscaler
 
 Tensor = torch.Tensor
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642   # the original notebook's range (= SD's training sigma range)
@@ -321,7 +330,8 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                x_T: Tensor | None = None, noise_level: float = 0.0, noise_aug: str = "gaussian",
                mask_padding: bool = False, sample_posterior: bool = True, pad_mode: str | None = "replicate",
                tile: int | None = None, tile_overlap: int = 16, vae_tile: int | None = None,
-               vae_overlap: int = 8, vae_dtype: torch.dtype = torch.float32, color_fix_mode: str = "none",
+               vae_overlap: int = 8, plan: TilePlan | None = None, vae_dtype: torch.dtype = torch.float32,
+               color_fix_mode: str = "none",
                callback: Callable[[dict], None] | None = None, progress: bool = True,
                decode: bool = True, guidance_rule: str = "sdup") -> Job:
     """The x2 ``Job`` for SD latents (or an image through the SD VAE) and an sd-x2-latent-upscaler ``LoadedModel``:
@@ -351,7 +361,8 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
     x_T = start_noise(x_T, shape, generators, p.device)
     low, extra = _x2_conditioning(unet, low, text, noise_level, noise_aug, generators)
     sigmas, schedule = _x2_grid(sigmas, steps, schedule, model)
-    net = tiled(x2_network(unet), tile, tile_overlap, 2 * latent_multiple(unet), progress)
+    plan = tile_plan(plan, shape[-2:], tile, tile_overlap, vae_tile, vae_overlap, 2 * latent_multiple(unet))
+    net = plan.wrap(x2_network(unet), progress)
     den = CFG(KarrasDenoiser(net, sigma_data=unet.cfg.sigma_data, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX),
               float(guidance) if use_cfg else 1.0)
     params = base_parameters("x2_latent", model, len(sigmas) - 1, guidance, batch)
@@ -361,20 +372,17 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
                   sample_posterior=bool(sample_posterior) if image is not None else None,
                   low_res_size=list(low.shape[-2:]), latent_size=list(shape[-2:]), scale_factor=scale_factor)
     record_prompts(params, prompts, batch, guidance if use_cfg else 1.0, seeds)
-    decoding = _x2_decoding(vae_module, scale_factor, image, in_hw, low, shape[-2:], color_fix_mode, vae_tile,
-                            vae_overlap, vae_dtype, progress, params) if decode else {}
-    tiler = net if tile else None
-    _x2_layout_parameters(params, padding, pad_mode, tiler, vae_tile, vae_overlap)
+    decoding = _x2_decoding(vae_module, scale_factor, image, in_hw, low, shape[-2:], color_fix_mode, plan.vae_tile,
+                            plan.vae_overlap, vae_dtype, progress, params) if decode else {}
+    _x2_layout_parameters(params, padding, pad_mode)
     return Job(sampler=spec, denoiser=den, x_T=x_T, grid=sigmas.to(p.device), extra_args=extra,
                init_scale=float(sigmas[0]), options=spec.options(eta), generators=generators, callback=callback,
-               progress=progress, tiler=tiler, parameters=params, **decoding)
+               progress=progress, plan=plan, parameters=params, **decoding)
 
 
-def _x2_layout_parameters(params: dict, padding, pad_mode, tiler, vae_tile, vae_overlap) -> None:
+def _x2_layout_parameters(params: dict, padding, pad_mode) -> None:
     if any(padding):
         params["padding"] = {"mode": pad_mode, "bottom": padding[0], "right": padding[1]}
-    if tile_parameters(tiler, vae_tile, vae_overlap):
-        params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
 
 
 def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,
@@ -488,3 +496,93 @@ def upscale_latents_x2(model, latents: Tensor | None = None, prompt: str | Seque
     ``torch.inference_mode()``.  ``Result.images`` is None with ``decode=False``."""
     job = prepare_x2(model, latents, prompt, negative_prompt, **options)
     return run(job, group)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line's record (sdup.pipelines.upscaler)
+
+SD_VAE_FAMILIES = ("sd1", "sd2", "vae", "x2", "stablesr")   # checkpoints that hold the 4-channel SD VAE
+
+
+def cli_settings(opts) -> dict:
+    """The x2 options of the command line, ``DEFAULTS`` where not given."""
+    D = DEFAULTS
+    return dict(steps=opts.steps or D.steps, sampler=opts.sampler or D.sampler, schedule=opts.schedule or D.schedule,
+                guidance=D.guidance if opts.guidance is None else opts.guidance,
+                noise_level=D.noise_level if opts.noise_level is None else opts.noise_level)
+
+
+def cli_job(model, image: Tensor | None = None, latents: Tensor | None = None, **options) -> Job:
+    """The job of one input image (1, 3, H, W) (VAE-encoded) or of one sample (1, 4, h, w) of a latents file."""
+    return prepare_x2(model, latents, image=image, vae=model.vae, **options)
+
+
+def _vae_factor(vae) -> int:
+    cfg = getattr(vae, "cfg", None)
+    return cfg.downscale if cfg is not None else 8
+
+
+def min_side(model) -> int:
+    """Twice the VAE factor times the K-UNet's latent multiple (2 x 8 x 4 = 64 px for the real model): below that the
+    K-UNet's bottom level is 1 px wide (its reflect padding needs 2)."""
+    return 2 * _vae_factor(model.vae) * latent_multiple(model.unet)
+
+
+def latent_size(model, size: tuple[int, int], latent: tuple[int, int] | None = None, scale: float = 2,
+                settings=None) -> tuple[int, int]:
+    """The 2x latent: twice a latents file's ``latent``, or twice the SD latent of the image padded to the
+    K-UNet's multiple."""
+    if latent is not None:
+        return 2 * latent[0], 2 * latent[1]
+    unit, m = _vae_factor(model.vae) * latent_multiple(model.unet), latent_multiple(model.unet)
+    return 2 * m * -(-size[0] // unit), 2 * m * -(-size[1] // unit)
+
+
+def tile_multiple(model) -> int:
+    return 2 * latent_multiple(model.unet)
+
+
+def meta_model():
+    """The official sd-x2-latent-upscaler on the meta device: K-UNet, CLIP ViT-L/14, SD VAE (the dry run)."""
+    out = LoadedModel(family="x2", source="official sd-x2-latent-upscaler configuration",
+                      prediction=FAMILY_DEFAULTS["x2"]["prediction"])
+    with torch.device("meta"):
+        out.unet, out.vae = KUNet(KUNetConfig()), AutoencoderKL(VAEConfig())
+        out.text_encoder = TextEncoder(KNOWN_TEXT_CONFIGS["openai/clip-vit-large-patch14"])
+    out.configs = {"unet": out.unet.cfg, "vae": out.vae.cfg}
+    return out
+
+
+def attach_vae(model, opts, load) -> None:
+    """``--vae`` (an SD 1.x / 2.x checkpoint or VAE) for encoding / decoding, or the checkpoint's own vae/; an SD 1.x
+    checkpoint also supplies the text encoder the original k-diffusion file lacks."""
+    if opts.vae:
+        family = inspect(Path(opts.vae))[0].family
+        if family not in SD_VAE_FAMILIES:
+            raise ValueError(f"--vae {opts.vae}: a {family} checkpoint; the x2 upscaler needs the SD 1.x / 2.x VAE "
+                             "(an SD checkpoint or VAE)")
+        other = load(opts.vae)
+        if other.vae is None:
+            raise ValueError(f"--vae {opts.vae}: no VAE in it ({other.family} checkpoint)")
+        cfg = getattr(other.vae, "cfg", None)
+        if cfg is not None and (cfg.embed_dim != 4 or other.family not in SD_VAE_FAMILIES):
+            raise ValueError(f"--vae {opts.vae}: a {other.family} VAE with {cfg.embed_dim} latent channels; the x2 "
+                             "upscaler needs the SD 1.x / 2.x VAE (4 channels, f=8)")
+        model.vae = other.vae
+        if model.text_encoder is None and other.family == "sd1" and other.text_encoder is not None:
+            model.text_encoder, model.tokenizer = other.text_encoder, other.tokenizer  # k-diffusion file: CLIP-L
+    if model.vae is None:
+        raise ValueError(f"{opts.weights} has no VAE (the original k-diffusion file ships the K-UNet only): pass --vae "
+                         "with an SD 1.x / 2.x checkpoint or VAE (see weights/README.md)")
+    if model.text_encoder is None:
+        raise ValueError(f"{opts.weights} has no text encoder (the original k-diffusion file ships the K-UNet only): "
+                         "pass --vae with an SD 1.x checkpoint (its CLIP ViT-L/14 text encoder is used too)")
+
+
+UPSCALER = Upscaler(
+    name="x2", family="x2", title="the x2 latent upscaler", scale=2, defaults=DEFAULTS, settings=cli_settings,
+    check_options=check_options, job=cli_job, min_side=min_side, latent_size=latent_size, tile_multiple=tile_multiple,
+    unet_bytes=kunet_bytes, describe=lambda s: f"noise level {s['noise_level']:g}",
+    expected_files="the stabilityai/sd-x2-latent-upscaler diffusers folder, or "
+                   "laion_text_cond_latent_upscaler_2_1_00470000_slim.pth",
+    attach=attach_vae, read_latents=read_latents, meta_model=meta_model)

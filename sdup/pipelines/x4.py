@@ -58,7 +58,8 @@ Arguments of ``prepare_x4`` (and of the wrapper, which takes the same):
     color_fix_mode: "none" | "adain" | "wavelet": match the output's colours to the (un-augmented) low-res input.
     tile, tile_overlap: run the UNet on overlapping latent tiles (``tiling.TiledModel`` under CFG; the tile is rounded
         down to the UNet's multiple); vae_tile, vae_overlap: decode with ``tiling.tiled_decode``. Same random numbers;
-        a tile covering the latent gives the untiled result.
+        a tile covering the latent gives the untiled result.  plan: a ``tiling.TilePlan`` for the padded latent
+        instead of these four (the command line's, built once per input).
     callback: called after every step with dict(i, t, sigma, x, x0_pred) (latents at the padded size).
     ``upscale_x4`` = ``finish(job, sample(job))``: ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``.
 """
@@ -75,12 +76,15 @@ from ..diffusion.denoisers import CFG
 from ..diffusion.grids import ldm_grid
 from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
+from ..tiling import TilePlan
+from ..tiling.memory import ldm_unet_bytes
 from .checks import check_finite, check_images, check_int, pad_to_multiple
 from .conditioning import check_prompts, record_prompts, text_contexts
 from .decoding import decode_scaled, recorded_dtype
+from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
 from .result import Result
 from .seeds import resolve_generators
-from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_parameters, tiled
+from .upscaler import Upscaler
 
 Tensor = torch.Tensor
 SAMPLERS = SAMPLER_NAMES   # every sampler of the registry runs on the x4 v network
@@ -213,12 +217,14 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
                x_T: Tensor | None = None, aug_noise: Tensor | None = None, image_range=(0, 1),
                pad_mode: str | None = "replicate", color_fix_mode: str = "none", tile: int | None = None,
                tile_overlap: int = 32, vae_tile: int | None = None, vae_overlap: int = 8,
-               vae_dtype: torch.dtype = torch.float32,
+               plan: TilePlan | None = None, vae_dtype: torch.dtype = torch.float32,
                callback: Callable[[dict], None] | None = None, progress: bool = True) -> Job:
     """The x4 ``Job`` for low-res images and a stable-diffusion-x4-upscaler ``LoadedModel``: the arguments are in
     the module docstring; ``upscale_x4`` = ``finish(job, sample(job))``."""
-    spec, eta = check_options(model, sampler=sampler, steps=steps, guidance=guidance, eta=eta, noise_level=noise_level,
-                              color_fix_mode=color_fix_mode)
+    check_options(model, sampler=sampler, steps=steps, guidance=guidance, eta=eta, noise_level=noise_level,
+                  color_fix_mode=color_fix_mode)
+    spec = get_sampler(sampler)
+    eta = spec.resolve_eta(eta)
     prompts = check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds)
     low = check_images(image, image_range)                  # (B, 3, h, w) in [-1, 1]
     batch, (h, w) = low.shape[0], tuple(low.shape[-2:])
@@ -229,45 +235,41 @@ def prepare_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     x_aug, x_T = _start(model, padded, levels, generators, aug_noise, x_T, device)
     cond, uncond = text_contexts(model, prompts, batch, guided(guidance), device)
     cond.update(concat=x_aug, y=levels.to(device))
-    net = tiled(x4_network(model.unet), tile, tile_overlap, unet_multiple(model), progress)
+    plan = tile_plan(plan, padded.shape[-2:], tile, tile_overlap, vae_tile, vae_overlap, unet_multiple(model))
+    net = plan.wrap(x4_network(model.unet), progress)
     den, grid, init_scale, record = ldm_grid(spec, CFG(net, float(guidance)), model.schedule, model.prediction, steps,
                                              device)
     params = base_parameters("x4", model, steps, guidance, batch)
     params.update(prediction=model.prediction, eta=eta, input_size=[h, w], output_size=[4 * h, 4 * w],
                   scale_factor=model.scale_factor, color_fix=color_fix_mode,
-                  vae_dtype=recorded_dtype(model.vae, vae_dtype, vae_tile))
+                  vae_dtype=recorded_dtype(model.vae, vae_dtype, plan.vae_tile))
     lv = levels.tolist()
     params.update({"noise_level": lv[0]} if len(set(lv)) == 1 else {"noise_levels": lv})
     if ph or pw:
         params["padding"] = {"mode": pad_mode, "bottom": ph, "right": pw}
-    tiler = net if tile else None
-    if tile_parameters(tiler, vae_tile, vae_overlap):
-        params["tiling"] = tile_parameters(tiler, vae_tile, vae_overlap)
     record_prompts(params, prompts, batch, guidance, seeds)
     params.update(record)
     return Job(sampler=spec, denoiser=den, x_T=x_T, grid=grid, extra_args=dict(cond=cond, uncond=uncond),
                init_scale=init_scale, options=spec.options(eta), generators=generators, callback=callback,
-               progress=progress, tiler=tiler,
-               decode=lambda z: decode(model, z, vae_tile, vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w],
+               progress=progress, plan=plan,
+               decode=lambda z: decode(model, z, plan.vae_tile, plan.vae_overlap, progress, vae_dtype)[..., : 4 * h, : 4 * w],
                color_fix=color_fix_mode, color_ref=low, parameters=params)
 
 
 def check_options(model=None, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAULTS.steps,
                   guidance: float = DEFAULTS.guidance, eta: float | None = None,
                   noise_level: int | Sequence[int] | Tensor = DEFAULTS.noise_level, color_fix_mode: str = "none"):
-    """The options that need no image checked (ValueError) -> (sampler row, eta); ``prepare_x4`` and the CLI (before
-    loading any weights: ``model`` None) use it."""
+    """The options that need no image checked (ValueError); ``prepare_x4`` and the CLI (before loading any weights:
+    ``model`` None) use it."""
     if model is not None:
         _check_model(model)
-    spec = get_sampler(sampler)
-    eta = spec.resolve_eta(eta)
+    get_sampler(sampler).resolve_eta(eta)
     check_int("steps", steps)
     check_finite("guidance", guidance)
     check_color_fix(color_fix_mode)
     count = noise_level.numel() if isinstance(noise_level, Tensor) else \
         len(noise_level) if isinstance(noise_level, (list, tuple)) else 1
     _noise_levels(noise_level, count, max_noise_level(model))
-    return spec, eta
 
 
 def _start(model, padded: Tensor, levels: Tensor, generators, aug_noise, x_T, device) -> tuple[Tensor, Tensor]:
@@ -291,3 +293,43 @@ def upscale_x4(model, image, prompt: str | Sequence[str] | Tensor | None = "",
     ``torch.inference_mode()``.  Returns ``Result(images (B, 3, 4h, 4w) in [0, 1], latents, parameters)``."""
     job = prepare_x4(model, image, prompt, negative_prompt, **options)
     return run(job, group)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line's record (sdup.pipelines.upscaler)
+
+
+def cli_settings(opts) -> dict:
+    """The x4 options of the command line, ``DEFAULTS`` where not given (a whole noise level as an int)."""
+    if opts.schedule:
+        raise ValueError("--schedule is an option of the x2 latent upscaler, not of x4")
+    level = DEFAULTS.noise_level if opts.noise_level is None else opts.noise_level
+    return dict(steps=opts.steps or DEFAULTS.steps, sampler=opts.sampler or DEFAULTS.sampler,
+                guidance=DEFAULTS.guidance if opts.guidance is None else opts.guidance,
+                noise_level=int(level) if float(level).is_integer() else level)
+
+
+def cli_job(model, image: Tensor | None = None, latents=None, **options) -> Job:
+    """The job of one input image (1, 3, h, w) for the command line."""
+    return prepare_x4(model, image, **options)
+
+
+def min_side(model) -> int:
+    """The UNet's multiple: the x4 latent has the input's size, and a smaller input would be mostly padding with a
+    sub-pixel bottleneck."""
+    return unet_multiple(model)
+
+
+def latent_size(model, size: tuple[int, int], latent=None, scale: float = 4, settings=None) -> tuple[int, int]:
+    """The input's size padded to the UNet's multiple (the x4 latent is the low-res image's size)."""
+    m = unet_multiple(model)
+    return -(-size[0] // m) * m, -(-size[1] // m) * m
+
+
+UPSCALER = Upscaler(
+    name="x4", family="x4", title="the x4 upscaler", scale=4, defaults=DEFAULTS, settings=cli_settings,
+    check_options=check_options, job=cli_job, min_side=min_side, latent_size=latent_size, tile_multiple=unet_multiple,
+    unet_bytes=ldm_unet_bytes, describe=lambda s: f"noise level {s['noise_level']:g}",
+    expected_files="x4-upscaler-ema.safetensors or x4-upscaler-ema.ckpt (stabilityai/stable-diffusion-x4-upscaler), "
+                   "or that repo's diffusers folder",
+    official_config="x4-upscaling.yaml")

@@ -7,14 +7,20 @@ missing / unexpected keys.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from .checkpoints.detect import FAMILY_NAMES
-from .checkpoints.io import CheckpointError
-from .checkpoints.keymap import KeyMismatch
-from .fileio import Terminated, sigterm_as_interrupt
-from .upscale_cli import UPSCALE_DOC, add_upscale_arguments, cmd_upscale, upscale_main  # noqa: E402
+from ..checkpoints import load, save_sdup
+from ..checkpoints.detect import FAMILY_NAMES
+from ..checkpoints.export import save_diffusers, save_ldm
+from ..checkpoints.io import CheckpointError
+from ..checkpoints.keymap import KeyMismatch
+from ..checkpoints.loader import inspect
+from ..fileio import Terminated, sigterm_as_interrupt
+from ..pipelines.result import DTYPES
+from .arguments import UPSCALE_DOC, add_upscale_arguments
+from .upscale import cmd_upscale, upscale_main
 
 
 def fail(msg: str, code: int = 2):
@@ -23,7 +29,6 @@ def fail(msg: str, code: int = 2):
 
 
 def cmd_inspect(args) -> int:
-    from .checkpoints.loader import inspect
     path = Path(args.path)
     if not path.exists():
         fail(f"{path}: no such file or folder")
@@ -63,15 +68,11 @@ def _absent_components(path: Path, model) -> list[str]:
     index = path / "model_index.json"
     if not index.is_file():
         return []
-    import json
     listed = json.loads(index.read_text())
     return [c for c in ("unet", "vae", "text_encoder") if c in listed and c not in model.components()]
 
 
 def cmd_convert(args) -> int:
-    from .checkpoints import load, save_sdup
-    from .checkpoints.export import save_diffusers, save_ldm
-    from .pipelines.result import DTYPES
     out = Path(args.output)
     fmt = args.to or ("diffusers" if out.suffix == "" else "sdup" if out.name.endswith(".sdup.safetensors") else "ldm")
     model = load(args.input, config=args.config, ema=args.ema, variant=args.variant,

@@ -1,12 +1,15 @@
-"""Which files the upscaler CLI reads and writes (model-independent); reading and writing images is ``sdup.images``.
+"""Which inputs a command names and where their outputs go, checked before any work.
 
     inputs = expand_inputs(["photos/", "scans/*.tif", "one.png"])     # files, folders (non-recursive), globs
     outputs = plan_outputs(inputs, "out/", scale=4, fmt=None)          # out/<stem>_x4.<ext>
+    items = plan_items(inputs, upscaler, max_pixels)                  # sizes from the headers, latents files split
 
 Inputs
     A folder contributes its image files (extensions ``IMAGE_EXTENSIONS``, case-insensitive, sorted, not
     recursive); a glob (``*``, ``?``, ``[``) its matching image files; a file name is taken as is (a non-image
-    fails when read). Duplicates are dropped. Nothing at all -> ``UpscaleIOError``.
+    fails when read). Duplicates are dropped. Nothing at all -> ``UpscaleIOError``.  A latents file
+    (``.safetensors`` of scripts/txt2img.py --latents-out) is one input per sample, for an upscaler that reads
+    latents (``Upscaler.read_latents``).
 Outputs
     ``-o NAME.ext`` (an image extension, not an existing folder) is a file, allowed for one input only;
     anything else is a folder (created on write) holding ``<stem>_x<scale>.<ext>``. ``ext``: ``--format``
@@ -17,16 +20,19 @@ Outputs
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from ..images import EXT_FORMAT, FORMAT_EXT, IMAGE_EXTENSIONS, UpscaleIOError, can_write, output_format
+from safetensors import safe_open
+
+from ..images import (EXT_FORMAT, FORMAT_EXT, IMAGE_EXTENSIONS, UpscaleIOError, can_write, image_size, output_format,
+                      read_image)
+from .arguments import fail
 
 _GLOB_CHARS = set("*?[")
-
-
-# ------------------------------------------------------------------------------------------------
-# inputs
+LATENT_EXTENSIONS = (".safetensors",)  # latents files of scripts/txt2img.py --latents-out
 
 
 def _is_image_name(p: Path) -> bool:
@@ -63,8 +69,6 @@ def expand_inputs(specs: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-# ------------------------------------------------------------------------------------------------
-# outputs
 
 
 def _is_file_target(out: Path) -> bool:
@@ -117,34 +121,73 @@ def plan_outputs(inputs: Sequence[Path], output: str | Path, scale: int, fmt: st
 
 
 # ------------------------------------------------------------------------------------------------
-# dry run
+# items: an image, or one sample of a latents file
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+@dataclass
+class Item:
+    path: Path                 # the input file
+    size: tuple[int, int]      # low-res size in pixels (H, W); latents: 8 x the latent size
+    name: Path                 # what the output is named after
+    index: int | None = None   # latents file: the sample in it
+    latent: tuple[int, int] | None = None  # latents file: the low-res latent size (h, w)
+
+    @property
+    def label(self) -> str:
+        """The input as messages name it (a latents file's sample with its index)."""
+        return str(self.path) + (f"[{self.index}]" if self.index is not None else "")
 
 
-def dry_run_report(rows: Sequence[dict]) -> str:
-    """Text for ``--dry-run``: one line per image from dicts with keys input, output, in_size (H, W),
-    out_size (H, W), latent_tiles, vae_tiles, peak_bytes, and optionally skip (reason) / error."""
-    lines = []
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"{r['input']}: error: {r['error']}")
+@lru_cache(maxsize=1)
+def latents_file(read: Callable, path: Path):
+    """``read(path)`` (an upscaler's ``read_latents``), once per file although every sample is a separate output."""
+    return read(path)
+
+
+def is_latents(path: Path) -> bool:
+    return path.suffix.lower() in LATENT_EXTENSIONS
+
+
+def latents_shape(path: Path) -> tuple[int, ...]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "latents" not in f.keys():
+                fail(f"{path}: no 'latents' tensor (expected a file from scripts/txt2img.py --latents-out)")
+            return tuple(f.get_slice("latents").get_shape())
+    except Exception as e:  # noqa: BLE001 -- OSError, or safetensors' own SafetensorError for a bad header
+        fail(f"{path}: not a readable latents file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
+def latent_items(path: Path, upscaler, readers: Sequence[str]) -> list[Item]:
+    """One item per sample of a latents file; refused unless ``upscaler`` reads latents (``readers``: those that
+    do)."""
+    if upscaler.read_latents is None:
+        fail(f"{path}: a latents file; only --model {' / '.join(readers)} (the latent upscaler) takes latents, the "
+             f"{upscaler.name} upscaler takes images")
+    shape = latents_shape(path)
+    if len(shape) != 4 or shape[1] != 4:
+        fail(f"{path}: latents of shape {shape}, {upscaler.title} needs SD 1.x / 2.x latents (B, 4, h, w)")
+    items = []
+    for i in range(shape[0]):
+        name = path.with_suffix(".png") if shape[0] == 1 else path.with_name(f"{path.stem}-{i}.png")
+        items.append(Item(path, (8 * shape[2], 8 * shape[3]), name, i, (shape[2], shape[3])))
+    return items
+
+
+def plan_items(inputs: list[Path], upscaler, readers: Sequence[str], max_pixels: int | None = None,
+               decode: bool = False) -> list[Item]:
+    """Pass over every input before any work: readable, and latents only for an upscaler that reads them. From the
+    headers alone (the dry run), or with ``decode`` each image decoded once and dropped, so a corrupt one fails
+    before the first output."""
+    items = []
+    for path in inputs:
+        if is_latents(path):
+            items.extend(latent_items(path, upscaler, readers))
             continue
-        ih, iw = r["in_size"]
-        oh, ow = r["out_size"]
-        s = f"{r['input']} ({iw}x{ih}) -> {r['output']} ({ow}x{oh})"
-        if r.get("skip"):
-            lines.append(f"{s}: skipped ({r['skip']})")
-            continue
-        lines.append(f"{s}: latent tiles {r['latent_tiles']}, VAE tiles {r['vae_tiles']}, "
-                     f"estimated peak memory ~{format_bytes(r['peak_bytes'])}")
-    return "\n".join(lines)
-
-
-__all__ = ["expand_inputs", "plan_outputs", "is_done", "dry_run_report", "format_bytes"]
+        try:
+            items.append(Item(path, image_size(path, max_pixels), path))
+            if decode:
+                read_image(path, max_pixels)
+        except UpscaleIOError as e:
+            fail(str(e))
+    return items

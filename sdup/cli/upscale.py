@@ -1,0 +1,91 @@
+"""``python -m sdup upscale`` = ``scripts/upscale.py``: the command from its arguments to the written outputs
+(the usage text: ``arguments.UPSCALE_DOC``).  Every check that needs no weights runs first: arguments, inputs,
+outputs, the upscaler's options; then the weights are loaded once and the inputs run (``running``)."""
+from __future__ import annotations
+
+import sys
+
+from .. import distributed
+from ..fileio import can_create, sigterm_as_interrupt
+from ..pipelines.registry import UPSCALERS
+from ..images import UpscaleIOError
+from .arguments import DEFAULT_OUTPUT, build_parser, check_args, fail, parse_ids
+from .inputs import expand_inputs, is_done, plan_items, plan_outputs
+from .planning import check_size, dry_run, settings, upscaler_options, which_model
+from .provenance import rerun_args
+from .running import Command, load_model, run_all
+
+
+def prompts(args):
+    """(prompt, negative prompt): text, or token ids where given as ids."""
+    prompt_ids = parse_ids(args.prompt_ids, "--prompt-ids")
+    negative_ids = parse_ids(args.negative_prompt_ids, "--negative-prompt-ids")
+    return (prompt_ids if prompt_ids is not None else args.prompt,
+            negative_ids if negative_ids is not None else args.negative_prompt)
+
+
+def todo_list(args, items, outputs) -> list:
+    """The (item, output) pairs to run: all of them, less the done ones with --skip-existing; under torchrun the main
+    rank's list on every rank (made before any rank writes)."""
+    done = [args.skip_existing and is_done(o) for o in outputs]
+    todo = [(it, o) for it, o, d in zip(items, outputs, done) if not d]
+    group = getattr(args, "group", None)
+    if group is not None:
+        todo = distributed.exchange(lambda: todo, group)[0]
+    for it, o, d in zip(items, outputs, done):
+        if d and (group is None or group.is_main):
+            print(f"skip {it.label} ({o} exists)")
+    return todo
+
+
+def cmd_upscale(args) -> int:
+    check_args(args)
+    prompt, negative = prompts(args)
+    try:
+        inputs = expand_inputs(args.inputs)
+    except UpscaleIOError as e:
+        fail(str(e))
+    upscaler, meta = which_model(args)
+    scale = upscaler_options(args, upscaler)
+    settings(args, upscaler, meta)  # before loading gigabytes
+    readers = [u.name for u in UPSCALERS.values() if u.read_latents is not None]
+    # header pass: every input readable (and of the right kind) before any work
+    items = plan_items(inputs, upscaler, readers, args.max_pixels, decode=not args.dry_run)
+    try:
+        outputs = plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
+    except UpscaleIOError as e:
+        fail(str(e))
+    if args.dry_run:
+        return dry_run(args, upscaler, meta, scale, items, outputs)
+    todo = todo_list(args, items, outputs)
+    if not todo:
+        print("nothing to do: every output exists (--skip-existing)")
+        return 0
+    for _, out in todo:  # an unwritable output fails now, not after the sampling
+        try:
+            can_create(out)
+        except OSError as e:
+            fail(f"{out}: cannot write the output there ({e.strerror or e})")
+    model = load_model(args, upscaler)
+    for it, _ in todo:
+        check_size(it, upscaler, model)
+    run_all(args, Command(upscaler, model, scale, settings(args, upscaler, model), prompt, negative, todo))
+    return 0
+
+
+def upscale_main(argv=None, prog: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.rerun:
+        args = rerun_args(parser, args)
+    elif not args.inputs:
+        parser.error("the following arguments are required: INPUT (or --rerun OUTPUT)")
+    else:
+        args.argv = argv
+    args.group = distributed.from_environment()  # None unless started by torchrun with more than one process
+    try:
+        with sigterm_as_interrupt():
+            return cmd_upscale(args)
+    finally:
+        distributed.close(args.group)
