@@ -416,14 +416,14 @@ def main(argv=None):
                 table, copies = profile_forward(fns["sdup"])
                 profiles.append(f"{label}: {copies}")
                 print(table + f"\n  {name}: {copies}", flush=True)
-        sec = "{:.4f}".format if cuda else "{:.2f}".format  # GPU calls take milliseconds
+        sec = "{:.3g}".format  # 3 significant digits: seconds for a full UNet, milliseconds for a tiny one or a GPU
         row = [label, sec(t['sdup']), sec(t['diffusers']) if "diffusers" in t else "n/a (see peak)"]
         if cuda:
             row += [sec(t['sdup triton'])]
         if half:
             row += [sec(t['sdup fp32']), f"{t['sdup fp32'] / t['sdup']:.2f}"] if "sdup fp32" in t else ["", ""]
         row += [f"{t['sdup'] / t['diffusers']:.2f}" if "diffusers" in t else "",
-                f"{gflops / t['sdup']:.0f}" if gflops else "", f"{gflops / t['sdup'] / ceiling:.0%}" if gflops else "", diff]
+                f"{gflops / t['sdup']:.3g}" if gflops else "", f"{gflops / t['sdup'] / ceiling:.0%}" if gflops else "", diff]
         if args.ablation:
             row += [f"{t['sdup plain']:.2f}", f"{t['sdup plain'] / t['sdup']:.2f}"] if "sdup plain" in t else ["", ""]
         del fns
