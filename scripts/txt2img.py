@@ -13,7 +13,6 @@ temporary name and renamed: an interrupted or failed run leaves no partial file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     from sdup.checkpoints import CheckpointError, KeyMismatch
     from sdup import images
     from sdup.diffusion.samplers import get_sampler
-    from sdup.fileio import atomic_write
+    from sdup.pipelines.latents_file import write_latents
     from sdup.pipelines.result import DTYPES
     from sdup.pipelines.seeds import sample_seeds
     from sdup.optimize import prepare
@@ -115,13 +114,7 @@ def main(argv=None) -> int:
             images.save_png(result.images[i], path, result.sample_parameters(i), bits=args.bits)
             print(f"wrote {path}")
         if args.latents_out:
-            from safetensors.torch import save_file
-            p = result.parameters
-            meta = {"parameters": json.dumps(p), "scale_factor": str(model.scale_factor),
-                    "seeds": json.dumps(p.get("seeds")), "prompt": json.dumps(p.get("prompt", p.get("prompts"))),
-                    "negative_prompt": json.dumps(p.get("negative_prompt", p.get("negative_prompts")))}
-            atomic_write(args.latents_out, lambda tmp: save_file({"latents": result.latents.contiguous()},
-                                                                 str(tmp), metadata=meta))
+            write_latents(args.latents_out, result.latents, result.parameters, model.scale_factor)
             print(f"wrote {args.latents_out}")
     except KeyMismatch as e:
         fail(e.one_line())

@@ -16,7 +16,9 @@ import sdup
 from helpers import FIXTURES, SAMPLER_TOL, assert_parity, assert_within_ulps, randomize_
 from sdup.diffusion.schedules import diffusers_alphas_cumprod, discrete_sigmas
 from sdup.models.latent_upscaler import KUNet
-from sdup.pipelines.x2_latent import (encode_x2_prompts, padding_mask, read_latents, upscale_latents_x2, x2_sigmas)
+from sdup.pipelines.conditioning import encode_x2_prompts, padding_mask
+from sdup.pipelines.latents_file import read_latents
+from sdup.pipelines.x2_latent import upscale_latents_x2, x2_sigmas
 
 pytestmark = [pytest.mark.usefixtures("no_grad"),  # forward-only tests (conftest.py)
               pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
@@ -184,7 +186,7 @@ def test_against_diffusers_from_image(loaded, pipe, guidance):
     err = assert_parity(out.images, ref, SAMPLER_TOL, f"x2 image path g={guidance}")
     print(f"x2 vs diffusers, image in (posterior sample), guidance {guidance}: max|Δ| = {err:.2e}")
     # the mean instead of a sample: equals diffusers given the posterior mean as latents
-    from sdup.pipelines.x2_latent import encode_image
+    from sdup.pipelines.decoding import encode_image
     mean = encode_image(loaded, image, 0.18215, sample=False)
     dmean = pipe.vae.encode(2 * image - 1).latent_dist.mode() * 0.18215
     assert_parity(mean, dmean, what="VAE posterior mean")

@@ -12,8 +12,11 @@ where it is required (txt2img: a ValueError); the negative prompt is "" by defau
     text_contexts(model, prompts, batch, guided, device)  (cond, uncond) dicts of the contexts (B, 77, D)
     record_prompts(params, prompts, ...)  the prompts as the parameters record them (text, ids or "<embeddings>")
 
-The x2 latent upscaler's text features (pre-LayerNorm states, pooled vector, padding mask) are built in
-``x2_latent`` with ``token_ids``, ``per_sample`` and ``check_embeddings`` from here.
+The x2 latent upscaler's K-UNet takes other text features (same rule): the states before the final LayerNorm, the
+pooled vector and, as the original model, a padding mask.
+
+    encode_x2_prompts(model, prompts) -> (hidden_pre_ln (B, 77, D), pooled (B, D), padding mask (B, 77))
+    pooled_text(model, prompt, embeds, pooled, mask, batch, what, mask_padding)  one side of it, text or embeddings
 """
 from __future__ import annotations
 
@@ -210,3 +213,54 @@ def record_prompts(params: dict, prompts: Prompts, batch: int, guidance: float, 
     if seeds is not None:
         params["seeds"] = seeds
     return params
+
+
+# ------------------------------------------------------------------------------------------------
+# the x2 latent upscaler's text features
+
+def padding_mask(model, ids: Tensor) -> Tensor:
+    """(B, L) 1.0 for real tokens (start, text and the first end-of-text token), 0.0 for the padding after it --
+    the tokenizer's ``attention_mask`` that the original model receives."""
+    eos = model.text_encoder.cfg.eos_token_id
+    is_eos = ids == eos
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+    return (torch.arange(ids.shape[1])[None, :] <= first[:, None]).float()
+
+
+def encode_x2_prompts(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompts (text or token ids, see ``conditioning.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
+    pooled (B, D), padding mask (B, 77)). Identical prompts are encoded once."""
+    if model.text_encoder is None:
+        raise ValueError("this x2 model has no text encoder: pass prompt_embeds and pooled_prompt_embeds")
+    ids = token_ids(model, prompts)
+    uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    device = next(model.text_encoder.parameters()).device
+    out = model.text_encoder(uniq.to(device))
+    return (out.hidden_pre_ln[inverse.to(device)].float(), out.pooled[inverse.to(device)].float(),
+            padding_mask(model, ids).to(device))
+
+
+def pooled_text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_padding: bool):
+    """The x2 K-UNet's text for one side: (context (B, 77, D), pooled (B, D), mask (B, 77) or None) from text / ids
+    (``encode_x2_prompts``) or from embeddings with their pooled vector (and mask)."""
+    if embeds is not None:
+        if pooled is None:
+            raise ValueError(f"{what}_embeds needs the matching pooled vector ({what.replace('prompt', 'pooled')}"
+                             f"{'' if what == 'negative_prompt' else '_prompt'}_embeds): the x2 UNet is "
+                             "conditioned on both")
+        ctx = check_embeddings(embeds, what)
+        pooled = pooled[None] if pooled.ndim == 1 else pooled
+        if mask_padding and mask is None:
+            raise ValueError(f"mask_padding=True with {what}_embeds needs the padding mask too ({what}_mask (B, 77), "
+                             "1 = real token): it cannot be recovered from embeddings")
+        if mask is not None:
+            mask = (mask[None] if mask.ndim == 1 else mask).float()
+    else:
+        ctx, pooled, mask = encode_x2_prompts(model, prompt_rows(prompt, batch))
+    ctx, pooled = per_sample(ctx, batch, what), per_sample(pooled, batch, what, "pooled")
+    mask = per_sample(mask, batch, what, "mask") if mask is not None else None
+    cfg = model.unet.cfg
+    if ctx.shape[-1] != cfg.cross_cond_dim or pooled.shape[-1] != cfg.mapping_cond_dim - cfg.noise_aug_dim:
+        raise ValueError(f"{what}: text width {ctx.shape[-1]} / pooled {pooled.shape[-1]}, the K-UNet expects "
+                         f"{cfg.cross_cond_dim} / {cfg.mapping_cond_dim - cfg.noise_aug_dim}")
+    return ctx.float(), pooled.float(), (mask if mask_padding else None)

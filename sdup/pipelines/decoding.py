@@ -1,8 +1,10 @@
-"""The one decoder of every pipeline: scaled latents -> the VAE decoder's output in [-1, 1], float32 on the CPU.
+"""The one decoder of every pipeline: scaled latents -> the VAE decoder's output in [-1, 1], float32 on the CPU
+(and the encoder of an image into scaled latents, for the x2 upscaler's image input).
 
     decode_scaled(vae, latents, scale_factor, vae_tile=, vae_overlap=, vae_dtype=, features=, dec_w=)
     decode_latents(vae or LoadedModel, latents)       the same, its scale factor, clamped to [0, 1] by default
     recorded_dtype(vae, vae_dtype, vae_tile)          the dtype name a decode runs in (what the parameters record)
+    encode_image(vae, image, scale_factor, generators, sample=True)   image in [0, 1] -> scaled latents
 
 The rules, the same for x4, x2, StableSR and txt2img:
 
@@ -25,9 +27,10 @@ from typing import Callable, Sequence
 import torch
 from torch.func import functional_call
 
+from ..diffusion.samplers import randn
 from ..optimize import MEMORY_FORMATS, choose_memory_format
-from .result import dtype_name
 from ..tiling import tiled_decode
+from .result import dtype_name
 
 Tensor = torch.Tensor
 
@@ -117,3 +120,25 @@ class _Call(torch.nn.Module):
 
     def forward(self, *args):
         return self.fn(self.m, *args)
+
+
+def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=None, sample: bool = True) -> Tensor:
+    """Image (B, 3, H, W) in [0, 1] -> scaled SD latents (B, 4, H/f, W/f): posterior sample (noise drawn from
+    ``generators``, one per sample, as diffusers' ``latent_dist.sample(generator)``) or its mean. ``vae``: a VAE
+    module or a LoadedModel (its ``.vae``)."""
+    vae = vae if hasattr(vae, "decoder") else getattr(vae, "vae", vae)
+    p = next(vae.parameters())
+    f = vae.cfg.downscale if getattr(vae, "cfg", None) is not None else 8
+    if image.shape[-2] % f or image.shape[-1] % f:
+        raise ValueError(f"image size must be a multiple of {f} (the VAE's downsampling), got "
+                         f"{image.shape[-2]}x{image.shape[-1]}")
+    out = []
+    for i, x in enumerate(image.float().split(1)):
+        post = vae.encode((2 * x - 1).to(p.device, p.dtype))
+        if sample:
+            g = generators[i] if isinstance(generators, (list, tuple)) else generators
+            z = post.mean.float() + post.std.float() * randn(post.mean.shape, g, device=post.mean.device)
+        else:
+            z = post.mean.float()
+        out.append(z * scale_factor)
+    return torch.cat(out)

@@ -103,10 +103,10 @@ from ..models.vae import AutoencoderKL, VAEConfig
 from ..tiling import TilePlan
 from ..tiling.memory import kunet_bytes
 from .checks import check_finite, check_int, pad_to_multiple
-from .conditioning import (Prompts, check_embeddings, check_prompts, per_sample, prompt_rows, record_prompts,
-                           token_ids)
-from .decoding import decode_latents, recorded_dtype
+from .conditioning import Prompts, check_prompts, pooled_text, record_prompts
+from .decoding import decode_latents, encode_image, recorded_dtype
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
+from .latents_file import read_latents
 from .result import Result
 from .seeds import resolve_generators
 from .upscaler import Upscaler
@@ -192,74 +192,6 @@ def _vae_module(vae):
     return module
 
 
-def encode_image(vae, image: Tensor, scale_factor: float = 0.18215, generators=None, sample: bool = True) -> Tensor:
-    """Image (B, 3, H, W) in [0, 1] -> scaled SD latents (B, 4, H/f, W/f): posterior sample (noise drawn from
-    ``generators``, one per sample, as diffusers' ``latent_dist.sample(generator)``) or its mean."""
-    vae = _vae_module(vae)
-    p = next(vae.parameters())
-    f = vae.cfg.downscale if getattr(vae, "cfg", None) is not None else 8
-    if image.shape[-2] % f or image.shape[-1] % f:
-        raise ValueError(f"image size must be a multiple of {f} (the VAE's downsampling), got "
-                         f"{image.shape[-2]}x{image.shape[-1]}")
-    out = []
-    for i, x in enumerate(image.float().split(1)):
-        post = vae.encode((2 * x - 1).to(p.device, p.dtype))
-        if sample:
-            g = generators[i] if isinstance(generators, (list, tuple)) else generators
-            z = post.mean.float() + post.std.float() * randn(post.mean.shape, g, device=post.mean.device)
-        else:
-            z = post.mean.float()
-        out.append(z * scale_factor)
-    return torch.cat(out)
-
-
-def padding_mask(model, ids: Tensor) -> Tensor:
-    """(B, L) 1.0 for real tokens (start, text and the first end-of-text token), 0.0 for the padding after it --
-    the tokenizer's ``attention_mask`` that the original model receives."""
-    eos = model.text_encoder.cfg.eos_token_id
-    is_eos = ids == eos
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
-    return (torch.arange(ids.shape[1])[None, :] <= first[:, None]).float()
-
-
-def encode_x2_prompts(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
-    """Prompts (text or token ids, see ``conditioning.token_ids``) -> (hidden (B, 77, D) before the final LayerNorm,
-    pooled (B, D), padding mask (B, 77)). Identical prompts are encoded once."""
-    if model.text_encoder is None:
-        raise ValueError("this x2 model has no text encoder: pass prompt_embeds and pooled_prompt_embeds")
-    ids = token_ids(model, prompts)
-    uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)
-    device = next(model.text_encoder.parameters()).device
-    out = model.text_encoder(uniq.to(device))
-    return (out.hidden_pre_ln[inverse.to(device)].float(), out.pooled[inverse.to(device)].float(),
-            padding_mask(model, ids).to(device))
-
-
-def _text(model, prompt, embeds, pooled, mask, batch: int, what: str, mask_padding: bool):
-    """(context (B, 77, D), pooled (B, D), mask (B, 77) or None) from text / ids or from embeddings."""
-    if embeds is not None:
-        if pooled is None:
-            raise ValueError(f"{what}_embeds needs the matching pooled vector ({what.replace('prompt', 'pooled')}"
-                             f"{'' if what == 'negative_prompt' else '_prompt'}_embeds): the x2 UNet is "
-                             "conditioned on both")
-        ctx = check_embeddings(embeds, what)
-        pooled = pooled[None] if pooled.ndim == 1 else pooled
-        if mask_padding and mask is None:
-            raise ValueError(f"mask_padding=True with {what}_embeds needs the padding mask too ({what}_mask (B, 77), "
-                             "1 = real token): it cannot be recovered from embeddings")
-        if mask is not None:
-            mask = (mask[None] if mask.ndim == 1 else mask).float()
-    else:
-        ctx, pooled, mask = encode_x2_prompts(model, prompt_rows(prompt, batch))
-    ctx, pooled = per_sample(ctx, batch, what), per_sample(pooled, batch, what, "pooled")
-    mask = per_sample(mask, batch, what, "mask") if mask is not None else None
-    cfg = model.unet.cfg
-    if ctx.shape[-1] != cfg.cross_cond_dim or pooled.shape[-1] != cfg.mapping_cond_dim - cfg.noise_aug_dim:
-        raise ValueError(f"{what}: text width {ctx.shape[-1]} / pooled {pooled.shape[-1]}, the K-UNet expects "
-                         f"{cfg.cross_cond_dim} / {cfg.mapping_cond_dim - cfg.noise_aug_dim}")
-    return ctx.float(), pooled.float(), (mask if mask_padding else None)
-
-
 def x2_network(unet) -> Callable:
     """The network body F for ``KarrasDenoiser``: ``net(x_in, c_noise, unet_cond, mapping_cond, context,
     context_mask=None)`` -> the first ``input_channels`` output channels (log-variance dropped). The sampler state
@@ -289,29 +221,6 @@ def x2_sigmas(steps: int, schedule: str = "diffusers", model=None) -> Tensor:
     if schedule == "karras":
         return karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX)
     raise ValueError(f"unknown sigma schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
-
-
-def read_latents(path) -> tuple[Tensor, dict]:
-    """A latents file of ``scripts/txt2img.py --latents-out`` (safetensors, tensor ``latents`` (B, 4, h, w), string
-    metadata incl. ``scale_factor`` and the JSON ``parameters``) -> (latents float32, metadata with ``parameters``
-    decoded). A file whose ``scale_factor`` is not SD's 0.18215 (e.g. SDXL's 0.13025) is refused: the x2 model
-    only knows the SD 1.x / 2.x latent space."""
-    import json
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if "latents" not in f.keys():
-            raise ValueError(f"{path}: no 'latents' tensor (expected a file from scripts/txt2img.py --latents-out)")
-        latents = f.get_tensor("latents").float()
-    if "scale_factor" in meta and abs(float(meta["scale_factor"]) - 0.18215) > 1e-6:
-        raise ValueError(f"{path}: latents scaled by {meta['scale_factor']}, the x2 latent upscaler needs SD 1.x / 2.x "
-                         "latents scaled by 0.18215 (SDXL latents: decode them and pass the image instead)")
-    if "parameters" in meta:
-        try:
-            meta["parameters"] = json.loads(meta["parameters"])
-        except ValueError:
-            pass
-    return latents, meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,11 +258,11 @@ def prepare_x2(model, latents: Tensor | None = None, prompt: str | Sequence[str]
     scale_factor = float(getattr(model, "scale_factor", 0.18215))
     seeds, generators = resolve_generators(seed, generator, batch)
     p = next(unet.parameters())
-    text = [_text(model, prompts.prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch, "prompt",
-                  mask_padding)]
+    text = [pooled_text(model, prompts.prompt, prompt_embeds, pooled_prompt_embeds, prompt_mask, batch, "prompt",
+                        mask_padding)]
     if use_cfg:  # text before any random draw: errors come first
-        text.append(_text(model, prompts.negative_prompt, negative_embeds, negative_pooled_embeds, negative_mask, batch,
-                          "negative_prompt", mask_padding))
+        text.append(pooled_text(model, prompts.negative_prompt, negative_embeds, negative_pooled_embeds, negative_mask,
+                                batch, "negative_prompt", mask_padding))
     if image is not None:
         latents = encode_image(vae_module, image, scale_factor, generators, sample_posterior)
     low = check_latents(unet, latents).to(p.device)
