@@ -19,7 +19,7 @@ from ..fileio import Terminated
 from ..optimize import compile_model, prepare
 from .. import images
 from ..pipelines.result import DTYPES
-from ..pipelines.job import run
+from ..pipelines.job import NonFiniteResult, run
 from ..pipelines.upscaler import Upscaler
 from .arguments import fail
 from .inputs import Item, latents_file
@@ -135,7 +135,10 @@ def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=Non
         size = img.size
     plan = tile_plan(args, upscaler, model, it, size, command.scale, command.settings)
     t0 = time.time()
-    result = run_item(args, command, it, img, plan, progress=not args.quiet and writer, split=split)
+    try:
+        result = run_item(args, command, it, img, plan, progress=not args.quiet and writer, split=split)
+    except NonFiniteResult as e:
+        raise images.UpscaleIOError(f"{it.label}: {e}") from None
     if not writer:  # tile-parallel: every rank computed the same image, the main rank writes it
         return None
     source = latents_file(upscaler.read_latents, it.path)[1].get("parameters") if img is None else None
