@@ -4,16 +4,23 @@ overwritten or lost. Tiny x4 / StableSR fixtures, two steps."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from sdup import images as files
 from sdup.cli import running
+from sdup.fileio import claim, claim_holder, claim_name, fingerprint
 from sdup.diffusion.samplers import get_sampler
 from sdup.pipelines.job import Job, NonFiniteResult, finish
-from test_upscale_cli import FAST, SR_FAST, SR_WEIGHTS, WEIGHTS, assert_one_line_error, rgb, run
+from test_upscale_cli import FAST, ROOT, SR_FAST, SR_WEIGHTS, WEIGHTS, assert_one_line_error, rgb, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +45,7 @@ def no_load(monkeypatch):
 # silently wrong output: a value the option cannot mean is refused, never replaced by the default
 
 BAD_VALUES = [
-    (WEIGHTS, "--steps", v, "--steps must") for v in ("0", "-1")
+    (WEIGHTS, "--steps", v, "--steps must") for v in ("0", "-1", "1000", "1000000000000")
 ] + [
     (WEIGHTS, "--guidance", v, "--guidance must") for v in ("1e308", "-1e308", "inf", "nan", "101")
 ] + [
@@ -80,3 +87,186 @@ def test_a_diverged_run_ends_in_one_line_naming_the_input(folder, tmp_path, caps
     out = tmp_path / "out"
     code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST)
     assert_one_line_error(code, stdout, err, [str(folder / "a.png"), "NaN / inf"], out)
+
+
+# ------------------------------------------------------------------------------------------------
+# existing files at the output names: the user's are kept, sdup's own outputs are not taken as inputs
+
+
+def made_from(path: Path) -> str:
+    return files.read_parameters(path)["input_path"]
+
+
+def test_output_folder_is_the_input_folder(folder, capsys):
+    """A file of the user's at an output name is kept (exit 2 before any work) unless --overwrite; the outputs are
+    recognised and left out of the folder next time (no ``a_x4_x4.png``), and replaced as outputs."""
+    Image.fromarray(rgb(16, 24, 1)).save(folder / "b.png")
+    Image.fromarray(rgb(16, 24, 2)).save(folder / "mine.png")
+    (folder / "b_x4.png").write_bytes((folder / "mine.png").read_bytes())  # the user's own b_x4.png
+    kept = (folder / "b_x4.png").read_bytes()
+    code, stdout, err = run(capsys, folder / "a.png", folder / "b.png", "-o", folder, *WEIGHTS, *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "b_x4.png" in err and "--overwrite" in err, err
+    assert (folder / "b_x4.png").read_bytes() == kept and not (folder / "a_x4.png").exists()
+    code, _, err = run(capsys, folder / "a.png", folder / "b.png", "-o", folder, *WEIGHTS, *FAST, "--overwrite")
+    assert code == 0, err
+    assert made_from(folder / "b_x4.png") == str((folder / "b.png").resolve())
+    code, stdout, err = run(capsys, folder, "-o", folder, *WEIGHTS, *FAST)
+    assert code == 0, err
+    assert "2 output(s) of sdup left out (a_x4.png, b_x4.png)" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_x4.png", "b.png", "b_x4.png", "mine.png",
+                                                        "mine_x4.png"]
+
+
+def test_an_output_renamed_or_copied_is_kept(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, folder / "a.png", "-o", out, *WEIGHTS, *FAST)[0] == 0
+    shutil.copy(out / "a_x4.png", out / "c_x4.png")  # sdup's, but not written under this name
+    shutil.copy(folder / "a.png", folder / "c.png")
+    code, stdout, err = run(capsys, folder / "c.png", "-o", out, *WEIGHTS, *FAST)
+    assert code == 2 and "c_x4.png: exists and is not an output sdup wrote under this name" in err, err
+    assert (out / "c_x4.png").read_bytes() == (out / "a_x4.png").read_bytes()
+    code, stdout, err = run(capsys, out, "-o", tmp_path / "o2", *WEIGHTS, *FAST)  # only outputs: nothing to do
+    assert_one_line_error(code, stdout, err, ["no inputs", "outputs of sdup", "name a file"], tmp_path / "o2")
+    assert run(capsys, out / "a_x4.png", "-o", tmp_path / "o3", *WEIGHTS, *FAST)[0] == 0  # named: taken as is
+
+
+def test_skip_existing_looks_at_the_recorded_input(folder, tmp_path, capsys):
+    """a.png done, a.jpg added (one output name with --format png): a.jpg is no done output; a.png keeps its name
+    and is skipped; once a.png changes it is done again, with a note."""
+    out = tmp_path / "out"
+    assert run(capsys, folder / "a.png", "-o", out, *WEIGHTS, *FAST, "--format", "png")[0] == 0
+    first = (out / "a_x4.png").read_bytes()
+    Image.fromarray(rgb(16, 24, 5)).save(folder / "a.jpg", quality=95)
+    code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST, "--format", "png", "--skip-existing")
+    assert code == 0, err
+    assert f"skip {folder / 'a.png'}" in stdout and f"wrote {out / 'a_x4-1.png'}" in stdout
+    assert (out / "a_x4.png").read_bytes() == first and made_from(out / "a_x4-1.png").endswith("a.jpg")
+    Image.fromarray(rgb(16, 24, 6)).save(folder / "a.png")
+    code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST, "--format", "png", "--skip-existing")
+    assert code == 0 and "changed since" in err and f"wrote {out / 'a_x4.png'}" in stdout, (stdout, err)
+    assert f"skip {folder / 'a.jpg'}" in stdout
+    assert files.read_parameters(out / "a_x4.png")["input_sha256"] == fingerprint(folder / "a.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# claims: concurrent runs share the work
+
+
+def test_a_claim_is_held_once_and_taken_over_from_a_dead_process(tmp_path):
+    out = tmp_path / "o.png"
+    with claim(out) as mine:
+        assert mine and claim_name(out).exists()
+        with claim(out) as again:
+            assert not again
+        assert claim_holder(out) == f"process {os.getpid()}"
+    assert not claim_name(out).exists()
+    holder = subprocess.Popen([sys.executable, "-c", CLAIM_AND_SLEEP, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with claim(out) as mine:
+        assert not mine
+    holder.kill()  # SIGKILL: its claim file stays behind, unlocked
+    holder.wait()
+    assert claim_name(out).exists()
+    with claim(out) as mine:
+        assert mine
+    assert not claim_name(out).exists()
+
+
+CLAIM_AND_SLEEP = """
+import sys, time
+from sdup.fileio import claim
+with claim(sys.argv[1]) as mine:
+    print("held" if mine else "not held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_an_output_another_process_is_making_is_left_to_it(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.fromarray(rgb(16, 24, 1)).save(folder / "b.png")
+    with claim(out / "a_x4.png"):
+        code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST, "--skip-existing")
+    assert code == 0, err
+    assert f"skip {folder / 'a.png'} (process {os.getpid()} is making {out / 'a_x4.png'})" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["b_x4.png"]
+
+
+def test_two_concurrent_runs_share_the_work(folder, tmp_path):
+    for i in range(1, 4):
+        Image.fromarray(rgb(16, 24, i)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "scripts" / "upscale.py"), str(folder), "-o", str(out), *map(str, WEIGHTS),
+           *FAST, "--skip-existing"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"]
+    results = [r.communicate(timeout=300) for r in runs]
+    assert all(r.returncode == 0 for r in runs), results
+    wrote = [line for stdout, _ in results for line in stdout.splitlines() if line.startswith("wrote")]
+    assert sorted(wrote) == sorted(f"wrote {out / n}" for n in ("1_x4.png", "2_x4.png", "3_x4.png", "a_x4.png"))
+    assert sorted(p.name for p in out.iterdir()) == ["1_x4.png", "2_x4.png", "3_x4.png", "a_x4.png"]
+
+
+# ------------------------------------------------------------------------------------------------
+# folders are made when an output is written, and removed again by a run that fails before writing
+
+
+def test_a_failed_load_leaves_no_folder(folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "new" / "sub"
+    code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST, "--device", "nonsense")
+    assert code == 2 and not (tmp_path / "new").exists(), err
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(running, "run", interrupted)
+    code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST)
+    assert code == 2 and "interrupted" in err and not (tmp_path / "new").exists(), err
+
+
+# ------------------------------------------------------------------------------------------------
+# --rerun: the input is fingerprinted; a tampered record ends in one line
+
+
+@pytest.fixture
+def made(folder, tmp_path, capsys):
+    out = tmp_path / "first"
+    code, _, err = run(capsys, folder / "a.png", "-o", out, *WEIGHTS, *FAST)
+    assert code == 0, err
+    return out / "a_x4.png"
+
+
+def test_rerun_after_the_input_changed_is_refused(folder, made, tmp_path, capsys):
+    assert files.read_parameters(made)["input_sha256"] == fingerprint(folder / "a.png")
+    Image.fromarray(rgb(16, 24, 7)).save(folder / "a.png")
+    code, stdout, err = run(capsys, "--rerun", made, "-o", tmp_path / "again.png")
+    assert_one_line_error(code, stdout, err, [f"--rerun {made}", "a.png changed since the run"], tmp_path / "none")
+    assert not (tmp_path / "again.png").exists()
+
+
+TAMPERED = [
+    {"command": "x"}, {"command": 5}, {"command": None}, {"command": []}, {"command": [1, 2]},
+    {"command": ["--help"]}, {"command": ["-h"]}, {"command": ["--rerun", "x.png"]}, {"command": ["--rer", "x.png"]},
+    {"command": ["--steps", "abc"]}, {"command": ["--steps", "1000000000000"]}, {"command": ["--seed", "9" * 400]},
+    {"command": ["--noise-level", "1e999"]}, {"command": ["--guidance", "1e308"]}, {"command": ["--device", "meta"]},
+    {"command": ["a\0b"]}, {"command": ["a"] * 2000}, {"command": ["x" * 100_000]},
+    {"cwd": 5}, {"cwd": None}, {"cwd": "relative"}, {"cwd": "/a\0b"},
+    {"input_path": None}, {"input_path": 5}, {"input_path": "rel.png"}, {"input_path": "/no/such.png"},
+    {"input_path": "/"}, {"input_path": "/" + "x" * 5000},
+    {"weights_sha256": 5}, {"weights_sha256": "0" * 64}, {"config_sha256": []}, {"input_sha256": 5},
+    {"input_sha256": "0" * 64}, {"input_sha256": "x" * 100_000},
+]
+
+
+def test_tampered_records_end_in_one_line(made, tmp_path, capsys):
+    params = files.read_parameters(made)
+    rgb_ = files.load_image(made)
+    target = tmp_path / "tampered.png"
+    for i, change in enumerate(TAMPERED):
+        record = {**params, **change}
+        record = {k: v for k, v in record.items() if v is not None}
+        files.write_image(target, rgb_, parameters=record)
+        code, stdout, err = run(capsys, "--rerun", target, "-o", tmp_path / f"o{i}.png")
+        assert code == 2, (change, stdout, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (change, err)
+        assert not (tmp_path / f"o{i}.png").exists()

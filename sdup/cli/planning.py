@@ -17,7 +17,7 @@ from ..pipelines.registry import UPSCALERS, for_family
 from ..tiling.memory import estimate_peak_bytes
 from ..tiling.plan import TilePlan, default_plan
 from .arguments import MIN_SIDE, fail, flag_message
-from .inputs import is_done
+from .outputs import is_done
 
 # ------------------------------------------------------------------------------------------------
 # which upscaler
@@ -189,7 +189,7 @@ def dry_run(args, upscaler, meta, scale, items, outputs) -> int:
     for it, out in zip(items, outputs):
         check_size(it, upscaler, meta)
         plan = tile_plan(args, upscaler, meta, it, it.size, scale, chosen)
-        lines.append(plan_line(it, out, scale, None if args.skip_existing and is_done(out) else plan))
+        lines.append(plan_line(it, out, scale, None if args.skip_existing and is_done(out, it) else plan))
     print("\n".join(lines))
     print(f"model: {upscaler.name} from {meta.source} (meta device, nothing loaded); sampler {chosen['sampler']}, "
           f"steps {chosen['steps']}, guidance {chosen['guidance']}, {upscaler.describe(chosen)}, dtype {args.dtype}; "

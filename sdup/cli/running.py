@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..checkpoints import CheckpointError, KeyMismatch, load
 from ..distributed import RankFailed, exchange
-from ..fileio import Terminated
+from ..fileio import Terminated, claim, claim_holder, make_folders, remove_empty
 from ..optimize import compile_model, prepare
 from .. import images
 from ..pipelines.result import DTYPES
@@ -23,6 +23,7 @@ from ..pipelines.job import NonFiniteResult, run
 from ..pipelines.upscaler import Upscaler
 from .arguments import fail
 from .inputs import Item, latents_file
+from .outputs import is_done
 from .planning import tile_plan
 from .provenance import recorded_parameters
 
@@ -102,7 +103,7 @@ def run_all(args, command: Command) -> None:
             path = todo[k][0].path if k < len(todo) else None
             writer = main or world > 1  # one input over all ranks (its tiles split): the main rank writes it
             split = group if world == 1 else None  # a folder: each rank runs its own input alone
-            work = partial(run_one, args, command, *todo[k], writer, split) if k < len(todo) else (lambda: None)
+            work = partial(run_claimed, args, command, *todo[k], writer, split) if k < len(todo) else (lambda: None)
             for line in (exchange(work, group) if group is not None else [work()]):
                 if line and main:
                     print(line)
@@ -118,6 +119,26 @@ def run_all(args, command: Command) -> None:
              "(see --dry-run for the estimate) or --dtype fp16")
     except KeyboardInterrupt as e:
         fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)")
+
+
+def run_claimed(args, command: Command, it: Item, out: Path, writer: bool, split=None) -> str | None:
+    """``run_one`` under the output's claim (``sdup.fileio.claim``), so that concurrent runs over one folder share
+    the work: an output another process is making is left to it, and one that became done meanwhile is skipped
+    (--skip-existing). The output's folders are made now, and removed again if the run fails before writing to
+    them. A tile-parallel torchrun input (``split``) is not claimed: its ranks must agree."""
+    if not writer or split is not None:
+        return run_one(args, command, it, out, writer, split)
+    made = make_folders(out.parent)
+    try:
+        with claim(out) as ours:
+            if not ours:
+                return f"skip {it.label} ({claim_holder(out)} is making {out})"
+            if args.skip_existing and is_done(out, it):
+                return f"skip {it.label} ({out} exists)"
+            return run_one(args, command, it, out, writer, split)
+    except BaseException:
+        remove_empty(made)
+        raise
 
 
 def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=None) -> str | None:
@@ -142,7 +163,7 @@ def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=Non
     if not writer:  # tile-parallel: every rank computed the same image, the main rank writes it
         return None
     source = latents_file(upscaler.read_latents, it.path)[1].get("parameters") if img is None else None
-    params = recorded_parameters(args, it, img, result, command.scale, time.time() - t0, source)
+    params = recorded_parameters(args, it, out, img, result, command.scale, time.time() - t0, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     images.write_image(out, result.images[0], img.alpha if img is not None else None,
                        bits=img.bits if img is not None else 8, parameters=params,

@@ -48,9 +48,12 @@ def _open(path: Path):
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _description(path: Path):
-    """The parameters text of any format (PNG text chunks past the image data included)."""
+def _description(path: Path, header_only: bool = False):
+    """The parameters text of any format (PNG text chunks past the image data included unless ``header_only``: then
+    nothing is decoded, and sdup's own chunks, which come before the image data, are still found)."""
     with _open(path) as img:
+        if img.format == "PNG" and header_only:
+            return img.info.get(PARAMETERS_KEY)
         if img.format == "PNG":
             return getattr(img, "text", {}).get(PARAMETERS_KEY) or img.info.get(PARAMETERS_KEY)
         text = img.getexif().get(EXIF_IMAGE_DESCRIPTION)
@@ -59,12 +62,13 @@ def _description(path: Path):
         return text
 
 
-def read_parameters(path: str | Path) -> dict | None:
+def read_parameters(path: str | Path, header_only: bool = False) -> dict | None:
     """The JSON parameters of an output (PNG iTXt "parameters"; TIFF / JPEG / WebP ImageDescription), or None when
-    it has none; a file that cannot be read raises ``UpscaleIOError`` (one line)."""
+    it has none; a file that cannot be read raises ``UpscaleIOError`` (one line). ``header_only``: no pixel is
+    decoded (a PNG's text chunks after its image data are not seen)."""
     path = Path(path)
     with decoding(path):
-        return _json_object(_description(path))
+        return _json_object(_description(path, header_only))
 
 
 def read_png_parameters(path: str | Path) -> dict | None:

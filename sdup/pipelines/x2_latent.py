@@ -102,7 +102,7 @@ from ..models.text import KNOWN_TEXT_CONFIGS, TextEncoder
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..tiling import TilePlan
 from ..tiling.memory import kunet_bytes
-from .checks import check_guidance, check_int, pad_to_multiple
+from .checks import check_guidance, check_steps, pad_to_multiple
 from .conditioning import (Prompts, check_embeddings, check_prompts, per_sample, prompt_rows, record_prompts,
                            token_ids)
 from .decoding import decode_latents, recorded_dtype
@@ -278,7 +278,7 @@ def x2_network(unet) -> Callable:
 
 def x2_sigmas(steps: int, schedule: str = "diffusers", model=None) -> Tensor:
     """The sigma grid (visiting order, float32): see the module docstring, step 5."""
-    steps = check_int("steps", steps)
+    steps = check_steps(steps)
     if schedule == "diffusers":
         s = getattr(model, "schedule", None) or {}
         ac = diffusers_alphas_cumprod(float(s.get("linear_start", 0.00085)), float(s.get("linear_end", 0.012)),
@@ -399,7 +399,7 @@ def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAUL
     if schedule not in SCHEDULES + ("kdiffusion", "exponential"):
         raise ValueError(f"unknown sigma schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
     spec.resolve_eta(eta)
-    check_int("steps", steps)
+    check_steps(steps)
     check_guidance(guidance)
     if not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool) or not noise_level >= 0 \
             or not math.isfinite(noise_level):

@@ -78,7 +78,7 @@ from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from ..tiling import TilePlan
 from ..tiling.memory import ldm_unet_bytes
-from .checks import check_guidance, check_images, check_int, pad_to_multiple
+from .checks import check_guidance, check_images, check_steps, pad_to_multiple
 from .conditioning import check_prompts, record_prompts, text_contexts
 from .decoding import decode_scaled, recorded_dtype
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
@@ -264,7 +264,7 @@ def check_options(model=None, *, sampler: str = DEFAULTS.sampler, steps: int = D
     if model is not None:
         _check_model(model)
     get_sampler(sampler).resolve_eta(eta)
-    check_int("steps", steps)
+    check_steps(steps)
     check_guidance(guidance)
     check_color_fix(color_fix_mode)
     count = noise_level.numel() if isinstance(noise_level, Tensor) else \
