@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from contextlib import contextmanager
@@ -199,6 +200,39 @@ def claim(path: str | Path) -> Iterator[bool]:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM turned into an exception, so that a write in progress cleans up as it does on Ctrl-C."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def hold_stop_signals() -> None:
+    """Hold Ctrl-C and SIGTERM back (blocked: delivered, not lost, once ``run_main`` has its handlers in place): the
+    first line of a program, before anything is imported."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def interrupted_line(e: BaseException) -> str:
+    return f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)"
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with ``main()``'s code, Ctrl-C and SIGTERM ending in one line (``interrupted_line``) and exit code 2 at
+    any moment, start-up included (``main`` imports torch and the program itself)."""
+    def terminated(signum, frame):
+        raise Terminated()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminated)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        code = main()
+    except KeyboardInterrupt as e:
+        for s in STOP_SIGNALS:  # a second signal must not interrupt the message
+            signal.signal(s, signal.SIG_IGN)
+        print(interrupted_line(e), file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 @contextmanager

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from PIL import Image
 
 from sdup import images as files
 from sdup.cli import running
-from sdup.fileio import claim, claim_holder, claim_name, fingerprint
+from sdup.fileio import Terminated, claim, claim_holder, claim_name, fingerprint
 from sdup.diffusion.samplers import get_sampler
 from sdup.pipelines.job import Job, NonFiniteResult, finish
 from test_upscale_cli import FAST, ROOT, SR_FAST, SR_WEIGHTS, WEIGHTS, assert_one_line_error, rgb, run
@@ -36,7 +38,7 @@ def folder(tmp_path):
 @pytest.fixture
 def no_load(monkeypatch):
     """Loading the weights is the expensive work: a check that must come first fails the test if it does not."""
-    def refuse(*_):
+    def refuse(*_, **__):
         raise AssertionError("the weights were loaded before the check")
     monkeypatch.setattr(running, "load", refuse)
 
@@ -270,3 +272,51 @@ def test_tampered_records_end_in_one_line(made, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (change, err)
         assert not (tmp_path / f"o{i}.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# tracebacks: devices that do not compute, Ctrl-C / SIGTERM at any moment of the start-up
+
+DEVICES = ["meta", "", "nonsense", "CPU", "cpu,cuda", "cpu:-1", "cuda:0:0", "-1", "lazy", "xla", "fpga", "hpu", "xpu",
+           "mtia", "privateuseone", "opengl", "mkldnn", "cpu:99999999999999999999", "cuda:99"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_devices_that_do_not_compute_are_one_line(folder, tmp_path, capsys, no_load, device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA machine")
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST, f"--device={device}")
+    assert_one_line_error(code, stdout, err, [f"--device {device}: not available"], out)
+    assert not out.exists()
+
+
+def test_ctrl_c_while_loading_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    for error in (KeyboardInterrupt, Terminated):
+        def stopped(*_, **__):
+            raise error()
+        monkeypatch.setattr(running, "load", stopped)
+        out = tmp_path / "out"
+        code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST)
+        word = "terminated" if error is Terminated else "interrupted"
+        assert_one_line_error(code, stdout, err, [f"error: {word} (no partial output written)"], out)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("program", [["scripts/upscale.py"], ["-m", "sdup", "upscale"]])
+def test_signals_during_the_start_up_are_one_line(folder, tmp_path, program):
+    """Ctrl-C / SIGTERM while Python imports torch, the weights load, the inputs are read: one line, exit code 2
+    (the interpreter's own first few milliseconds are Python's, before the program's first line)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for sig, word in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")):
+        for delay in (0.4, 1.0, 2.0):
+            p = subprocess.Popen([sys.executable, *program, str(folder), "-o", str(tmp_path / "out"),
+                                  *map(str, WEIGHTS), *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=ROOT, env=env)
+            time.sleep(delay)
+            p.send_signal(sig)
+            stdout, err = p.communicate(timeout=120)
+            if p.returncode == 0:  # finished before the signal: nothing to check
+                continue
+            assert p.returncode == 2 and err.strip() == f"error: {word} (no partial output written)", (delay, err)
+            assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.partial"))
