@@ -3,13 +3,18 @@ input ends in one line and exit code 2 before any expensive work, or in a correc
 overwritten or lost. Tiny x4 / StableSR fixtures, two steps."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
+import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,8 @@ from sdup.cli import running
 from sdup.fileio import Terminated, claim, claim_holder, claim_name, fingerprint
 from sdup.diffusion.samplers import get_sampler
 from sdup.pipelines.job import Job, NonFiniteResult, finish
+import test_images_crafted
+from test_images_crafted import FAILS, READS, chunk, png
 from test_upscale_cli import FAST, ROOT, SR_FAST, SR_WEIGHTS, WEIGHTS, assert_one_line_error, rgb, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -320,3 +327,164 @@ def test_signals_during_the_start_up_are_one_line(folder, tmp_path, program):
                 continue
             assert p.returncode == 2 and err.strip() == f"error: {word} (no partial output written)", (delay, err)
             assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.partial"))
+
+
+# ------------------------------------------------------------------------------------------------
+# crafted weight files: headers with wrong types, impossible shapes / offsets, tampered sdup metadata
+
+
+@pytest.fixture(scope="module")
+def x4_safetensors(tmp_path_factory):
+    from safetensors.torch import save_file
+    sd = torch.load(WEIGHTS[1], weights_only=True)
+    path = tmp_path_factory.mktemp("w") / "x4.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.get("state_dict", sd).items()}, str(path))
+    return path
+
+
+def split_safetensors(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def crafted(path: Path, header: dict | None, data: bytes, body: bytes | None = None) -> Path:
+    body = json.dumps(header).encode() if body is None else body
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return path
+
+
+FIELD_VALUES = ["Q9", 5, None, [], {}, -1, 2 ** 64, 1.5, [2 ** 40, 2 ** 40], [-1], ["4"], [0.5], [[1]], True,
+                float("nan"), float("inf"), [0, 2 ** 70], "x" * 10_000]
+
+
+def header_cases(header: dict, n: int = 24):
+    """``n`` headers with one field of one tensor replaced (a bounded, seeded fuzz), and whole-header oddities."""
+    rng, names = random.Random(0), sorted(k for k in header if k != "__metadata__")
+    for _ in range(n):
+        h = json.loads(json.dumps(header))
+        name, field = rng.choice(names), rng.choice(["dtype", "shape", "data_offsets"])
+        h[name][field] = rng.choice(FIELD_VALUES)
+        yield h, None
+    yield None, b"[" * 100_000 + b"]" * 100_000  # nesting deeper than the JSON parser's recursion
+    yield None, json.dumps(header).replace('"shape": [', '"shape": [NaN, ', 1).encode()
+    yield None, b"\xff\xfe" * 8
+    for h in ({}, {**header, "__metadata__": [1]}, {**header, "__metadata__": {"a": {"b": 1}}}):
+        yield h, None
+
+
+def test_crafted_safetensors_headers_are_one_line(folder, tmp_path, capsys, x4_safetensors):
+    header, data = split_safetensors(x4_safetensors)
+    for i, (h, body) in enumerate(header_cases(header)):
+        bad = crafted(tmp_path / "bad.safetensors", h, data, body)
+        for extra in ([], ["--dry-run"]):
+            code, stdout, err = run(capsys, folder, "-o", tmp_path / "out", "--weights", bad, "--config",
+                                    WEIGHTS[3], *FAST, *extra)
+            assert_one_line_error(code, stdout, err, ["bad.safetensors"], tmp_path / "out")
+            assert len(err) < 600, err
+
+
+SDUP_METADATA = [
+    {"sdup_configs": v} for v in ("[]", "5", "not json", '{"unet": 5}', '{"unet": {"class": "Nope", "fields": {}}}',
+                                  '{"unet": {"class": "UNetConfig", "fields": {"bogus": 1}}}',
+                                  '{"unet": {"class": "UNetConfig", "fields": []}}', "[" * 100_000)
+] + [
+    {"sdup_constants": v} for v in ("[]", "{}", '{"prediction": 5}', "null")
+] + [{"sdup_family": "nonsense"}, {"sdup_family": "sd1"}]
+
+
+def test_tampered_sdup_metadata_is_one_line(folder, tmp_path, capsys, x4_safetensors):
+    import sdup
+    good = tmp_path / "x4.sdup.safetensors"
+    sdup.save_sdup(sdup.load(WEIGHTS[1], config=WEIGHTS[3]), good)
+    header, data = split_safetensors(good)
+    for change in SDUP_METADATA:
+        bad = crafted(tmp_path / "bad.sdup.safetensors", {**header, "__metadata__": {**header["__metadata__"],
+                                                                                     **change}}, data)
+        code, stdout, err = run(capsys, folder, "-o", tmp_path / "out", "--weights", bad, *FAST)
+        assert_one_line_error(code, stdout, err, ["bad.sdup.safetensors"], tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# crafted PNG chunks before the image data: through the whole command, from a folder (whose files are also
+# checked for sdup's parameters) and by name
+
+def big_png(*args, **kw):
+    """``png`` at 24 x 16 unless a size is given."""
+    return png(*args, **kw) if args else png(24, 16, **kw)
+
+
+CLI_PNG = {
+    **{name: (make, 2) for name, make in FAILS.items() if name not in ("IHDR 0 x 0", "IHDR 100000 x 100000")},
+    **{name: (make, 0) for name, make in READS.items()},
+    "parameters not JSON": (lambda d: big_png(before=[chunk(b"iTXt", b"parameters\0\0\0\0\0{not json")]), 0),
+    "parameters nested deep": (lambda d: big_png(before=[chunk(b"iTXt", b"parameters\0\0\0\0\0" + b"[" * 100_000)]), 0),
+    "parameters a list": (lambda d: big_png(before=[chunk(b"tEXt", b"parameters\0[1, 2]")]), 0),
+    "eXIf garbage": (lambda d: big_png(before=[chunk(b"eXIf", b"MM\0*garbage")]), 0),
+    "pHYs short": (lambda d: big_png(before=[chunk(b"pHYs", b"\0\1")]), None),
+    "gAMA zero": (lambda d: big_png(before=[chunk(b"gAMA", b"\0\0\0\0")]), None),
+    "tRNS too long": (lambda d: big_png(before=[chunk(b"tRNS", b"\0" * 400)]), None),
+    "sBIT zero": (lambda d: big_png(before=[chunk(b"sBIT", b"\0\0\0")]), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_PNG))
+def test_crafted_png_chunks_through_the_command(case, tmp_path, capsys, monkeypatch):
+    """One line and exit code 2 naming the file, or an output (``None``: either, never anything else)."""
+    make, want = CLI_PNG[case]
+    d = tmp_path / "in"
+    d.mkdir()
+    depth = 16 if "16-bit" in case else 8
+    monkeypatch.setattr(test_images_crafted, "png", big_png)  # the cases' own 8 x 6 is below the model's minimum
+    data = make(depth)
+    (d / "crafted.png").write_bytes(data)
+    out = tmp_path / "out"
+    for spec in (d, d / "crafted.png"):
+        code, stdout, err = run(capsys, spec, "-o", out, *WEIGHTS, *FAST, "--overwrite")
+        assert code in ((0, 2) if want is None else (want,)), (case, code, err)
+        lines = err.strip().splitlines()
+        if code == 2:
+            assert len(lines) == 1 and lines[0].startswith("error: ") and "crafted.png" in lines[0], err
+        else:
+            assert all(line.startswith("note: ") for line in lines) and (out / "crafted_x4.png").is_file(), err
+
+
+# ------------------------------------------------------------------------------------------------
+# late or unclear: names with newlines or odd bytes, a file-size limit, a folder at the output name
+
+
+@pytest.mark.parametrize("name", ["a\nb.png", "a\rb\tc.png", "a\x1b[31mred.png", "a\u2028b.png", b"a\xffb.png"])
+def test_odd_file_names_stay_one_line(tmp_path, capsys, name):
+    d = tmp_path / "in"
+    d.mkdir()
+    path = Path(os.fsdecode(os.path.join(os.fsencode(d), os.fsencode(name))))
+    Image.fromarray(rgb(16, 24, 0)).save(path, format="PNG")
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, d, "-o", out, *WEIGHTS, *FAST)
+    assert code == 0 and len(stdout.strip().splitlines()) == 1 and stdout.startswith("wrote "), (stdout, err)
+    stdout.encode("utf-8")  # printable: no lone surrogates
+    assert len(list(out.iterdir())) == 1
+    path.write_bytes(b"not an image")
+    code, stdout, err = run(capsys, d, "-o", tmp_path / "o2", *WEIGHTS, *FAST)
+    assert_one_line_error(code, stdout, err, ["not a readable image"], tmp_path / "o2")
+    err.encode("utf-8")
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff"])
+def test_a_file_size_limit_is_one_line_naming_the_output(folder, tmp_path, fmt):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "upscale.py"), str(folder / "a.png"), "-o", str(out),
+                        *map(str, WEIGHTS), *FAST, "--format", fmt], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000)))
+    ext = ".tif" if fmt == "tiff" else ".png"
+    assert r.returncode == 2 and r.stderr == f"error: {out / ('a_x4' + ext)}: cannot write the image (File too large)\n"
+    assert not out.exists()
+
+
+def test_a_folder_at_the_output_name_fails_before_work(folder, tmp_path, capsys, no_load):
+    out = tmp_path / "out"
+    (out / "a_x4.png").mkdir(parents=True)
+    code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST)
+    assert_one_line_error(code, stdout, err, [f"{out / 'a_x4.png'}: cannot write the output there"], tmp_path / "x")
+    assert ".partial" not in err

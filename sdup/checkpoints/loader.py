@@ -292,12 +292,26 @@ def _sdup_factory(cfg, sft_channels: int | None):
     return lambda: classes[kind](cfg)
 
 
-def _load_sdup(name: str, sd: dict, meta: dict, b: Build) -> LoadedModel:
+def _sdup_record(name: str, meta: dict) -> tuple[dict, dict]:
+    """(configs, constants) from an sdup file's metadata; metadata anyone may have edited (wrong types, missing
+    keys, unknown classes or fields) -> one ``CheckpointError`` line."""
     classes = _config_classes()
-    configs = {}
-    for comp, c in json.loads(meta["sdup_configs"]).items():
-        configs[comp] = classes[c["class"]](**{k: tuple(v) if isinstance(v, list) else v for k, v in c["fields"].items()})
-    consts = json.loads(meta["sdup_constants"])
+    try:
+        configs = {}
+        for comp, c in json.loads(meta["sdup_configs"]).items():
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in c["fields"].items()}
+            configs[comp] = classes[c["class"]](**fields)
+        consts = json.loads(meta["sdup_constants"])
+        if not isinstance(consts, dict) or not all(k in consts for k in ("prediction", "scale_factor", "schedule")):
+            raise ValueError("sdup_constants is not an object with prediction, scale_factor and schedule")
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        what = f"{type(e).__name__} {str(e)[:80]}" if isinstance(e, KeyError) else str(e).splitlines()[0][:120]
+        raise CheckpointError(f"{name}: the sdup file's metadata is not valid ({what or type(e).__name__})") from None
+    return configs, consts
+
+
+def _load_sdup(name: str, sd: dict, meta: dict, b: Build) -> LoadedModel:
+    configs, consts = _sdup_record(name, meta)
     out = LoadedModel(family=meta["sdup_family"], source=name, prediction=consts["prediction"],
                       scale_factor=consts["scale_factor"], schedule=consts["schedule"], configs=configs, report=b.report)
     if consts.get("sft_channels"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..diffusion.samplers import SAMPLER_NAMES
 from ..pipelines.registry import UPSCALERS
-from ..images import MAX_PIXELS
+from ..images import MAX_PIXELS, one_line
 from ..tiling.plan import TileDefaults
 
 UPSCALE_DOC = """Upscale images with the Stable Diffusion upscalers (``scripts/upscale.py`` = ``python -m sdup upscale``).
@@ -40,13 +40,18 @@ MIN_SIDE = 8  # the smallest tile and input side
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse would also print the usage)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(message)
 
 
 def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
+    """``error: MSG`` on stderr as one line (names with newlines or odd bytes escaped: ``one_line``), exit code 2."""
+    print(f"error: {one_line(msg)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def say(line: str) -> None:
+    """A line of the command's own output on stdout (``wrote ...``, ``skip ...``), names escaped (``one_line``)."""
+    print(one_line(line))
 
 
 def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

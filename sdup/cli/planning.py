@@ -16,7 +16,7 @@ from ..models.vae import AutoencoderKL, VAEConfig
 from ..pipelines.registry import UPSCALERS, for_family
 from ..tiling.memory import estimate_peak_bytes
 from ..tiling.plan import TilePlan, default_plan
-from .arguments import MIN_SIDE, fail, flag_message
+from .arguments import MIN_SIDE, fail, flag_message, say
 from .outputs import is_done
 
 # ------------------------------------------------------------------------------------------------
@@ -190,8 +190,9 @@ def dry_run(args, upscaler, meta, scale, items, outputs) -> int:
         check_size(it, upscaler, meta)
         plan = tile_plan(args, upscaler, meta, it, it.size, scale, chosen)
         lines.append(plan_line(it, out, scale, None if args.skip_existing and is_done(out, it) else plan))
-    print("\n".join(lines))
-    print(f"model: {upscaler.name} from {meta.source} (meta device, nothing loaded); sampler {chosen['sampler']}, "
+    for line in lines:
+        say(line)
+    say(f"model: {upscaler.name} from {meta.source} (meta device, nothing loaded); sampler {chosen['sampler']}, "
           f"steps {chosen['steps']}, guidance {chosen['guidance']}, {upscaler.describe(chosen)}, dtype {args.dtype}; "
           "dry run: nothing written")
     return 0

@@ -101,7 +101,7 @@ def rerun_args(parser, args):
     try:
         params = images.read_parameters(made) if made.is_file() else None
     except (OSError, ValueError) as e:
-        fail(f"--rerun {made}: not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        fail(f"--rerun {made}: not readable ({e if isinstance(e, images.UpscaleIOError) else images.first_line(e)})")
     if not params or "command" not in params:
         fail(f"--rerun {made}: no recorded command (not written by this version of sdup's upscaler)")
     _check_record(made, params)

@@ -22,7 +22,7 @@ from .. import images
 from ..pipelines.result import DTYPES
 from ..pipelines.job import NonFiniteResult, run
 from ..pipelines.upscaler import Upscaler
-from .arguments import fail
+from .arguments import fail, say
 from .inputs import Item, latents_file
 from .outputs import is_done
 from .planning import tile_plan
@@ -65,8 +65,10 @@ def _load(path: str, config: str | None, device: str, dtype):
         return load(path, config=config, device=device, dtype=dtype)
     except KeyMismatch as e:
         fail(e.one_line())
-    except (CheckpointError, ValueError, OSError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except CheckpointError as e:  # one line of ours, whole
+        fail(str(e))
+    except (ValueError, OSError) as e:
+        fail(images.first_line(e))
 
 
 def load_model(args, upscaler):
@@ -114,12 +116,14 @@ def run_all(args, command: Command) -> None:
             work = partial(run_claimed, args, command, *todo[k], writer, split) if k < len(todo) else (lambda: None)
             for line in (exchange(work, group) if group is not None else [work()]):
                 if line and main:
-                    print(line)
+                    say(line)
             bar.update(min(world, len(todo) - first))
     except RankFailed as e:
         fail(str(e))
-    except (ValueError, OSError) as e:  # UpscaleIOError included
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except images.UpscaleIOError as e:  # one line of ours, whole (a name in it may hold a newline: escaped)
+        fail(str(e))
+    except (ValueError, OSError) as e:
+        fail(images.first_line(e))
     except RuntimeError as e:  # torch.OutOfMemoryError and friends; anything else is a bug: keep the traceback
         if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
             raise

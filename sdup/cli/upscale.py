@@ -9,7 +9,7 @@ from .. import distributed
 from ..fileio import Terminated, sigterm_as_interrupt
 from ..pipelines.registry import UPSCALERS
 from ..images import UpscaleIOError, first_line, note
-from .arguments import DEFAULT_OUTPUT, build_parser, check_args, fail, parse_ids
+from .arguments import DEFAULT_OUTPUT, build_parser, check_args, fail, parse_ids, say
 from .inputs import expand_inputs, plan_items, plan_outputs
 from .outputs import changed_input, check_outputs, is_done, owner
 from .planning import check_size, dry_run, settings, upscaler_options, which_model
@@ -36,7 +36,7 @@ def todo_list(args, items, outputs) -> list:
         todo = distributed.exchange(lambda: todo, group)[0]
     for it, o, d in zip(items, outputs, done):
         if d and main:
-            print(f"skip {it.label} ({o} exists)")
+            say(f"skip {it.label} ({o} exists)")
         elif args.skip_existing and main and changed_input(o, it):
             note(f"{it.label} changed since {o} was made from it: upscaled again")
     return todo

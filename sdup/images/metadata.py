@@ -24,8 +24,13 @@ def _params_text(parameters: dict | None, ascii_only: bool = False) -> str | Non
     """The parameters as JSON (numpy / torch values as lists, anything else as its ``str``)."""
     if parameters is None:
         return None
-    return json.dumps(parameters, ensure_ascii=ascii_only,
+    text = json.dumps(parameters, ensure_ascii=ascii_only,
                       default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (surrogates): as JSON escapes, read back exactly
+        return _params_text(parameters, ascii_only=True)
+    return text
 
 
 def _json_object(text) -> dict | None:
