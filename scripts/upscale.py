@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdup.fileio import run_main  # noqa: E402  (no torch yet)
 
 
-def main() -> int:
+def load():
     from sdup.cli import upscale_main
-    return upscale_main(prog="scripts/upscale.py")
+    return lambda: upscale_main(prog="scripts/upscale.py")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(load)

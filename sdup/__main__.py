@@ -4,9 +4,9 @@ from .fileio import hold_stop_signals, run_main
 hold_stop_signals()
 
 
-def _main() -> int:
+def _load():
     from .cli import main
-    return main()
+    return main
 
 
-run_main(_main)
+run_main(_load)

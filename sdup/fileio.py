@@ -216,16 +216,20 @@ def interrupted_line(e: BaseException) -> str:
     return f"error: {'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)"
 
 
-def run_main(main: Callable[[], int]) -> None:
-    """Exit with ``main()``'s code, Ctrl-C and SIGTERM ending in one line (``interrupted_line``) and exit code 2 at
-    any moment, start-up included (``main`` imports torch and the program itself)."""
+def run_main(load: Callable[[], Callable[[], int]]) -> None:
+    """Exit with the code of the program ``load()`` returns, Ctrl-C and SIGTERM ending in one line
+    (``interrupted_line``) and exit code 2 at any moment, start-up included. ``load`` imports the program (torch,
+    numpy) with the signals held back: an import cut short leaves C extensions that cannot be imported again (an
+    ImportError instead of the one line); a signal that came meanwhile is delivered as soon as it returns."""
     def terminated(signum, frame):
         raise Terminated()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, terminated)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    hold_stop_signals()
     try:
+        main = load()
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         code = main()
     except KeyboardInterrupt as e:
         for s in STOP_SIGNALS:  # a second signal must not interrupt the message
