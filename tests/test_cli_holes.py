@@ -488,3 +488,39 @@ def test_a_folder_at_the_output_name_fails_before_work(folder, tmp_path, capsys,
     code, stdout, err = run(capsys, folder, "-o", out, *WEIGHTS, *FAST)
     assert_one_line_error(code, stdout, err, [f"{out / 'a_x4.png'}: cannot write the output there"], tmp_path / "x")
     assert ".partial" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# a hand-edited --config: wrong types, impossible or enormous sizes, schedules out of range
+
+
+def edited_config(path: Path, where: tuple, value) -> Path:
+    import yaml
+    conf = yaml.safe_load(Path(WEIGHTS[3]).read_text())
+    d = conf["model"]["params"]
+    for k in where[:-1]:
+        d = d[k]
+    d[where[-1]] = value
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+UNET = ("unet_config", "params")
+EDITED_CONFIGS = [
+    (UNET + ("num_res_blocks",), 10 ** 12), (UNET + ("model_channels",), 10 ** 12), (UNET + ("model_channels",), -1),
+    (UNET + ("in_channels",), "x"), (UNET + ("attention_resolutions",), 5), (UNET + ("channel_mult",), [1] * 100),
+    (UNET + ("num_classes",), -1), (UNET + ("transformer_depth",), None), (("scale_factor",), "x"),
+    (("timesteps",), -1), (("linear_start",), [1]), (("low_scale_config", "params", "max_noise_level"), 1e308),
+]
+
+
+@pytest.mark.parametrize("where, value", EDITED_CONFIGS)
+def test_an_edited_config_is_one_line(folder, tmp_path, capsys, where, value):
+    bad = edited_config(tmp_path / "bad.yaml", where, value)
+    for weights in (["--weights", WEIGHTS[1]], ["--model", "x4", "--dry-run"]):
+        code, stdout, err = run(capsys, folder, "-o", tmp_path / "out", *weights, "--config", bad, *FAST)
+        assert_one_line_error(code, stdout, err, [], tmp_path / "out")
+    for text in ("[1, 2]", "5", "a: [", ""):
+        (tmp_path / "bad.yaml").write_text(text)
+        code, stdout, err = run(capsys, folder, "-o", tmp_path / "out", "--weights", WEIGHTS[1], "--config", bad, *FAST)
+        assert_one_line_error(code, stdout, err, ["bad.yaml"], tmp_path / "out")

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.detect import FAMILY_NAMES
-from ..checkpoints.loader import FAMILY_DEFAULTS, LoadedModel, inspect, ldm_constants, yaml_params
+from ..checkpoints.loader import BUILD_ERRORS, FAMILY_DEFAULTS, LoadedModel, inspect, ldm_constants, yaml_params
+from ..images import first_line
 from ..models import text as T
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -88,7 +89,10 @@ def official_meta_model(upscaler, config: str | None):
     path = Path(config) if config else repo_configs() / upscaler.official_config
     if not path.is_file():
         fail(f"{path}: the official {upscaler.name} config is missing (pass --config)")
-    return meta_model_from_yaml(upscaler.family, path)
+    try:
+        return meta_model_from_yaml(upscaler.family, path)
+    except (ValueError, KeyError, *BUILD_ERRORS) as e:  # a hand-edited YAML (yaml's own errors are ValueErrors)
+        fail(f"{path}: not a usable {upscaler.name} config ({first_line(e)[:200]})")
 
 
 def meta_model_from_yaml(family: str, path: str | Path) -> LoadedModel:

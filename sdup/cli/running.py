@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import CheckpointError, KeyMismatch, load
+from ..checkpoints.loader import BUILD_ERRORS
 from ..distributed import RankFailed, exchange
 from ..fileio import Terminated, claim, claim_holder, make_folders, remove_empty
 from ..optimize import compile_model, prepare
@@ -69,6 +70,8 @@ def _load(path: str, config: str | None, device: str, dtype):
         fail(str(e))
     except (ValueError, OSError) as e:
         fail(images.first_line(e))
+    except BUILD_ERRORS as e:  # a --config whose values build no model; or no memory for the one it describes
+        fail(f"{path}: cannot build the model{' of --config ' + str(config) if config else ''} ({images.first_line(e)})")
 
 
 def load_model(args, upscaler):
