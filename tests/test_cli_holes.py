@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from PIL import Image
 
 from sdup import images as files
 from sdup.cli import running
-from sdup.fileio import Terminated, claim, claim_holder, claim_name, fingerprint
 from sdup.diffusion.samplers import get_sampler
+from sdup.fileio import Terminated, claim, claim_holder, claim_name, fingerprint
 from sdup.pipelines.job import Job, NonFiniteResult, finish
 import test_images_crafted
 from test_images_crafted import FAILS, READS, chunk, png
