@@ -1,5 +1,12 @@
-import sys
+"""``python -m sdup``: Ctrl-C / SIGTERM end in one line from the start (``fileio.run_main``)."""
+from .fileio import hold_stop_signals, run_main
 
-from .cli import main
+hold_stop_signals()
 
-sys.exit(main())
+
+def _load():
+    from .cli import main
+    return main
+
+
+run_main(_load)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sdup.fileio import atomic_write, can_create
+from sdup.fileio import atomic_write, can_create, make_folders, remove_empty
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,13 @@ def test_folders_are_swapped_whole(tmp_path):
 
 
 def test_can_create(tmp_path):
-    can_create(tmp_path / "new" / "deeper" / "o.png")       # folders are created, nothing else is left
-    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == []
+    can_create(tmp_path / "new" / "deeper" / "o.png")       # nothing is created (folders come with the write)
+    can_create(tmp_path / "o.png")
+    assert list(tmp_path.iterdir()) == []
+    made = make_folders(tmp_path / "new" / "deeper")
+    assert made == [tmp_path / "new", tmp_path / "new" / "deeper"]
+    remove_empty(made)
+    assert list(tmp_path.iterdir()) == []
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OSError):

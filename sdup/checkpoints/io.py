@@ -31,6 +31,12 @@ SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "C64": 8, "I64"
                         "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1}  # bytes per element (the sub-byte F4 / F6 are refused)
 
 
+def _short(value, limit: int = 80) -> str:
+    """A crafted header's value as a message shows it: its repr, cut (a header may hold megabytes in one field)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _header_problem(header, data_bytes: int) -> str | None:
     """What is wrong with a parsed safetensors header (None: nothing): field types, dtypes, shapes and byte
     ranges that fit the data, as the format requires."""
@@ -42,17 +48,19 @@ def _header_problem(header, data_bytes: int) -> str | None:
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(t, dict) or t.get("dtype") not in SAFETENSORS_ITEMSIZE:
-            return f"tensor {name!r} has no known dtype"
+        name = _short(name)
+        if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or t["dtype"] not in SAFETENSORS_ITEMSIZE:
+            return f"tensor {name} has no known dtype"
         shape, offsets = t.get("shape"), t.get("data_offsets")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            return f"tensor {name!r} has shape {shape!r}, not a list of sizes"
+            return f"tensor {name} has shape {_short(shape)}, not a list of sizes"
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            return f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]"
+            return f"tensor {name} has data_offsets {_short(offsets)}, not [begin, end]"
         need = math.prod(shape) * SAFETENSORS_ITEMSIZE[t["dtype"]]
         if offsets[1] - offsets[0] != need:
-            return f"tensor {name!r} ({t['dtype']} {shape}) needs {need} bytes, its data_offsets span {offsets[1] - offsets[0]}"
+            return (f"tensor {name} ({t['dtype']} {_short(shape)}) needs {need} bytes, its data_offsets span "
+                    f"{offsets[1] - offsets[0]}")
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if end > data_bytes:
         return f"truncated safetensors file (its tensors need {end} data bytes, it has {data_bytes})"
@@ -72,7 +80,7 @@ def safetensors_header(path: str | Path) -> tuple[dict, dict]:
             raise CheckpointError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
     problem = _header_problem(header, size - 8 - n)
     if problem:
@@ -137,7 +145,7 @@ def read_shapes(path: str | Path) -> tuple[dict[str, tuple], dict]:
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not a key manifest ({e.__class__.__name__})") from None
         if not isinstance(data, dict) or not all(isinstance(v, list) and v and isinstance(v[0], list) for v in data.values()):
             raise CheckpointError(f"{path}: JSON is not a key manifest ({{key: [shape, dtype]}})")

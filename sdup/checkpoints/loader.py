@@ -16,6 +16,7 @@ is converted to the load's dtype and device as it is mapped and its source given
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -81,8 +82,8 @@ def yaml_params(config) -> dict | None:
     try:
         conf = OmegaConf.to_container(OmegaConf.load(config) if isinstance(config, (str, Path)) else OmegaConf.create(config))
     except Exception as e:
-        raise CheckpointError(f"{config}: not a readable YAML config ({str(e).splitlines()[0]})") from None
-    if "model" not in conf or "params" not in conf["model"]:
+        raise CheckpointError(f"{config}: not a readable YAML config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(conf, dict) or not isinstance(conf.get("model"), dict) or not isinstance(conf["model"].get("params"), dict):
         raise CheckpointError(f"{config}: not an upstream LDM config (no model.params)")
     return conf["model"]
 
@@ -109,6 +110,26 @@ def ldm_constants(out: LoadedModel, params: dict) -> None:
         out.schedule.update(max_noise_level=low.get("max_noise_level", d["max_noise_level"]),
                             noise_linear_start=noise.get("linear_start", d["noise_linear_start"]),
                             noise_linear_end=noise.get("linear_end", d["noise_linear_end"]))
+    _check_constants(out)
+
+
+def _number(v, lo: float, hi: float, integer: bool = False) -> bool:
+    kinds = (int,) if integer else (int, float)
+    return isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+def _check_constants(out: LoadedModel) -> None:
+    """The YAML's latent scale and schedule (a hand-edited ``--config``): numbers in their ranges, or a ValueError."""
+    s = out.schedule
+    bad = [name for name, ok in (
+        ("scale_factor", _number(out.scale_factor, 1e-6, 1e6)),
+        ("timesteps", _number(s["timesteps"], 2, 100_000, integer=True)),
+        ("linear_start", _number(s["linear_start"], 1e-12, 1)), ("linear_end", _number(s["linear_end"], 1e-12, 1)),
+        ("max_noise_level", _number(s.get("max_noise_level", 1), 1, 100_000, integer=True)),
+        ("noise linear_start", _number(s.get("noise_linear_start", 0.5), 1e-12, 1)),
+        ("noise linear_end", _number(s.get("noise_linear_end", 0.5), 1e-12, 1))) if not ok]
+    if bad:
+        raise ValueError(f"config: {', '.join(bad)} out of range or not a number")
 
 
 def _check_target(name: str, family: str, yaml: dict | None) -> None:
@@ -292,12 +313,26 @@ def _sdup_factory(cfg, sft_channels: int | None):
     return lambda: classes[kind](cfg)
 
 
-def _load_sdup(name: str, sd: dict, meta: dict, b: Build) -> LoadedModel:
+def _sdup_record(name: str, meta: dict) -> tuple[dict, dict]:
+    """(configs, constants) from an sdup file's metadata; metadata anyone may have edited (wrong types, missing
+    keys, unknown classes or fields) -> one ``CheckpointError`` line."""
     classes = _config_classes()
-    configs = {}
-    for comp, c in json.loads(meta["sdup_configs"]).items():
-        configs[comp] = classes[c["class"]](**{k: tuple(v) if isinstance(v, list) else v for k, v in c["fields"].items()})
-    consts = json.loads(meta["sdup_constants"])
+    try:
+        configs = {}
+        for comp, c in json.loads(meta["sdup_configs"]).items():
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in c["fields"].items()}
+            configs[comp] = classes[c["class"]](**fields)
+        consts = json.loads(meta["sdup_constants"])
+        if not isinstance(consts, dict) or not all(k in consts for k in ("prediction", "scale_factor", "schedule")):
+            raise ValueError("sdup_constants is not an object with prediction, scale_factor and schedule")
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        what = f"{type(e).__name__} {str(e)[:80]}" if isinstance(e, KeyError) else str(e).splitlines()[0][:120]
+        raise CheckpointError(f"{name}: the sdup file's metadata is not valid ({what or type(e).__name__})") from None
+    return configs, consts
+
+
+def _load_sdup(name: str, sd: dict, meta: dict, b: Build) -> LoadedModel:
+    configs, consts = _sdup_record(name, meta)
     out = LoadedModel(family=meta["sdup_family"], source=name, prediction=consts["prediction"],
                       scale_factor=consts["scale_factor"], schedule=consts["schedule"], configs=configs, report=b.report)
     if consts.get("sft_channels"):
@@ -354,6 +389,10 @@ def _load_flat(sd: dict, b: Build, *, name: str, metadata: dict | None, config, 
     return _load_ldm(name, sd, det, yaml_params(config), b, ema=ema, prediction=prediction)
 
 
+# what building modules from a configuration nobody checked can raise (a hand-edited --config: wrong types or sizes)
+BUILD_ERRORS = (TypeError, RuntimeError, IndexError, AttributeError, ZeroDivisionError, OverflowError)
+
+
 def load_state_dict(sd: dict, *, name: str = "checkpoint", metadata: dict | None = None, config=None, device="cpu",
                     dtype=torch.float32, ema: bool = False, prediction: str | None = None, strict: bool = True,
                     component_config: dict | None = None) -> LoadedModel:
@@ -404,7 +443,7 @@ def inspect(path: str | Path, config=None) -> tuple[Detection, LoadedModel | Non
         model = load_state_dict(meta_of(shapes), name=str(path), metadata=metadata, config=config, device="meta",
                                 dtype=None, strict=False)
         return det, model, None
-    except (CheckpointError, KeyError, ValueError, ImportError) as e:
+    except (CheckpointError, KeyError, ValueError, ImportError, *BUILD_ERRORS) as e:
         det = locals().get("det") or Detection("unknown", "unknown")
-        return det, None, str(e).splitlines()[0]
+        return det, None, str(e).splitlines()[0] if str(e) else type(e).__name__
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..diffusion.samplers import SAMPLER_NAMES
 from ..pipelines.registry import UPSCALERS
-from ..images import MAX_PIXELS
+from ..images import MAX_PIXELS, one_line
 from ..tiling.plan import TileDefaults
 
 UPSCALE_DOC = """Upscale images with the Stable Diffusion upscalers (``scripts/upscale.py`` = ``python -m sdup upscale``).
@@ -27,7 +27,9 @@ one input, else a folder (default outputs/upscale) with <stem>_x<scale>.<ext>; -
 (default: the input's format; PNG for BMP). 16-bit PNG/TIFF inputs give 16-bit outputs, alpha is upscaled
 separately (bicubic) and re-attached, EXIF orientation is applied. The parameters are stored in the output
 (PNG text chunk "parameters"; TIFF/JPEG/WebP ImageDescription). Every output is written to a temporary name and
-renamed: an interrupted run leaves no partial file. Existing outputs are replaced unless --skip-existing.
+renamed: an interrupted run leaves no partial file. An output sdup wrote is replaced (--skip-existing: not when
+made from the same, unchanged input); any other file at an output name is kept unless --overwrite. Outputs of sdup
+in an input folder are left out. Concurrent runs over one folder share the work (each output is claimed).
 One image at a time (host memory stays bounded). Mistakes end in one line "error: ..." and exit code 2.
 """
 MODELS = ("auto", *UPSCALERS)
@@ -38,13 +40,18 @@ MIN_SIDE = 8  # the smallest tile and input side
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse would also print the usage)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(message)
 
 
 def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
+    """``error: MSG`` on stderr as one line (names with newlines or odd bytes escaped: ``one_line``), exit code 2."""
+    print(f"error: {one_line(msg)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def say(line: str) -> None:
+    """A line of the command's own output on stdout (``wrote ...``, ``skip ...``), names escaped (``one_line``)."""
+    print(one_line(line))
 
 
 def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,7 +101,11 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse input images above N pixels before decoding them (default {MAX_PIXELS:,}; 0 = no limit)")
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip inputs whose output file already exists (an empty file does not count)")
+                   help="skip inputs whose output sdup already made from this very input (recorded in the output: "
+                        "its path and sha256); an output another run is writing is always left to it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files at the output names that sdup did not write under that name (without "
+                        "it such a file is kept and the run refused before any work)")
     p.add_argument("--dry-run", action="store_true",
                    help="print output sizes, the tile plan and a peak-memory estimate; needs no weights, writes nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

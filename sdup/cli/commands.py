@@ -18,13 +18,14 @@ from ..checkpoints.io import CheckpointError
 from ..checkpoints.keymap import KeyMismatch
 from ..checkpoints.loader import inspect
 from ..fileio import Terminated, sigterm_as_interrupt
+from ..images import one_line
 from ..pipelines.result import DTYPES
 from .arguments import UPSCALE_DOC, add_upscale_arguments
 from .upscale import cmd_upscale, upscale_main
 
 
 def fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {one_line(msg)}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -128,5 +129,5 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {one_line(str(e).splitlines()[0] if str(e) else type(e).__name__)}", file=sys.stderr)
         return 2

@@ -14,8 +14,9 @@ Outputs
     ``-o NAME.ext`` (an image extension, not an existing folder) is a file, allowed for one input only;
     anything else is a folder (created on write) holding ``<stem>_x<scale>.<ext>``. ``ext``: ``--format``
     (png | jpg | webp | tiff) or the input's own extension; inputs Pillow cannot write here (BMP, or WebP when
-    Pillow lacks WebP) become PNG. Two inputs mapping to one name get ``-1``, ``-2`` suffixes. An existing
-    output is replaced (atomically) unless ``--skip-existing``, which skips an input whose output name exists.
+    Pillow lacks WebP) become PNG. Two inputs mapping to one name get ``-1``, ``-2`` suffixes (an existing output
+    keeps its name for the input it records). What may be replaced and what ``--skip-existing`` skips:
+    ``outputs``. The outputs sdup wrote (they carry its parameters) are left out of folders and globs.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from typing import Callable, Sequence
 
 from safetensors import safe_open
 
-from ..images import (EXT_FORMAT, FORMAT_EXT, IMAGE_EXTENSIONS, UpscaleIOError, can_write, image_size, output_format,
-                      read_image)
+from ..images import (EXT_FORMAT, FORMAT_EXT, IMAGE_EXTENSIONS, UpscaleIOError, can_write, image_size, note,
+                      output_format, read_image)
 from .arguments import fail
+from .outputs import sdup_parameters
 
 _GLOB_CHARS = set("*?[")
 LATENT_EXTENSIONS = (".safetensors",)  # latents files of scripts/txt2img.py --latents-out
@@ -39,8 +41,9 @@ def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def expand_inputs(specs: Sequence[str | Path]) -> list[Path]:
-    """Files, folders (their image files, not recursive) and globs -> image paths, in order, without duplicates."""
+def expand_inputs(specs: Sequence[str | Path], notes: list[str] | None = None) -> list[Path]:
+    """Files, folders (their image files, not recursive) and globs -> image paths, in order, without duplicates;
+    ``notes``: where the lines about left-out outputs of sdup go (None: printed now)."""
     if not specs:
         raise UpscaleIOError("no input given (files, folders or globs)")
     out: list[Path] = []
@@ -51,12 +54,14 @@ def expand_inputs(specs: Sequence[str | Path]) -> list[Path]:
             found = sorted((q for q in p.iterdir() if q.is_file() and _is_image_name(q)), key=lambda q: q.name)
             if not found:
                 raise UpscaleIOError(f"{p}: folder has no image files ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+            found = _not_outputs(found, p, notes)
         elif p.is_file():
             found = [p]
         elif _GLOB_CHARS & set(s):
             found = [Path(q) for q in sorted(glob.glob(s)) if Path(q).is_file() and _is_image_name(Path(q))]
             if not found:
                 raise UpscaleIOError(f"{s}: nothing matches (no image files)")
+            found = _not_outputs(found, s, notes)
         else:
             raise UpscaleIOError(f"{s}: no such file or folder")
         out.extend(found)
@@ -70,6 +75,20 @@ def expand_inputs(specs: Sequence[str | Path]) -> list[Path]:
 
 
 
+def _not_outputs(found: list[Path], spec, notes: list[str] | None) -> list[Path]:
+    """The files of a folder or glob less the outputs sdup wrote (a run whose output folder is its input folder
+    would otherwise upscale its own outputs next time: ``a_x4_x4.png``), with a note; named files are taken as is."""
+    ours = [q for q in found if sdup_parameters(q) is not None]
+    if not ours:
+        return found
+    names = ", ".join(q.name for q in ours[:3]) + (", ..." if len(ours) > 3 else "")
+    if len(ours) == len(found):
+        raise UpscaleIOError(f"{spec}: no inputs: its {len(ours)} image file(s) are outputs of sdup ({names}); name "
+                             f"a file to upscale it again")
+    line = f"{spec}: {len(ours)} output(s) of sdup left out ({names}); name a file to upscale it again"
+    note(line) if notes is None else notes.append(line)
+    return [q for q in found if q not in ours]
+
 
 def _is_file_target(out: Path) -> bool:
     """``-o`` names a file when it has an image extension and is no existing folder; another extension is refused
@@ -82,13 +101,36 @@ def _is_file_target(out: Path) -> bool:
     return True
 
 
-def is_done(path: Path) -> bool:
-    """An output that ``--skip-existing`` skips: a non-empty file (an empty file is no finished output)."""
-    return path.is_file() and path.stat().st_size > 0
+def _output_ext(p: Path, fmt: str | None) -> str:
+    ext = FORMAT_EXT[output_format(p, fmt)]
+    if p.suffix.lower() in (".jpeg", ".tiff") and EXT_FORMAT[p.suffix.lower()] == output_format(p, fmt):
+        ext = p.suffix.lower()  # keep the input's spelling
+    return ext
 
 
-def plan_outputs(inputs: Sequence[Path], output: str | Path, scale: int, fmt: str | None = None) -> list[Path]:
-    """One output path per input (see the module docstring)."""
+def _folder_outputs(inputs: Sequence[Path], out: Path, scale, fmt: str | None, owner: Callable | None) -> list[Path]:
+    """``out/<stem>_x<scale><ext>``; inputs with one name get ``-1``, ``-2``, ..., an existing output keeping its
+    name for the input that made it (``owner(path, candidates)``: the index of that input, or None)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(inputs):
+        groups.setdefault((f"{p.stem}_x{scale}", _output_ext(p, fmt)), []).append(i)
+    paths: list[Path] = [out] * len(inputs)
+    for (base, ext), members in groups.items():
+        names = [out / f"{base}{ext}"] + [out / f"{base}-{k}{ext}" for k in range(1, len(members))]
+        owned: dict[Path, int] = {}
+        for q in names if len(members) > 1 and owner is not None else ():
+            i = owner(q, [m for m in members if m not in owned.values()])
+            if i is not None:
+                owned[q] = i
+        rest = [m for m in members if m not in owned.values()]
+        for q in names:
+            paths[owned[q] if q in owned else rest.pop(0)] = q
+    return paths
+
+
+def plan_outputs(inputs: Sequence[Path], output: str | Path, scale: int, fmt: str | None = None,
+                 owner: Callable | None = None) -> list[Path]:
+    """One output path per input (see the module docstring; ``owner``: ``_folder_outputs``)."""
     out = Path(output)
     if _is_file_target(out):
         if len(inputs) != 1:
@@ -102,18 +144,7 @@ def plan_outputs(inputs: Sequence[Path], output: str | Path, scale: int, fmt: st
     else:
         if out.exists() and not out.is_dir():
             raise UpscaleIOError(f"{out}: exists and is not a folder (give a folder or an image file name)")
-        paths, used = [], set()
-        for p in inputs:
-            ext = FORMAT_EXT[output_format(p, fmt)]
-            if p.suffix.lower() in (".jpeg", ".tiff") and EXT_FORMAT[p.suffix.lower()] == output_format(p, fmt):
-                ext = p.suffix.lower()  # keep the input's spelling
-            base, k = f"{p.stem}_x{scale}", 0
-            q = out / f"{base}{ext}"
-            while q in used:
-                k += 1
-                q = out / f"{base}-{k}{ext}"
-            used.add(q)
-            paths.append(q)
+        paths = _folder_outputs(inputs, out, scale, fmt, owner)
     for i, q in zip(inputs, paths):
         if q.exists() and q.resolve() == Path(i).resolve():
             raise UpscaleIOError(f"{q}: the output would overwrite its input")

@@ -9,15 +9,16 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.detect import FAMILY_NAMES
-from ..checkpoints.loader import FAMILY_DEFAULTS, LoadedModel, inspect, ldm_constants, yaml_params
+from ..checkpoints.loader import BUILD_ERRORS, FAMILY_DEFAULTS, LoadedModel, inspect, ldm_constants, yaml_params
+from ..images import first_line
 from ..models import text as T
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..pipelines.registry import UPSCALERS, for_family
 from ..tiling.memory import estimate_peak_bytes
 from ..tiling.plan import TilePlan, default_plan
-from .arguments import MIN_SIDE, fail, flag_message
-from .inputs import is_done
+from .arguments import MIN_SIDE, fail, flag_message, say
+from .outputs import is_done
 
 # ------------------------------------------------------------------------------------------------
 # which upscaler
@@ -88,7 +89,10 @@ def official_meta_model(upscaler, config: str | None):
     path = Path(config) if config else repo_configs() / upscaler.official_config
     if not path.is_file():
         fail(f"{path}: the official {upscaler.name} config is missing (pass --config)")
-    return meta_model_from_yaml(upscaler.family, path)
+    try:
+        return meta_model_from_yaml(upscaler.family, path)
+    except (ValueError, KeyError, *BUILD_ERRORS) as e:  # a hand-edited YAML (yaml's own errors are ValueErrors)
+        fail(f"{path}: not a usable {upscaler.name} config ({first_line(e)[:200]})")
 
 
 def meta_model_from_yaml(family: str, path: str | Path) -> LoadedModel:
@@ -189,9 +193,10 @@ def dry_run(args, upscaler, meta, scale, items, outputs) -> int:
     for it, out in zip(items, outputs):
         check_size(it, upscaler, meta)
         plan = tile_plan(args, upscaler, meta, it, it.size, scale, chosen)
-        lines.append(plan_line(it, out, scale, None if args.skip_existing and is_done(out) else plan))
-    print("\n".join(lines))
-    print(f"model: {upscaler.name} from {meta.source} (meta device, nothing loaded); sampler {chosen['sampler']}, "
+        lines.append(plan_line(it, out, scale, None if args.skip_existing and is_done(out, it) else plan))
+    for line in lines:
+        say(line)
+    say(f"model: {upscaler.name} from {meta.source} (meta device, nothing loaded); sampler {chosen['sampler']}, "
           f"steps {chosen['steps']}, guidance {chosen['guidance']}, {upscaler.describe(chosen)}, dtype {args.dtype}; "
           "dry run: nothing written")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -14,15 +15,17 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import CheckpointError, KeyMismatch, load
+from ..checkpoints.loader import BUILD_ERRORS
 from ..distributed import RankFailed, exchange
-from ..fileio import Terminated
+from ..fileio import Terminated, claim, claim_holder, make_folders, remove_empty
 from ..optimize import compile_model, prepare
 from .. import images
 from ..pipelines.result import DTYPES
-from ..pipelines.job import run
+from ..pipelines.job import NonFiniteResult, run
 from ..pipelines.upscaler import Upscaler
-from .arguments import fail
+from .arguments import fail, say
 from .inputs import Item, latents_file
+from .outputs import is_done
 from .planning import tile_plan
 from .provenance import recorded_parameters
 
@@ -44,11 +47,17 @@ class Command:
 
 
 def _device(name: str | None) -> str:
-    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    """A device that computes: a small sum there comes back to the CPU (``meta`` holds no data, other names have no
+    backend in this torch build); anything else is one line."""
+    device = name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f"--device {device}: not available ({str(e).splitlines()[0]})")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ok = float((torch.ones(2, device=device) + 1).sum().cpu()) == 4.0
+    except Exception as e:  # noqa: BLE001 -- RuntimeError, NotImplementedError, ModuleNotFoundError, AssertionError
+        fail(f"--device {device}: not available ({images.first_line(e)[:200]})")
+    if not ok:
+        fail(f"--device {device}: computes wrong results")
     return device
 
 
@@ -57,15 +66,20 @@ def _load(path: str, config: str | None, device: str, dtype):
         return load(path, config=config, device=device, dtype=dtype)
     except KeyMismatch as e:
         fail(e.one_line())
-    except (CheckpointError, ValueError, OSError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except CheckpointError as e:  # one line of ours, whole
+        fail(str(e))
+    except (ValueError, OSError) as e:
+        fail(images.first_line(e))
+    except BUILD_ERRORS as e:  # a --config whose values build no model; or no memory for the one it describes
+        fail(f"{path}: cannot build the model{' of --config ' + str(config) if config else ''} ({images.first_line(e)})")
 
 
 def load_model(args, upscaler):
     """The weights plus the upscaler's extra components (``--vae``), checked complete, with fused q/k/v and, with
     --compile, a compiled UNet."""
     group = getattr(args, "group", None)
-    device = _device(args.device or (group.device if group is not None and group.device != "cpu" else None))
+    device = _device(args.device if args.device is not None else
+                     group.device if group is not None and group.device != "cpu" else None)
     model = _load(args.weights, args.config, device, DTYPES[args.dtype])
     if upscaler.attach is not None:
         try:
@@ -102,15 +116,17 @@ def run_all(args, command: Command) -> None:
             path = todo[k][0].path if k < len(todo) else None
             writer = main or world > 1  # one input over all ranks (its tiles split): the main rank writes it
             split = group if world == 1 else None  # a folder: each rank runs its own input alone
-            work = partial(run_one, args, command, *todo[k], writer, split) if k < len(todo) else (lambda: None)
+            work = partial(run_claimed, args, command, *todo[k], writer, split) if k < len(todo) else (lambda: None)
             for line in (exchange(work, group) if group is not None else [work()]):
                 if line and main:
-                    print(line)
+                    say(line)
             bar.update(min(world, len(todo) - first))
     except RankFailed as e:
         fail(str(e))
-    except (ValueError, OSError) as e:  # UpscaleIOError included
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except images.UpscaleIOError as e:  # one line of ours, whole (a name in it may hold a newline: escaped)
+        fail(str(e))
+    except (ValueError, OSError) as e:
+        fail(images.first_line(e))
     except RuntimeError as e:  # torch.OutOfMemoryError and friends; anything else is a bug: keep the traceback
         if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
             raise
@@ -118,6 +134,26 @@ def run_all(args, command: Command) -> None:
              "(see --dry-run for the estimate) or --dtype fp16")
     except KeyboardInterrupt as e:
         fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)")
+
+
+def run_claimed(args, command: Command, it: Item, out: Path, writer: bool, split=None) -> str | None:
+    """``run_one`` under the output's claim (``sdup.fileio.claim``), so that concurrent runs over one folder share
+    the work: an output another process is making is left to it, and one that became done meanwhile is skipped
+    (--skip-existing). The output's folders are made now, and removed again if the run fails before writing to
+    them. A tile-parallel torchrun input (``split``) is not claimed: its ranks must agree."""
+    if not writer or split is not None:
+        return run_one(args, command, it, out, writer, split)
+    made = make_folders(out.parent)
+    try:
+        with claim(out) as ours:
+            if not ours:
+                return f"skip {it.label} ({claim_holder(out)} is making {out})"
+            if args.skip_existing and is_done(out, it):
+                return f"skip {it.label} ({out} exists)"
+            return run_one(args, command, it, out, writer, split)
+    except BaseException:
+        remove_empty(made)
+        raise
 
 
 def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=None) -> str | None:
@@ -135,11 +171,14 @@ def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=Non
         size = img.size
     plan = tile_plan(args, upscaler, model, it, size, command.scale, command.settings)
     t0 = time.time()
-    result = run_item(args, command, it, img, plan, progress=not args.quiet and writer, split=split)
+    try:
+        result = run_item(args, command, it, img, plan, progress=not args.quiet and writer, split=split)
+    except NonFiniteResult as e:
+        raise images.UpscaleIOError(f"{it.label}: {e}") from None
     if not writer:  # tile-parallel: every rank computed the same image, the main rank writes it
         return None
     source = latents_file(upscaler.read_latents, it.path)[1].get("parameters") if img is None else None
-    params = recorded_parameters(args, it, img, result, command.scale, time.time() - t0, source)
+    params = recorded_parameters(args, it, out, img, result, command.scale, time.time() - t0, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     images.write_image(out, result.images[0], img.alpha if img is not None else None,
                        bits=img.bits if img is not None else 8, parameters=params,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import sys
 
 from .. import distributed
-from ..fileio import can_create, sigterm_as_interrupt
+from ..fileio import Terminated, sigterm_as_interrupt
 from ..pipelines.registry import UPSCALERS
-from ..images import UpscaleIOError
-from .arguments import DEFAULT_OUTPUT, build_parser, check_args, fail, parse_ids
-from .inputs import expand_inputs, is_done, plan_items, plan_outputs
+from ..images import UpscaleIOError, first_line, note
+from .arguments import DEFAULT_OUTPUT, build_parser, check_args, fail, parse_ids, say
+from .inputs import expand_inputs, plan_items, plan_outputs
+from .outputs import changed_input, check_outputs, is_done, owner
 from .planning import check_size, dry_run, settings, upscaler_options, which_model
 from .provenance import rerun_args
 from .running import Command, load_model, run_all
@@ -25,24 +26,28 @@ def prompts(args):
 
 
 def todo_list(args, items, outputs) -> list:
-    """The (item, output) pairs to run: all of them, less the done ones with --skip-existing; under torchrun the main
-    rank's list on every rank (made before any rank writes)."""
-    done = [args.skip_existing and is_done(o) for o in outputs]
-    todo = [(it, o) for it, o, d in zip(items, outputs, done) if not d]
+    """The (item, output) pairs to run: all of them, less the done ones with --skip-existing (``outputs.is_done``);
+    under torchrun the main rank's list on every rank (made before any rank writes)."""
     group = getattr(args, "group", None)
+    main = group is None or group.is_main
+    done = [args.skip_existing and is_done(o, it) for it, o in zip(items, outputs)]
+    todo = [(it, o) for it, o, d in zip(items, outputs, done) if not d]
     if group is not None:
         todo = distributed.exchange(lambda: todo, group)[0]
     for it, o, d in zip(items, outputs, done):
-        if d and (group is None or group.is_main):
-            print(f"skip {it.label} ({o} exists)")
+        if d and main:
+            say(f"skip {it.label} ({o} exists)")
+        elif args.skip_existing and main and changed_input(o, it):
+            note(f"{it.label} changed since {o} was made from it: upscaled again")
     return todo
 
 
 def cmd_upscale(args) -> int:
     check_args(args)
     prompt, negative = prompts(args)
+    notes: list[str] = []  # printed once the run is sure to start
     try:
-        inputs = expand_inputs(args.inputs)
+        inputs = expand_inputs(args.inputs, notes)
     except UpscaleIOError as e:
         fail(str(e))
     upscaler, meta = which_model(args)
@@ -52,20 +57,22 @@ def cmd_upscale(args) -> int:
     # header pass: every input readable (and of the right kind) before any work
     items = plan_items(inputs, upscaler, readers, args.max_pixels, decode=not args.dry_run)
     try:
-        outputs = plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
+        outputs = plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format,
+                               owner(items))
     except UpscaleIOError as e:
         fail(str(e))
     if args.dry_run:
-        return dry_run(args, upscaler, meta, scale, items, outputs)
+        code = dry_run(args, upscaler, meta, scale, items, outputs)
+        for line in notes:
+            note(line)
+        return code
     todo = todo_list(args, items, outputs)
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
         return 0
-    for _, out in todo:  # an unwritable output fails now, not after the sampling
-        try:
-            can_create(out)
-        except OSError as e:
-            fail(f"{out}: cannot write the output there ({e.strerror or e})")
+    check_outputs([out for _, out in todo], args.overwrite)  # now, not after the sampling
+    for line in notes:
+        note(line)
     model = load_model(args, upscaler)
     for it, _ in todo:
         check_size(it, upscaler, model)
@@ -74,18 +81,29 @@ def cmd_upscale(args) -> int:
 
 
 def upscale_main(argv=None, prog: str | None = None) -> int:
+    """The command (``scripts/upscale.py``): every way it can end that is not an output is one line and exit code 2
+    (``fail``): mistakes, Ctrl-C / SIGTERM at any point, and a name the system refuses (too long, no permission)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.rerun:
-        args = rerun_args(parser, args)
-    elif not args.inputs:
-        parser.error("the following arguments are required: INPUT (or --rerun OUTPUT)")
-    else:
-        args.argv = argv
-    args.group = distributed.from_environment()  # None unless started by torchrun with more than one process
+    group = None
     try:
         with sigterm_as_interrupt():
+            args = _arguments(parser, args, argv)
+            args.group = group = distributed.from_environment()  # None unless torchrun started several processes
             return cmd_upscale(args)
+    except KeyboardInterrupt as e:  # while loading or planning (the loop has its own)
+        fail(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} (no partial output written)")
+    except OSError as e:  # not a mistake any check names: a path the system refuses
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else first_line(e))
     finally:
-        distributed.close(args.group)
+        distributed.close(group)
+
+
+def _arguments(parser, args, argv):
+    if args.rerun:
+        return rerun_args(parser, args)
+    if not args.inputs:
+        parser.error("the following arguments are required: INPUT (or --rerun OUTPUT)")
+    args.argv = argv
+    return args

@@ -15,7 +15,7 @@ Modules, one concern each:
     errors     ``UpscaleIOError`` (one line for the user), ``ImageWriteError``, ``note``
 """
 from .convert import from_uint16, orient, pil_to_tensor, tensor_to_pil, to_uint, upscale_alpha
-from .errors import DECODE_ERRORS, ImageWriteError, UpscaleIOError, decoding, first_line, note
+from .errors import DECODE_ERRORS, ImageWriteError, UpscaleIOError, decoding, first_line, note, one_line
 from .metadata import (EXIF_IMAGE_DESCRIPTION, EXIF_ORIENTATION, exif_orientation, read_parameters,
                        read_png_parameters, rgb_icc_profile)
 from .paths import output_paths
@@ -28,6 +28,6 @@ from .write import (EXT_FORMAT, FORMAT_EXT, FORMATS, IMAGE_EXTENSIONS, JPEG_QUAL
 __all__ = ["DECODE_ERRORS", "EXIF_IMAGE_DESCRIPTION", "EXIF_ORIENTATION", "EXT_FORMAT", "FORMATS", "FORMAT_EXT",
            "IMAGE_EXTENSIONS", "ImageWriteError", "InputImage", "JPEG_QUALITY", "MAX_PIXELS", "PARAMETERS_KEY",
            "UpscaleIOError", "can_write", "check_pixels", "decoding", "encode_png", "encode_tiff16", "exif_orientation",
-           "first_line", "from_uint16", "image_size", "load_image", "note", "open_image", "orient", "output_format",
+           "first_line", "from_uint16", "image_size", "load_image", "note", "open_image", "one_line", "orient", "output_format",
            "output_paths", "pil_to_tensor", "read_image", "read_parameters", "read_png_parameters", "read_tiff16",
            "rgb_icc_profile", "save_png", "tensor_to_pil", "to_uint", "upscale_alpha", "write_bytes", "write_image"]

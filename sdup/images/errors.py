@@ -26,8 +26,18 @@ class ImageWriteError(UpscaleIOError, OSError):
     refused): one line naming the output. Also an ``OSError``, as the failure underneath it was one."""
 
 
+_CONTROL = {**{c: f"\\x{c:02x}" for c in (*range(32), 0x7F, 0x85)}, 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t",
+            0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def one_line(text) -> str:
+    """``text`` as one printable line: control characters escaped (a file name may hold a newline), and the bytes
+    of a file name that are not UTF-8 (surrogates) as ``\\udcxx``."""
+    return str(text).translate(_CONTROL).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr)
+    print(f"note: {one_line(msg)}", file=sys.stderr)
 
 
 def first_line(e: BaseException) -> str:

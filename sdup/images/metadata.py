@@ -24,8 +24,13 @@ def _params_text(parameters: dict | None, ascii_only: bool = False) -> str | Non
     """The parameters as JSON (numpy / torch values as lists, anything else as its ``str``)."""
     if parameters is None:
         return None
-    return json.dumps(parameters, ensure_ascii=ascii_only,
+    text = json.dumps(parameters, ensure_ascii=ascii_only,
                       default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8 (surrogates): as JSON escapes, read back exactly
+        return _params_text(parameters, ascii_only=True)
+    return text
 
 
 def _json_object(text) -> dict | None:
@@ -48,9 +53,12 @@ def _open(path: Path):
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _description(path: Path):
-    """The parameters text of any format (PNG text chunks past the image data included)."""
+def _description(path: Path, header_only: bool = False):
+    """The parameters text of any format (PNG text chunks past the image data included unless ``header_only``: then
+    nothing is decoded, and sdup's own chunks, which come before the image data, are still found)."""
     with _open(path) as img:
+        if img.format == "PNG" and header_only:
+            return img.info.get(PARAMETERS_KEY)
         if img.format == "PNG":
             return getattr(img, "text", {}).get(PARAMETERS_KEY) or img.info.get(PARAMETERS_KEY)
         text = img.getexif().get(EXIF_IMAGE_DESCRIPTION)
@@ -59,12 +67,13 @@ def _description(path: Path):
         return text
 
 
-def read_parameters(path: str | Path) -> dict | None:
+def read_parameters(path: str | Path, header_only: bool = False) -> dict | None:
     """The JSON parameters of an output (PNG iTXt "parameters"; TIFF / JPEG / WebP ImageDescription), or None when
-    it has none; a file that cannot be read raises ``UpscaleIOError`` (one line)."""
+    it has none; a file that cannot be read raises ``UpscaleIOError`` (one line). ``header_only``: no pixel is
+    decoded (a PNG's text chunks after its image data are not seen)."""
     path = Path(path)
     with decoding(path):
-        return _json_object(_description(path))
+        return _json_object(_description(path, header_only))
 
 
 def read_png_parameters(path: str | Path) -> dict | None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..nn import Downsample, ResBlock, attention, attention_layer, group_norm, merge_heads, timestep_embedding
+from .configcheck import check_config
 from .unet import MidBlock, TimeEmbedding, UNet, UNetLevel
 from .vae import VAE_EPS, AutoencoderKL, DiagonalGaussian, Decoder, VAEConfig
 
@@ -116,7 +117,7 @@ class TimeAwareEncoderConfig:
             raise ValueError("per-level num_res_blocks is not supported by the time-aware encoder")
         names = {f.name for f in fields(cls)}
         kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in params.items() if k in names}
-        return cls(**kw)
+        return check_config(cls(**kw))
 
     def heads_for(self, channels: int) -> int:
         return self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
@@ -232,8 +233,8 @@ class CFWConfig(VAEConfig):
         """From ``model.params`` of a CFW YAML (``autoencoder_kl_64x64x4_resi.yaml`` style: ``ddconfig`` with
         optional ``num_fuse_block``, ``embed_dim``, ``fusion_w``)."""
         base = VAEConfig.from_ldm(params)
-        return cls(**asdict(base), num_fuse_block=int(params["ddconfig"].get("num_fuse_block", 2)),
-                   fusion_w=float(params.get("fusion_w", 1.0)))
+        return check_config(cls(**asdict(base), num_fuse_block=int(params["ddconfig"].get("num_fuse_block", 2)),
+                                fusion_w=float(params.get("fusion_w", 1.0))))
 
     def fusion_levels(self) -> list[int]:
         """Resolution levels (0 = full resolution) with a fusion layer: all but the first and the last."""

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm, timestep_embedding
+from .configcheck import check_config
 
 
 @dataclass
@@ -56,7 +57,7 @@ class UNetConfig:
             raise ValueError("use_scale_shift_norm=True is not supported (no released SD model uses it)")
         if params.get("num_classes") == "sequential":
             raise ValueError("num_classes='sequential' (SDXL-style adm) is not supported")
-        return cls(**kw)
+        return check_config(cls(**kw))
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, dim_head) at a level with ``channels`` channels (the ``legacy: False`` rule)."""

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import Downsample, ResBlock, Upsample, attention, attention_layer, group_norm
+from .configcheck import check_config
 
 VAE_EPS = 1e-6
 
@@ -43,7 +44,7 @@ class VAEConfig:
             raise ValueError("double_z=False VAEs are not supported (the KL autoencoders all use double_z)")
         names = {f.name for f in fields(cls)}
         kw = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dd.items() if k in names}
-        return cls(embed_dim=params.get("embed_dim", 4), **kw)
+        return check_config(cls(embed_dim=params.get("embed_dim", 4), **kw))
 
     @property
     def downscale(self) -> int:

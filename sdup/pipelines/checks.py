@@ -1,6 +1,8 @@
 """Checks of the pipelines' arguments, with clear ValueErrors: numbers, input images, padding to a multiple.
 
     check_int / check_finite            an option that must be an int >= lo / a finite number
+    check_guidance                      a classifier-free guidance scale: finite and within +-MAX_GUIDANCE
+    check_steps                         a number of sampler steps: 1..MAX_STEPS
     check_images(image, image_range)    tensors / PIL images -> (B, 3, h, w) float32 in [-1, 1] on the CPU
     pad_to_multiple(x, m, pad_mode)     pad bottom / right to multiples of m ("replicate" | "reflect"), or say why not
 """
@@ -25,6 +27,28 @@ def check_int(name: str, value, lo: int = 1) -> int:
 def check_finite(name: str, value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+MAX_STEPS = 999  # one step per timestep of the models' 1000-step chain (DDIM's limit; 1000 would repeat a sigma)
+
+
+def check_steps(value) -> int:
+    """A number of sampler steps: 1..MAX_STEPS (more would only cost time, and memory for the grid)."""
+    if check_int("steps", value) > MAX_STEPS:
+        raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {value!r}")
+    return value
+
+
+MAX_GUIDANCE = 100.0  # far above any useful scale (7-10); 1e308 would overflow the guided output to inf
+
+
+def check_guidance(value) -> float:
+    """A guidance scale: a finite number in -MAX_GUIDANCE..MAX_GUIDANCE (larger ones only overflow: a black image)."""
+    check_finite("guidance", value)
+    if abs(value) > MAX_GUIDANCE:
+        raise ValueError(f"guidance must be in {-MAX_GUIDANCE:g}..{MAX_GUIDANCE:g} (useful scales are about 1-15), "
+                         f"got {value!r}")
     return value
 
 

@@ -30,6 +30,10 @@ Tensor = torch.Tensor
 GUIDANCE_RULES = ("sdup", "diffusers")
 
 
+class NonFiniteResult(ValueError):
+    """A run whose decoded image holds NaN / inf (``finish`` refuses to clamp it into a black image)."""
+
+
 @dataclass(kw_only=True)
 class Job:
     """Everything one sampler run needs, built by a ``prepare_<model>`` and free to inspect or change before
@@ -83,6 +87,9 @@ def finish(job: Job, latents: Tensor) -> Result:
             out = out[..., : job.crop[0], : job.crop[1]]
         if job.resize is not None and tuple(out.shape[-2:]) != tuple(job.resize):
             out = F.interpolate(out, size=job.resize, mode="bicubic", align_corners=False, antialias=True)
+        if not torch.isfinite(out).all():  # clamped, NaN would become a black image written with exit code 0
+            raise NonFiniteResult("the upscaled image holds NaN / inf values: the sampling diverged (a guidance "
+                                  "scale or noise level too large for this model?); nothing written")
         images = ((out + 1) / 2).clamp(0, 1)
     params = dict(job.parameters, sampler=job.sampler.name)
     if job.plan is not None and job.plan.parameters() is not None:

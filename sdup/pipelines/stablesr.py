@@ -73,7 +73,7 @@ from ..images import note
 from ..tiling import TilePlan
 from ..tiling.memory import ldm_unet_bytes
 from ..tiling.plan import TileDefaults
-from .checks import check_finite, check_images, check_int, pad_to_multiple
+from .checks import check_guidance, check_images, check_int, pad_to_multiple
 from .conditioning import check_prompts, record_prompts, text_contexts
 from .decoding import decode_scaled, recorded_dtype
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
@@ -165,7 +165,7 @@ def check_options(model=None, cfw_vae=None, *, sampler: str = DEFAULTS.sampler, 
     T = model.schedule.get("timesteps", 1000) if model is not None else 1000
     if steps > T:
         raise ValueError(f"steps must be at most {T}, got {steps}")
-    check_finite("guidance", DEFAULTS.guidance_for(sampler, guidance))
+    check_guidance(DEFAULTS.guidance_for(sampler, guidance))
     if not isinstance(dec_w, (int, float)) or not 0 <= dec_w <= 1:
         raise ValueError(f"dec_w must be in 0..1 (the CFW fidelity weight), got {dec_w!r}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 1 <= scale <= 16:
@@ -303,7 +303,7 @@ def cli_settings(opts) -> dict:
     D, sampler = DEFAULTS, opts.sampler or DEFAULTS.sampler
     return dict(sampler=sampler, steps=D.steps_for(sampler, opts.steps), guidance=D.guidance_for(sampler, opts.guidance),
                 dec_w=D.dec_w if opts.dec_w is None else opts.dec_w, start=opts.start or D.start,
-                scale=opts.scale or 4.0, input_size=opts.input_size)
+                scale=4.0 if opts.scale is None else opts.scale, input_size=opts.input_size)
 
 
 def cli_job(model, image: Tensor | None = None, latents=None, vae_dtype=None, **options) -> Job:

@@ -46,7 +46,7 @@ import torch
 from ..diffusion.denoisers import CFG
 from ..diffusion.grids import ldm_grid
 from ..diffusion.samplers import get_sampler
-from .checks import check_finite, check_int
+from .checks import check_guidance, check_int, check_steps
 from .conditioning import check_prompts, record_prompts, text_contexts
 from .decoding import decode_latents
 from .result import Result, dtype_name
@@ -115,8 +115,8 @@ def prepare_txt2img(model, prompt: str | Sequence[str] | Tensor | None = None,
     _check_model(model)
     spec = get_sampler(sampler)
     eta = spec.resolve_eta(eta)
-    steps = check_int("steps", steps)
-    check_finite("guidance", guidance)
+    steps = check_steps(steps)
+    check_guidance(guidance)
     prompts = check_prompts(prompt, negative_prompt, prompt_embeds, negative_embeds, required=True)
     batch = check_int("batch_size", batch_size) if batch_size is not None else _batch_of(prompt, prompt_embeds)
     channels, h, w = latent_geometry(model, height, width)

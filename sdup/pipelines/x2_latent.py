@@ -102,7 +102,7 @@ from ..models.text import KNOWN_TEXT_CONFIGS, TextEncoder
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..tiling import TilePlan
 from ..tiling.memory import kunet_bytes
-from .checks import check_finite, check_int, pad_to_multiple
+from .checks import check_guidance, check_steps, pad_to_multiple
 from .conditioning import Prompts, check_prompts, pooled_text, record_prompts
 from .decoding import decode_latents, encode_image, recorded_dtype
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
@@ -210,7 +210,7 @@ def x2_network(unet) -> Callable:
 
 def x2_sigmas(steps: int, schedule: str = "diffusers", model=None) -> Tensor:
     """The sigma grid (visiting order, float32): see the module docstring, step 5."""
-    steps = check_int("steps", steps)
+    steps = check_steps(steps)
     if schedule == "diffusers":
         s = getattr(model, "schedule", None) or {}
         ac = diffusers_alphas_cumprod(float(s.get("linear_start", 0.00085)), float(s.get("linear_end", 0.012)),
@@ -308,8 +308,8 @@ def check_options(model, *, sampler: str = DEFAULTS.sampler, steps: int = DEFAUL
     if schedule not in SCHEDULES + ("kdiffusion", "exponential"):
         raise ValueError(f"unknown sigma schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
     spec.resolve_eta(eta)
-    check_int("steps", steps)
-    check_finite("guidance", guidance)
+    check_steps(steps)
+    check_guidance(guidance)
     if not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool) or not noise_level >= 0 \
             or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
@@ -416,7 +416,7 @@ SD_VAE_FAMILIES = ("sd1", "sd2", "vae", "x2", "stablesr")   # checkpoints that h
 def cli_settings(opts) -> dict:
     """The x2 options of the command line, ``DEFAULTS`` where not given."""
     D = DEFAULTS
-    return dict(steps=opts.steps or D.steps, sampler=opts.sampler or D.sampler, schedule=opts.schedule or D.schedule,
+    return dict(steps=D.steps if opts.steps is None else opts.steps, sampler=opts.sampler or D.sampler, schedule=opts.schedule or D.schedule,
                 guidance=D.guidance if opts.guidance is None else opts.guidance,
                 noise_level=D.noise_level if opts.noise_level is None else opts.noise_level)
 

@@ -78,7 +78,7 @@ from ..diffusion.samplers import SAMPLER_NAMES, get_sampler, randn
 from ..diffusion.schedules import ldm_buffers, ldm_linear_betas, q_sample
 from ..tiling import TilePlan
 from ..tiling.memory import ldm_unet_bytes
-from .checks import check_finite, check_images, check_int, pad_to_multiple
+from .checks import check_guidance, check_images, check_steps, pad_to_multiple
 from .conditioning import check_prompts, record_prompts, text_contexts
 from .decoding import decode_scaled, recorded_dtype
 from .job import Job, base_parameters, check_color_fix, guided, run, start_noise, tile_plan
@@ -264,8 +264,8 @@ def check_options(model=None, *, sampler: str = DEFAULTS.sampler, steps: int = D
     if model is not None:
         _check_model(model)
     get_sampler(sampler).resolve_eta(eta)
-    check_int("steps", steps)
-    check_finite("guidance", guidance)
+    check_steps(steps)
+    check_guidance(guidance)
     check_color_fix(color_fix_mode)
     count = noise_level.numel() if isinstance(noise_level, Tensor) else \
         len(noise_level) if isinstance(noise_level, (list, tuple)) else 1
@@ -304,7 +304,7 @@ def cli_settings(opts) -> dict:
     if opts.schedule:
         raise ValueError("--schedule is an option of the x2 latent upscaler, not of x4")
     level = DEFAULTS.noise_level if opts.noise_level is None else opts.noise_level
-    return dict(steps=opts.steps or DEFAULTS.steps, sampler=opts.sampler or DEFAULTS.sampler,
+    return dict(steps=DEFAULTS.steps if opts.steps is None else opts.steps, sampler=opts.sampler or DEFAULTS.sampler,
                 guidance=DEFAULTS.guidance if opts.guidance is None else opts.guidance,
                 noise_level=int(level) if float(level).is_integer() else level)
 
