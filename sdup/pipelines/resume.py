@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+from time import monotonic
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,7 +102,7 @@ class Checkpoint:
         self.path, self.extra, self.every, self.seconds = Path(path), dict(fingerprint), every, seconds
         self.resume, self.writer, self.group, self.label, self.note = resume, writer, group, label, note
         self.fingerprint: dict = {}
-        self.job, self.n, self.last = None, 0, time.monotonic()
+        self.job, self.n, self.last = None, 0, monotonic()
         self.resumed_at: int | None = None
 
     # ---- start: a fresh state or the saved one
@@ -116,7 +116,7 @@ class Checkpoint:
         if self.group is not None:  # torchrun, one input over the ranks: the main rank's state everywhere
             from ..distributed import exchange
             saved = exchange(lambda: saved, self.group)[0]
-        self.last = time.monotonic()
+        self.last = monotonic()
         if saved is None:
             return SamplerState()
         for g, s in zip(_generators(job), saved["generators"]):
@@ -170,7 +170,7 @@ class Checkpoint:
         if not self.writer or self.every == 0:
             return
         due = state.i == self.n or (state.i % self.every == 0 if self.every else
-                                    time.monotonic() - self.last >= self.seconds)
+                                    monotonic() - self.last >= self.seconds)
         if due:
             self.save(state)
 
@@ -180,7 +180,7 @@ class Checkpoint:
                    "x": state.x.detach().cpu(), "history": [h.detach().cpu() for h in state.history],
                    "generators": [g.get_state() for g in _generators(self.job)]}
         atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
-        self.last = time.monotonic()
+        self.last = monotonic()
 
     # ---- after the output is written
 
