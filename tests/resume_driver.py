@@ -20,9 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def main_rank() -> bool:
+    """Not a torchrun rank other than 0: under torchrun only rank 0 kills itself and logs its steps, so the kill
+    point stays deterministic (the other ranks are then stopped by torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def die() -> None:
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if main_rank():
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def instrument(kill: str, log=print, setattr_=setattr) -> None:
@@ -80,7 +87,7 @@ def _runners():
 def main(argv: list[str]) -> int:
     kill, command, args = argv[0], argv[1], argv[2:]
     sys.path.insert(0, str(ROOT))
-    instrument(kill, log=lambda line: print(line, flush=True))
+    instrument(kill, log=lambda line: print(line, flush=True) if main_rank() else None)
     if command == "upscale":
         from sdup.cli import upscale_main
         return upscale_main(args)

@@ -190,3 +190,31 @@ def test_default_checkpoints_about_once_a_minute(photo, tmp_path, monkeypatch, c
     code, _, err = in_process(monkeypatch, capsys, "upscale", [photo, "-o", tmp_path / "o.png", *X4, *COMMON])
     assert code == 0 and saves == [STEPS], err
     assert torch.get_num_threads() == 1
+
+
+def test_torchrun_one_image_over_two_ranks_resumes(tmp_path, monkeypatch, capsys):
+    """One image whose latent tiles are split over two ranks (torchrun, gloo): the main rank writes the one state,
+    rank 0 killed mid-step, the rerun (both ranks resume from the main rank's state) ends on the single-process
+    pixels."""
+    Image.fromarray(rgb(16, 20, 3)).save(tmp_path / "big.png")
+    args = [tmp_path / "big.png", *X4, "--steps", "4", "--quiet", "--seed", "3", "--tile", "8", "--tile-overlap", "4",
+            "--checkpoint-every", "1"]
+    code, _, err = in_process(monkeypatch, capsys, "upscale", [*args, "-o", tmp_path / "ref.png"])
+    assert code == 0, err
+    out = tmp_path / "out.png"
+
+    def torchrun(kill):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(ROOT / "tests" / "resume_driver.py"), kill, "upscale", *map(str, args), "-o",
+                               str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                                   "SDUP_DIST_TIMEOUT": "30"})
+    first = torchrun("unet:15")  # rank 0 has 6 of the 12 tiles: its 15th call is in step 3
+    assert first.returncode != 0 and re.findall(r"^done (\d+)$", first.stdout, re.M) == ["1", "2"], first.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.png.sdup-state", "big.png", "ref.png"]
+    second = torchrun("none")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert re.findall(r"^done (\d+)$", second.stdout, re.M) == ["3", "4"]
+    assert second.stderr.count("resumed") == 1 and f"resumed {tmp_path / 'big.png'} at step 2/4" in second.stderr
+    same_output(tmp_path / "ref.png", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png", "out.png", "ref.png"]
