@@ -43,7 +43,9 @@ def state_path(output: str | Path) -> Path:
 
 
 def digest(value: Any) -> str:
-    """sha256 of tensors (dtype, shape and bytes) in nested dicts / lists / tuples, and of anything else's repr."""
+    """sha256 of tensors (dtype, shape and bytes) and plain values (str, numbers, None) in nested dicts / lists /
+    tuples; another object counts by its type alone (its repr may hold a memory address, which changes every run):
+    what such an object holds must be named by the caller's fingerprint entries."""
     h = hashlib.sha256()
 
     def feed(v):
@@ -59,8 +61,10 @@ def digest(value: Any) -> str:
             h.update(f"[{len(v)}]".encode())
             for x in v:
                 feed(x)
-        else:
+        elif v is None or isinstance(v, (str, int, float, bool)):
             h.update(repr(v).encode())
+        else:
+            h.update(f"<{type(v).__module__}.{type(v).__qualname__}>".encode())
     feed(value)
     return h.hexdigest()
 
