@@ -1,12 +1,13 @@
 """Test driver for resumed runs (tests/test_resume_cli.py): the upscale CLI or scripts/txt2img.py with deterministic
 kill points and a log of the steps run.
 
-    python tests/resume_driver.py KILL upscale ARGS...       # KILL: none | unet:K | save:K | decode | interrupt:K
+    python tests/resume_driver.py KILL upscale ARGS...   # KILL: none | unet:K | save:K | decode | write | interrupt:K
     python tests/resume_driver.py KILL txt2img ARGS...
 
 ``unet:K`` SIGKILLs the process when the UNet is called for the K-th time (mid-step; a tile's call when tiled);
 ``save:K`` during the K-th save of the resume state, its temporary file written but not yet renamed; ``decode`` when
-the decode starts (after the last step); ``interrupt:K`` raises KeyboardInterrupt (Ctrl-C) once step K is done.
+the decode starts (after the last step); ``write`` during the output's write (its temporary file written, not
+renamed; upscale only); ``interrupt:K`` raises KeyboardInterrupt (Ctrl-C) once step K is done.
 Every finished sampler step prints ``done I`` (I steps done) on stdout, flushed, before its state may be saved, so
 the test counts the steps each run did.  ``instrument`` does the same in-process (for the runs that are not killed).
 """
@@ -69,6 +70,13 @@ def instrument(kill: str, log=print, setattr_=setattr) -> None:
             return real_write(path, half, **kw)
         return real_write(path, write, **kw)
 
+    if kind == "write":  # the output's write: its temporary file written, not renamed
+        from sdup.images import write as image_write
+        real_image_write = image_write.atomic_write
+
+        def write_then_die(path, write, **kw):
+            return real_image_write(path, lambda tmp: (write(tmp), die()), **kw)
+        setattr_(image_write, "atomic_write", write_then_die)
     for module in _runners():
         setattr_(module, "run", run)
     setattr_(resume, "atomic_write", atomic_write)

@@ -104,3 +104,20 @@ def test_a_state_that_does_not_fit_is_not_used(model, tmp_path, change):
 
 def test_state_path_is_hidden_next_to_the_output(tmp_path):
     assert state_path(tmp_path / "out" / "a_x4.png") == tmp_path / "out" / ".a_x4.png.sdup-state"
+
+
+def test_remove_abandoned_keeps_the_files_of_living_writers(tmp_path):
+    """The temporary files of a path whose process is gone (a SIGKILL during atomic_write) are removed; a living
+    writer's (here: this process's) and other paths' are kept."""
+    import os
+    import subprocess
+    import sys
+    from sdup.fileio import remove_abandoned
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".o[1].png.{gone.stdout.strip()}-abc.partial"
+    alive = tmp_path / f".o[1].png.{os.getpid()}-def.partial"
+    other = tmp_path / f".p.png.{gone.stdout.strip()}-abc.partial"
+    for p in (dead, alive, other):
+        p.write_bytes(b"x")
+    remove_abandoned(tmp_path / "o[1].png")
+    assert not dead.exists() and alive.exists() and other.exists()

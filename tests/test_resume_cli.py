@@ -41,6 +41,8 @@ CASES = {
     "x4 ddim, during the decode": ("upscale", [*X4, *COMMON], "decode", 4),
     "x2 lms, mid-step": ("upscale", [*X2, *COMMON, "--sampler", "lms"], "unet:5", 3),
     "x2 dpmpp_2m, mid-save": ("upscale", [*X2, *COMMON, "--sampler", "dpmpp_2m"], "save:1", 3),
+    "x2 euler, during the decode": ("upscale", [*X2, *COMMON], "decode", 5),
+    "x4 ddim, during the output's write": ("upscale", [*X4, *COMMON], "write", 4),
     "stablesr ddpm, mid-step": ("upscale", [*SR, *COMMON], "unet:5", 1),
     "txt2img dpmpp_2m, mid-step": ("txt2img", [*SD1, "--steps", str(STEPS), "--sampler", "dpmpp_2m"], "unet:4", 2),
     "txt2img ddim eta, mid-save": ("txt2img", [*SD1, "--steps", str(STEPS), "--eta", "0.5"], "save:2", 2),
@@ -100,7 +102,7 @@ def same_output(a: Path, b: Path) -> None:
 
 def expected_resume(kill: str, done: int, every: int) -> int:
     """Where the rerun must resume: after the last save that finished before the kill."""
-    if kill == "decode":
+    if kill in ("decode", "write"):
         return STEPS  # the last step is always saved: the decode is redone, no step
     last = done // every * every
     return last - every if kill.startswith("save") else last

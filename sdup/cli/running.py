@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..checkpoints import CheckpointError, KeyMismatch, load
 from ..distributed import RankFailed, exchange
-from ..fileio import Terminated, fingerprint
+from ..fileio import Terminated, fingerprint, remove_abandoned
 from ..optimize import compile_model, prepare
 from .. import images
 from ..pipelines.result import DTYPES
@@ -148,6 +148,7 @@ def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=Non
                        bits=img.bits if img is not None else 8, parameters=params,
                        icc_profile=img.icc_profile if img is not None else None)
     checkpoint.remove()  # the output is in place: its resume state is done with
+    remove_abandoned(out)  # and the temporary file of a write killed in an earlier run
     return f"wrote {out}"
 
 

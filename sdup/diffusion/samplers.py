@@ -1,7 +1,7 @@
 """Samplers as free functions with ONE shared signature (k-diffusion style), and the one table of them (``SAMPLERS``):
 
     x_0 = sample_<name>(model, x, steps, *, extra_args=None, callback=None, noise=None, generator=None,
-                        disable=None, **options)
+                        disable=None, state=None, **options)
 
 * ``model``: the wrapper the sampler family needs (see ``denoisers``):
   - discrete samplers (``sample_ddim``, ``sample_plms``, ``sample_ddpm``): a ``DiscreteDenoiser``,

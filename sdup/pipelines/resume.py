@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from time import monotonic
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from ..diffusion.samplers import SamplerState
-from ..fileio import atomic_write
+from ..fileio import atomic_write, remove_abandoned
 
 Tensor = torch.Tensor
 FORMAT = "sdup-resume/1"
@@ -190,20 +189,6 @@ class Checkpoint:
 
     def remove(self) -> None:
         """Delete the state file and the temporary files a killed save left behind (their process is gone)."""
-        if not self.writer:
-            return
-        self.path.unlink(missing_ok=True)
-        for stale in self.path.parent.glob(f".{self.path.name}.*.partial"):
-            pid = stale.name[len(self.path.name) + 2:].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self.writer:
+            self.path.unlink(missing_ok=True)
+            remove_abandoned(self.path)
