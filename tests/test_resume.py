@@ -121,3 +121,22 @@ def test_remove_abandoned_keeps_the_files_of_living_writers(tmp_path):
         p.write_bytes(b"x")
     remove_abandoned(tmp_path / "o[1].png")
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+@pytest.mark.parametrize("tamper", ["fingerprint", "step", "x", "history", "generators", "format"])
+def test_a_tampered_state_is_refused_in_one_note(model, tmp_path, tamper):
+    """A state file whose fields have the wrong types or shapes (the fingerprint intact) is refused with a note, never
+    a traceback, and the run starts over."""
+    path = tmp_path / "s"
+    with torch.inference_mode():
+        with pytest.raises(Stop):
+            run(job(model, "plms", callback=stop_after(2)), checkpoint=Checkpoint(path, {}, every=1))
+    saved = torch.load(path, weights_only=True)
+    saved[tamper] = {"fingerprint": "x", "step": 99, "x": torch.zeros(1), "history": [torch.zeros(2, 2)],
+                     "generators": [torch.zeros(3, dtype=torch.uint8)] * 2, "format": "other"}[tamper]
+    torch.save(saved, path)
+    notes = []
+    with torch.inference_mode():
+        out = run(job(model, "plms"), checkpoint=Checkpoint(path, {}, every=1, note=notes.append))
+        assert torch.equal(out.latents, sample(job(model, "plms")))
+    assert len(notes) == 1 and "starting over" in notes[0], notes

@@ -148,17 +148,19 @@ class Checkpoint:
         """Why ``saved`` does not fit this job, or None."""
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             return "it is not an sdup state of this version"
-        old = saved.get("fingerprint", {})
+        old = saved.get("fingerprint")
+        old = old if isinstance(old, dict) else {}
         for key in [*self.fingerprint, *(k for k in old if k not in self.fingerprint)]:  # the caller's first
             if old.get(key) != self.fingerprint.get(key):
                 return f"the {key} changed since it was saved"
         x, step, history = saved.get("x"), saved.get("step"), saved.get("history")
-        shape = tuple(self.job.x_T.shape)
+        like = (tuple(self.job.x_T.shape), self.job.x_T.dtype)
         if not (isinstance(step, int) and 0 <= step <= self.n and isinstance(history, list)
-                and all(isinstance(t, Tensor) and tuple(t.shape) == shape for t in [x, *history])):
+                and all(isinstance(t, Tensor) and (tuple(t.shape), t.dtype) == like for t in [x, *history])):
             return "its step, latents or history do not fit this job"
-        gens = saved.get("generators")
-        if not isinstance(gens, list) or len(gens) != len(_generators(self.job)):
+        gens, ours = saved.get("generators"), [g.get_state() for g in _generators(self.job)]
+        if not (isinstance(gens, list) and len(gens) == len(ours) and all(
+                isinstance(t, Tensor) and (t.shape, t.dtype) == (o.shape, o.dtype) for t, o in zip(gens, ours))):
             return "its generators do not fit this job"
         return None
 
