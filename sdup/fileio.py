@@ -137,7 +137,7 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-@lru_cache(maxsize=1024)  # hex strings only; enough for the files of several diffusers folders and a folder job's inputs
+@lru_cache(maxsize=1024)  # hex strings: the files of several diffusers folders and a folder job's inputs
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -98,7 +98,8 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--skip-existing", action="store_true",
                    help="skip inputs whose output file already exists (an empty file does not count)")
     p.add_argument("--no-resume", action="store_true",
-                   help="start over even when an interrupted run of the same output left its state (.OUTPUT.sdup-state)")
+                   help="start over even when an interrupted run of the same output left its state "
+                        "(.OUTPUT.sdup-state)")
     p.add_argument("--checkpoint-every", type=_step_count, default=None, metavar="N",
                    help="save the resume state every N steps (default: about once a minute of sampling; 0 = never)")
     p.add_argument("--dry-run", action="store_true",

@@ -175,4 +175,5 @@ def run_item(args, command: Command, item: Item, img, plan, progress: bool, spli
                                    plan=plan, prompt=command.prompt, negative_prompt=command.negative, seed=args.seed,
                                    color_fix_mode=args.color_fix, vae_dtype=DTYPES[args.vae_dtype],
                                    progress=progress, **command.settings)
-        return run(job, split, checkpoint)  # torchrun with one input: each step's tiles and the VAE tiles split over ranks
+        # torchrun with one input: each step's tiles and the VAE tiles split over the ranks
+        return run(job, split, checkpoint)

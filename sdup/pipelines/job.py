@@ -56,10 +56,12 @@ class Job:
     parameters: dict = field(default_factory=dict)   # what ``finish`` records
 
 
-def sample(job: Job, state: SamplerState | None = None, on_step: Callable[[SamplerState], None] | None = None) -> Tensor:
+def sample(job: Job, state: SamplerState | None = None,
+           on_step: Callable[[SamplerState], None] | None = None) -> Tensor:
     """Run ``job.sampler`` on ``job.denoiser`` from ``job.x_T * job.init_scale`` over ``job.grid``; float32 latents.
     ``state``: where to start (a ``SamplerState`` saved earlier; the job's generators restored to match) and what the
-    sampler keeps current; ``on_step(state)``: called after every step, before ``job.callback`` (a checkpoint's save)."""
+    sampler keeps current; ``on_step(state)``: called after every step, before ``job.callback`` (a checkpoint's
+    save)."""
     x = job.x_T * job.init_scale if job.init_scale != 1 else job.x_T
     state = state if state is not None else SamplerState()
     callback = job.callback
