@@ -140,3 +140,17 @@ def test_a_tampered_state_is_refused_in_one_note(model, tmp_path, tamper):
         out = run(job(model, "plms"), checkpoint=Checkpoint(path, {}, every=1, note=notes.append))
         assert torch.equal(out.latents, sample(job(model, "plms")))
     assert len(notes) == 1 and "starting over" in notes[0], notes
+
+
+def test_a_resume_at_another_thread_count_says_so(model, tmp_path):
+    path = tmp_path / "s"
+    with torch.inference_mode():
+        with pytest.raises(Stop):
+            run(job(model, "euler", callback=stop_after(2)), checkpoint=Checkpoint(path, {}, every=1))
+        saved = torch.load(path, weights_only=True)
+        assert saved["threads"] == torch.get_num_threads()
+        torch.save({**saved, "threads": 99}, path)
+        notes = []
+        run(job(model, "euler"), checkpoint=Checkpoint(path, {}, every=1, note=notes.append, label="a.png"))
+    assert notes == [f"resumed a.png at step 2/{STEPS} (saved at 99 threads, now {torch.get_num_threads()}: the last "
+                     "bits may differ from an uninterrupted run)"]

@@ -11,6 +11,8 @@ fingerprint of what the latents depend on.  The fingerprint = the caller's entri
 files' sha256: what the denoiser holds and this module cannot see) + the job's own: the sdup and torch versions,
 the device, the sampler and its options, the grid, the start noise, the conditioning tensors, the tile plan and the
 recorded parameters.  A state whose fingerprint differs from the job's is not used: the note names what changed.
+The thread count is not in it (the result is right at any count, bit-identical at the same one): a resume at
+another count says so in its note.
 
 When: after every ``every`` steps, or (``every`` None) once ``seconds`` of sampling have passed since the last save,
 and always after the last step (the decode after it can be long).  ``every`` 0: never.  Writes go through
@@ -127,7 +129,10 @@ class Checkpoint:
         device = job.x_T.device
         self.resumed_at = saved["step"]
         if self.writer:
-            self.note(f"resumed {self.label or self.path} at step {saved['step']}/{self.n}")
+            threads = saved.get("threads")
+            other = f" (saved at {threads} threads, now {torch.get_num_threads()}: the last bits may differ from an " \
+                    "uninterrupted run)" if threads not in (None, torch.get_num_threads()) else ""
+            self.note(f"resumed {self.label or self.path} at step {saved['step']}/{self.n}{other}")
         return SamplerState(saved["step"], saved["x"].to(device), [h.to(device) for h in saved["history"]])
 
     def _read(self) -> dict | None:
@@ -182,6 +187,7 @@ class Checkpoint:
     def save(self, state: SamplerState) -> None:
         """Write ``state`` with the generators' states and the fingerprint, atomically."""
         payload = {"format": FORMAT, "fingerprint": self.fingerprint, "step": state.i, "steps": self.n,
+                   "threads": torch.get_num_threads(),
                    "x": state.x.detach().cpu(), "history": [h.detach().cpu() for h in state.history],
                    "generators": [g.get_state() for g in _generators(self.job)]}
         atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
