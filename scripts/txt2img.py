@@ -8,7 +8,8 @@
 Defaults follow the reference (CompVis scripts/txt2img.py): DDIM, 50 steps, guidance 7.5, eta 0, seed 42,
 512x512. dpmpp_2m gives comparable images in ~20 steps. Sample i uses seed + i, so it is the same image whatever
 the batch size. Each PNG carries its parameters (JSON, PNG text chunk "parameters"). Outputs are written to a
-temporary name and renamed: an interrupted or failed run leaves no partial file.
+temporary name and renamed: an interrupted or failed run leaves no partial file, and the same command run again
+resumes it from its last saved step (a hidden .NAME.sdup-state next to the first output; --no-resume starts over).
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with native bf16, else contiguous; sdup.optimize.choose_memory_format)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even when an interrupted run of the same output left its state")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save the resume state every N steps (default: about once a minute of sampling; 0 = never)")
     return p
 
 
@@ -64,6 +69,8 @@ def check_args(args) -> None:
             fail(f"--{name} must be a positive multiple of 8, got {v}")
     if args.steps < 1:
         fail(f"--steps must be >= 1, got {args.steps}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        fail(f"--checkpoint-every must be >= 0 (0 = never), got {args.checkpoint_every}")
     if args.batch < 1:
         fail(f"--batch must be >= 1, got {args.batch}")
     if args.latents_out and not args.latents_out.endswith(".safetensors"):
@@ -72,6 +79,17 @@ def check_args(args) -> None:
         fail(f"{args.weights}: no such file or folder (download the weights as described in weights/README.md)")
     if args.config and not Path(args.config).is_file():
         fail(f"{args.config}: no such config file")
+
+
+def resume_checkpoint(args, first, memory_format):
+    """The resume state of this run, next to its first output (``sdup.pipelines.resume``)."""
+    from sdup import images
+    from sdup.fileio import fingerprint
+    from sdup.pipelines.resume import Checkpoint, state_path
+    depends = {"weights": fingerprint(args.weights), "config": fingerprint(args.config) if args.config else None,
+               "memory format": memory_format}
+    return Checkpoint(state_path(first), depends, every=args.checkpoint_every, resume=not args.no_resume,
+                      label=str(first), note=images.note)
 
 
 def main(argv=None) -> int:
@@ -88,7 +106,8 @@ def main(argv=None) -> int:
     from sdup.pipelines.result import DTYPES
     from sdup.pipelines.seeds import sample_seeds
     from sdup.optimize import prepare
-    from sdup.pipelines.txt2img import txt2img
+    from sdup.pipelines.job import run
+    from sdup.pipelines.txt2img import prepare_txt2img
 
     try:
         get_sampler(args.sampler).resolve_eta(args.eta)  # before loading gigabytes
@@ -102,20 +121,24 @@ def main(argv=None) -> int:
         dtype = DTYPES[args.dtype]
         model = sdup.load(args.weights, config=args.config, device=device, dtype=dtype, prediction=args.prediction)
         memory_format = prepare(model, args.memory_format)  # fused q/k/v, bf16 oneDNN Linears, layout (sdup.optimize)
-        result = txt2img(model, prompt_ids if prompt_ids is not None else args.prompt,
-                         negative_ids if negative_ids is not None else args.negative_prompt,
-                         height=args.height, width=args.width, steps=args.steps, sampler=args.sampler,
-                         guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch,
-                         vae_dtype=DTYPES[args.vae_dtype], progress=not args.quiet)
-        result.parameters["memory_format"] = memory_format
         for path in {p.parent for p in paths} | ({Path(args.latents_out).parent} if args.latents_out else set()):
             path.mkdir(parents=True, exist_ok=True)
+        checkpoint = resume_checkpoint(args, paths[0], memory_format)
+        with torch.inference_mode():
+            job = prepare_txt2img(model, prompt_ids if prompt_ids is not None else args.prompt,
+                                  negative_ids if negative_ids is not None else args.negative_prompt,
+                                  height=args.height, width=args.width, steps=args.steps, sampler=args.sampler,
+                                  guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch,
+                                  vae_dtype=DTYPES[args.vae_dtype], progress=not args.quiet)
+            result = run(job, checkpoint=checkpoint)  # resumes an interrupted run of the same outputs
+        result.parameters["memory_format"] = memory_format
         for i, path in enumerate(paths):
             images.save_png(result.images[i], path, result.sample_parameters(i), bits=args.bits)
             print(f"wrote {path}")
         if args.latents_out:
             write_latents(args.latents_out, result.latents, result.parameters, model.scale_factor)
             print(f"wrote {args.latents_out}")
+        checkpoint.remove()
     except KeyMismatch as e:
         fail(e.one_line())
     except (CheckpointError, ValueError, OSError) as e:

@@ -10,6 +10,7 @@ writer to finish wins.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import os
 import shutil
@@ -84,6 +85,26 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, folder: bool
         if old is not None:
             _remove(old)
     return path
+
+
+def remove_abandoned(path: str | Path) -> None:
+    """Remove the temporary files of ``path`` (``temporary_name``) whose writing process is gone: what a SIGKILL
+    during ``atomic_write`` leaves behind, where no cleanup could run."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = tmp.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def can_create(path: str | Path) -> None:
@@ -256,7 +277,7 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=1024)  # hex strings: the files of several diffusers folders and a folder job's inputs
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -27,9 +27,11 @@ one input, else a folder (default outputs/upscale) with <stem>_x<scale>.<ext>; -
 (default: the input's format; PNG for BMP). 16-bit PNG/TIFF inputs give 16-bit outputs, alpha is upscaled
 separately (bicubic) and re-attached, EXIF orientation is applied. The parameters are stored in the output
 (PNG text chunk "parameters"; TIFF/JPEG/WebP ImageDescription). Every output is written to a temporary name and
-renamed: an interrupted run leaves no partial file. An output sdup wrote is replaced (--skip-existing: not when
-made from the same, unchanged input); any other file at an output name is kept unless --overwrite. Outputs of sdup
-in an input folder are left out. Concurrent runs over one folder share the work (each output is claimed).
+renamed: an interrupted run leaves no partial file, and the same command run again resumes it from its last saved
+step (.OUTPUT.sdup-state next to the output; --no-resume starts over). An output sdup wrote is replaced
+(--skip-existing: not when made from the same, unchanged input); any other file at an output name is kept unless
+--overwrite. Outputs of sdup in an input folder are left out. Concurrent runs over one folder share the work (each
+output is claimed).
 One image at a time (host memory stays bounded). Mistakes end in one line "error: ..." and exit code 2.
 """
 MODELS = ("auto", *UPSCALERS)
@@ -106,10 +108,25 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing files at the output names that sdup did not write under that name (without "
                         "it such a file is kept and the run refused before any work)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even when an interrupted run of the same output left its state "
+                        "(.OUTPUT.sdup-state)")
+    p.add_argument("--checkpoint-every", type=_step_count, default=None, metavar="N",
+                   help="save the resume state every N steps (default: about once a minute of sampling; 0 = never)")
     p.add_argument("--dry-run", action="store_true",
                    help="print output sizes, the tile plan and a peak-memory estimate; needs no weights, writes nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _step_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of steps >= 0, got {text!r}")
+    return n
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser, required: bool) -> None:

@@ -17,11 +17,12 @@ from tqdm import tqdm
 from ..checkpoints import CheckpointError, KeyMismatch, load
 from ..checkpoints.loader import BUILD_ERRORS
 from ..distributed import RankFailed, exchange
-from ..fileio import Terminated, claim, claim_holder, make_folders, remove_empty
+from ..fileio import Terminated, claim, claim_holder, fingerprint, make_folders, remove_abandoned, remove_empty
 from ..optimize import compile_model, prepare
 from .. import images
 from ..pipelines.result import DTYPES
 from ..pipelines.job import NonFiniteResult, run
+from ..pipelines.resume import Checkpoint, state_path
 from ..pipelines.upscaler import Upscaler
 from .arguments import fail, say
 from .inputs import Item, latents_file
@@ -171,8 +172,10 @@ def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=Non
         size = img.size
     plan = tile_plan(args, upscaler, model, it, size, command.scale, command.settings)
     t0 = time.time()
+    checkpoint = resume_checkpoint(args, it, out, writer, split)
     try:
-        result = run_item(args, command, it, img, plan, progress=not args.quiet and writer, split=split)
+        result = run_item(args, command, it, img, plan, progress=not args.quiet and writer, split=split,
+                          checkpoint=checkpoint)
     except NonFiniteResult as e:
         raise images.UpscaleIOError(f"{it.label}: {e}") from None
     if not writer:  # tile-parallel: every rank computed the same image, the main rank writes it
@@ -183,12 +186,26 @@ def run_one(args, command: Command, it: Item, out: Path, writer: bool, split=Non
     images.write_image(out, result.images[0], img.alpha if img is not None else None,
                        bits=img.bits if img is not None else 8, parameters=params,
                        icc_profile=img.icc_profile if img is not None else None)
+    checkpoint.remove()  # the output is in place: its resume state is done with
+    remove_abandoned(out)  # and the temporary file of a write killed in an earlier run
     return f"wrote {out}"
 
 
-def run_item(args, command: Command, item: Item, img, plan, progress: bool, split=None):
+def resume_checkpoint(args, it: Item, out: Path, writer: bool, split=None) -> Checkpoint:
+    """The resume state of ``out`` (``sdup.pipelines.resume``): saved every ``--checkpoint-every`` steps (default:
+    about once a minute), used on the next run unless ``--no-resume`` or something it depends on changed: the
+    weights, config, --vae and input files (sha256), and the job itself (seed, parameters, tiles, ...)."""
+    files = {"weights": args.weights, "config": args.config, "vae": args.vae, "input": it.path}
+    depends = {name: fingerprint(path) for name, path in files.items() if path}
+    depends.update({"input index": it.index, "memory format": getattr(args, "memory_format_used", None),
+                    "compile": args.compile})
+    return Checkpoint(state_path(out), depends, every=args.checkpoint_every, resume=not args.no_resume,
+                      writer=writer, group=split, label=it.label, note=images.note)
+
+
+def run_item(args, command: Command, item: Item, img, plan, progress: bool, split=None, checkpoint=None):
     """prepare -> sample -> finish of one input on ``plan``, under ``torch.inference_mode()``; ``split``: the group
-    its tiles are split over (torchrun with a single input), or None."""
+    its tiles are split over (torchrun with a single input), or None; ``checkpoint``: the resume state."""
     latents = None
     if img is None:
         latents = latents_file(command.upscaler.read_latents, item.path)[0][item.index:item.index + 1]
@@ -197,4 +214,5 @@ def run_item(args, command: Command, item: Item, img, plan, progress: bool, spli
                                    plan=plan, prompt=command.prompt, negative_prompt=command.negative, seed=args.seed,
                                    color_fix_mode=args.color_fix, vae_dtype=DTYPES[args.vae_dtype],
                                    progress=progress, **command.settings)
-        return run(job, split)  # torchrun with one input: each step's tiles and the VAE tiles split over ranks
+        # torchrun with one input: each step's tiles and the VAE tiles split over the ranks
+        return run(job, split, checkpoint)

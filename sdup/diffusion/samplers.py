@@ -1,7 +1,7 @@
 """Samplers as free functions with ONE shared signature (k-diffusion style), and the one table of them (``SAMPLERS``):
 
     x_0 = sample_<name>(model, x, steps, *, extra_args=None, callback=None, noise=None, generator=None,
-                        disable=None, **options)
+                        disable=None, state=None, **options)
 
 * ``model``: the wrapper the sampler family needs (see ``denoisers``):
   - discrete samplers (``sample_ddim``, ``sample_plms``, ``sample_ddpm``): a ``DiscreteDenoiser``,
@@ -26,6 +26,11 @@
   depend on the batch it is in).  A step draws noise only when it adds noise (DDIM with eta > 0; DDPM and
   Euler-ancestral at every step but the last; diffusers draws in the same order).
 * ``disable``: disables the tqdm progress bar.
+* ``state``: a ``SamplerState`` to resume from and keep current (resumable runs, ``sdup.pipelines.resume``): with
+  ``state.x`` set, the run starts at step ``state.i`` from ``state.x`` and ``state.history`` (the argument ``x`` then
+  only names the device); after every step, before ``callback``, the sampler stores the step count, the new ``x`` and
+  what it keeps of earlier steps there.  A run resumed from the state saved after step k computes exactly what the
+  uninterrupted run computes from step k on (the noise: restore the generators' states saved with it).
 * Autograd: the samplers do not switch gradients off, so guidance / inversion research can backpropagate through a
   run; callers that only sample (the pipeline entry points, the CLIs) wrap them in ``torch.inference_mode()``.
 
@@ -40,7 +45,7 @@ function here plus one row in ``SAMPLERS``; every pipeline, ``sdup.pipelines.job
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -73,6 +78,34 @@ def _noise_source(noise, generator: Generators, x: Tensor) -> Callable[[int], Te
     if callable(noise):
         return lambda i: noise(i).to(x)
     return lambda i: noise[i].to(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# where a run stands (resumable runs)
+
+
+@dataclass
+class SamplerState:
+    """Where a sampler run stands: ``i`` steps done, ``x`` the state after them, ``history`` what a multistep
+    sampler keeps of earlier steps (PLMS: the last 3 eps; K-LMS: the last ``order`` derivatives; DPM++ 2M: the
+    previous denoised; the others: nothing).  Fresh (``x`` None): the run starts at step 0 from its ``x``."""
+    i: int = 0
+    x: Tensor | None = None
+    history: list[Tensor] = field(default_factory=list)
+
+    def update(self, i: int, x: Tensor, history: list[Tensor]) -> None:
+        """Step ``i`` is done: ``x`` is the state after it."""
+        self.i, self.x, self.history = i + 1, x, list(history)
+
+
+def _begin(state: SamplerState | None, x: Tensor, n: int, disable, desc: str):
+    """(state, x, the progress-bar range of the steps left): a fresh state starts at step 0 from ``x``."""
+    state = state if state is not None else SamplerState()
+    if state.x is None:
+        state.update(-1, x, [])
+    if not 0 <= state.i <= n:
+        raise ValueError(f"the sampler state is at step {state.i}, the run has {n} steps")
+    return state, state.x.to(x.device), trange(state.i, n, initial=state.i, total=n, disable=disable, desc=desc)
 
 
 def _report(callback, i, t, sigma, x, x0):
@@ -109,7 +142,8 @@ def _ddim_tables(model, ts: list[int], eta: float, final_alpha_cumprod: float | 
 
 
 def sample_ddim(model, x: Tensor, timesteps, *, eta: float = 0.0, final_alpha_cumprod: float | None = None,
-                extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
+                extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None,
+                state: SamplerState | None = None) -> Tensor:
     """DDIM (CompVis/SAI ``DDIMSampler``; diffusers ``DDIMScheduler(steps_offset=1, set_alpha_to_one=False)``).
 
     alpha = ac[t_i], alpha_prev = ac[t_{i+1}] and ``final_alpha_cumprod`` (default ac[0]) for the last step;
@@ -119,15 +153,18 @@ def sample_ddim(model, x: Tensor, timesteps, *, eta: float = 0.0, final_alpha_cu
     extra_args, ts = extra_args or {}, _timesteps(timesteps)
     a, a_prev, sig = _ddim_tables(model, ts, eta, final_alpha_cumprod)
     draw = _noise_source(noise, generator, x)
-    for i in trange(len(ts), disable=disable, desc="DDIM"):
+    state, x, steps = _begin(state, x, len(ts), disable, "DDIM")
+    for i in steps:
         eps, x0 = model(x, ts[i], **extra_args)
         x = _ddim_update(x0, eps, a_prev[i], sig[i], draw(i) if sig[i] > 0 else None)
+        state.update(i, x, [])
         _report(callback, i, ts[i], math.sqrt((1 - a[i]) / a[i]), x, x0)
     return x
 
 
 def sample_plms(model, x: Tensor, timesteps, *, final_alpha_cumprod: float | None = None,
-                extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
+                extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None,
+                state: SamplerState | None = None) -> Tensor:
     """PLMS (CompVis ``PLMSSampler``; diffusers ``PNDMScheduler(skip_prk_steps=True)`` for eps models).
 
     First step: pseudo improved Euler e' = (e(x, t) + e(x', t_next)) / 2 with x' the DDIM step from e(x, t)
@@ -137,8 +174,9 @@ def sample_plms(model, x: Tensor, timesteps, *, final_alpha_cumprod: float | Non
     """
     extra_args, ts = extra_args or {}, _timesteps(timesteps)
     a, a_prev, _ = _ddim_tables(model, ts, 0.0, final_alpha_cumprod)
-    old: list[Tensor] = []
-    for i in trange(len(ts), disable=disable, desc="PLMS"):
+    state, x, steps = _begin(state, x, len(ts), disable, "PLMS")
+    old = state.history  # the raw eps of the last (up to) 3 steps
+    for i in steps:
         sq, sq1m = math.sqrt(a[i]), math.sqrt(1 - a[i])
         e, _ = model(x, ts[i], **extra_args)
         if not old:
@@ -154,12 +192,14 @@ def sample_plms(model, x: Tensor, timesteps, *, final_alpha_cumprod: float | Non
         x0 = (x - sq1m * e_prime) / sq
         x = _ddim_update(x0, e_prime, a_prev[i], 0.0, None)
         old = (old + [e])[-3:]
+        state.update(i, x, old)
         _report(callback, i, ts[i], math.sqrt((1 - a[i]) / a[i]), x, x0)
     return x
 
 
 def sample_ddpm(model, x: Tensor, timesteps=None, *, clip_denoised: bool = False,
-                extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
+                extra_args=None, callback=None, noise=None, generator: Generators = None, disable=None,
+                state: SamplerState | None = None) -> Tensor:
     """Ancestral DDPM (LDM ``p_sample_loop``): x0 from the model, posterior mean
     ``coef1[t] x0 + coef2[t] x``, ``+ exp(0.5 * posterior_log_variance_clipped[t]) z`` except at t = 0.
 
@@ -175,7 +215,8 @@ def sample_ddpm(model, x: Tensor, timesteps=None, *, clip_denoised: bool = False
         raise ValueError("sample_ddpm needs consecutive timesteps; respace the model: model.respaced(timesteps)")
     draw = _noise_source(noise, generator, x)
     ac = model.alphas_cumprod
-    for i in trange(len(ts), disable=disable, desc="DDPM"):
+    state, x, steps = _begin(state, x, len(ts), disable, "DDPM")
+    for i in steps:
         t = ts[i]
         _, x0 = model(x, t, **extra_args)
         if clip_denoised:
@@ -186,6 +227,7 @@ def sample_ddpm(model, x: Tensor, timesteps=None, *, clip_denoised: bool = False
             x = mean + (0.5 * model.buffer("posterior_log_variance_clipped", tt, x)).exp() * draw(i)
         else:
             x = mean
+        state.update(i, x, [])
         _report(callback, i, t, math.sqrt((1 - float(ac[t])) / float(ac[t])), x, x0)
     return x
 
@@ -208,12 +250,14 @@ def _denoise(model, x, sigma, extra_args):
 
 
 def sample_euler(model, x: Tensor, sigmas, *, extra_args=None, callback=None, noise=None,
-                 generator: Generators = None, disable=None) -> Tensor:
+                 generator: Generators = None, disable=None, state: SamplerState | None = None) -> Tensor:
     """Euler (Karras et al. Alg. 2 without churn): x += (x - D(x, s_i)) / s_i * (s_{i+1} - s_i)."""
     extra_args, sigmas = extra_args or {}, _sigmas(sigmas, x)
-    for i in trange(len(sigmas) - 1, disable=disable, desc="Euler"):
+    state, x, steps = _begin(state, x, len(sigmas) - 1, disable, "Euler")
+    for i in steps:
         denoised = _denoise(model, x, sigmas[i], extra_args)
         x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        state.update(i, x, [])
         _report(callback, i, _t_of(model, sigmas[i]), sigmas[i], x, denoised)
     return x
 
@@ -227,17 +271,20 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
 
 
 def sample_euler_ancestral(model, x: Tensor, sigmas, *, eta: float = 1.0, s_noise: float = 1.0, extra_args=None,
-                           callback=None, noise=None, generator: Generators = None, disable=None) -> Tensor:
+                           callback=None, noise=None, generator: Generators = None, disable=None,
+                           state: SamplerState | None = None) -> Tensor:
     """Euler ancestral (k-diffusion; diffusers ``EulerAncestralDiscreteScheduler``): Euler to sigma_down, then
     ``+ s_noise * sigma_up * z`` (no noise on the step to sigma = 0)."""
     extra_args, sigmas = extra_args or {}, _sigmas(sigmas, x)
     draw = _noise_source(noise, generator, x)
-    for i in trange(len(sigmas) - 1, disable=disable, desc="Euler a"):
+    state, x, steps = _begin(state, x, len(sigmas) - 1, disable, "Euler a")
+    for i in steps:
         denoised = _denoise(model, x, sigmas[i], extra_args)
         down, up = ancestral_step(float(sigmas[i]), float(sigmas[i + 1]), eta)
         x = x + to_d(x, sigmas[i], denoised) * (down - sigmas[i])
         if sigmas[i + 1] > 0 and up > 0:
             x = x + draw(i) * (s_noise * up)
+        state.update(i, x, [])
         _report(callback, i, _t_of(model, sigmas[i]), sigmas[i], x, denoised)
     return x
 
@@ -266,30 +313,33 @@ def lms_coefficient(order: int, sigmas: Sequence[float], i: int, j: int) -> floa
 
 
 def sample_lms(model, x: Tensor, sigmas, *, order: int = 4, extra_args=None, callback=None, noise=None,
-               generator: Generators = None, disable=None) -> Tensor:
+               generator: Generators = None, disable=None, state: SamplerState | None = None) -> Tensor:
     """K-LMS (k-diffusion ``sample_lms``; diffusers ``LMSDiscreteScheduler``): linear multistep on d = (x - D)/s
     with up to ``order`` past derivatives.  Deterministic."""
     extra_args, sigmas = extra_args or {}, _sigmas(sigmas, x)
     s = [float(v) for v in sigmas.double().cpu()]
-    ds: list[Tensor] = []
-    for i in trange(len(sigmas) - 1, disable=disable, desc="LMS"):
+    state, x, steps = _begin(state, x, len(sigmas) - 1, disable, "LMS")
+    ds = state.history  # the derivatives of the last (up to) ``order`` steps
+    for i in steps:
         denoised = _denoise(model, x, sigmas[i], extra_args)
         ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
         cur = min(i + 1, order)
         coeffs = [lms_coefficient(cur, s, i, j) for j in range(cur)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        state.update(i, x, ds)
         _report(callback, i, _t_of(model, sigmas[i]), sigmas[i], x, denoised)
     return x
 
 
 def sample_dpmpp_2m(model, x: Tensor, sigmas, *, extra_args=None, callback=None, noise=None,
-                    generator: Generators = None, disable=None) -> Tensor:
+                    generator: Generators = None, disable=None, state: SamplerState | None = None) -> Tensor:
     """DPM-Solver++(2M) (k-diffusion ``sample_dpmpp_2m``; diffusers ``DPMSolverMultistepScheduler`` defaults:
     dpmsolver++, order 2, midpoint, first-order first step and first-order step to sigma = 0).  Deterministic."""
     extra_args, sigmas = extra_args or {}, _sigmas(sigmas, x)
     lam = lambda s: -math.log(s)  # noqa: E731  (lambda = log(alpha / sigma_vp) = -log(sigma))
-    old = None
-    for i in trange(len(sigmas) - 1, disable=disable, desc="DPM++ 2M"):
+    state, x, steps = _begin(state, x, len(sigmas) - 1, disable, "DPM++ 2M")
+    old = state.history[-1] if state.history else None  # the previous step's denoised
+    for i in steps:
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = _denoise(model, x, sigmas[i], extra_args)
         if s_next == 0:
@@ -302,6 +352,7 @@ def sample_dpmpp_2m(model, x: Tensor, sigmas, *, extra_args=None, callback=None,
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
             x = (s_next / s) * x - math.expm1(-h) * d
         old = denoised
+        state.update(i, x, [old])
         _report(callback, i, _t_of(model, sigmas[i]), sigmas[i], x, denoised)
     return x
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.samplers import Sampler
+from ..diffusion.samplers import Sampler, SamplerState
 from ..tiling import TilePlan, plan_tiles
 from .colorfix import COLOR_FIX_MODES, color_fix
 from .result import Result, dtype_name
@@ -60,20 +60,34 @@ class Job:
     parameters: dict = field(default_factory=dict)   # what ``finish`` records
 
 
-def sample(job: Job) -> Tensor:
-    """Run ``job.sampler`` on ``job.denoiser`` from ``job.x_T * job.init_scale`` over ``job.grid``; float32 latents."""
+def sample(job: Job, state: SamplerState | None = None,
+           on_step: Callable[[SamplerState], None] | None = None) -> Tensor:
+    """Run ``job.sampler`` on ``job.denoiser`` from ``job.x_T * job.init_scale`` over ``job.grid``; float32 latents.
+    ``state``: where to start (a ``SamplerState`` saved earlier; the job's generators restored to match) and what the
+    sampler keeps current; ``on_step(state)``: called after every step, before ``job.callback`` (a checkpoint's
+    save)."""
     x = job.x_T * job.init_scale if job.init_scale != 1 else job.x_T
+    state = state if state is not None else SamplerState()
+    callback = job.callback
+    if on_step is not None:
+        def callback(info: dict) -> None:
+            on_step(state)
+            if job.callback is not None:
+                job.callback(info)
     return job.sampler.fn(job.denoiser, x, job.grid, extra_args=job.extra_args, generator=job.generators,
-                          callback=job.callback, disable=not job.progress, **job.options).float()
+                          callback=callback, disable=not job.progress, state=state, **job.options).float()
 
 
-def run(job: Job, group=None) -> Result:
+def run(job: Job, group=None, checkpoint=None) -> Result:
     """``finish(job, sample(job))``. ``group`` (``sdup.distributed.Group``, e.g. ``from_environment()`` under torchrun):
     the latent tiles of every step and the tiled VAE decode are split over its ranks (``distributed.using``), and
-    every rank gets the single-process result."""
+    every rank gets the single-process result.  ``checkpoint`` (``sdup.pipelines.resume.Checkpoint``): start from
+    its saved state when it fits the job, and save as the steps go."""
     from ..distributed import using
     with using(group):
-        return finish(job, sample(job))
+        if checkpoint is None:
+            return finish(job, sample(job))
+        return finish(job, sample(job, checkpoint.start(job), checkpoint.step))
 
 
 def finish(job: Job, latents: Tensor) -> Result:
