@@ -36,15 +36,23 @@ DEFAULT_TILES = TileDefaults()  # the help's numbers (each upscaler has its own:
 MIN_SIDE = 8  # the smallest tile and input side
 
 
+class UsageError(SystemExit):
+    """A user mistake: exit code 2 for the command line, and ``message`` (one line) for a caller that shows it
+    elsewhere (the web page, ``sdup.web``)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse would also print the usage)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(message)
 
 
 def fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise UsageError(msg)
 
 
 def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@ outputs, the upscaler's options; then the weights are loaded once and the inputs
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from .. import distributed
 from ..fileio import can_create, sigterm_as_interrupt
@@ -38,7 +40,21 @@ def todo_list(args, items, outputs) -> list:
     return todo
 
 
-def cmd_upscale(args) -> int:
+@dataclass
+class Planned:
+    """An upscale command after every check that needs no weights (``plan_command``)."""
+    upscaler: Any
+    meta: Any                   # the model on the meta device (--dry-run), else None
+    scale: float
+    items: list
+    outputs: list
+    prompt: Any                 # text or token ids
+    negative: Any
+
+
+def plan_command(args) -> Planned:
+    """Arguments, inputs, outputs and the upscaler's options, checked before touching the weights (``fail`` on the
+    first mistake); the web page (``sdup.web``) runs the same."""
     check_args(args)
     prompt, negative = prompts(args)
     try:
@@ -55,9 +71,15 @@ def cmd_upscale(args) -> int:
         outputs = plan_outputs([it.name for it in items], args.output or DEFAULT_OUTPUT, f"{scale:g}", args.format)
     except UpscaleIOError as e:
         fail(str(e))
+    return Planned(upscaler, meta, scale, items, outputs, prompt, negative)
+
+
+def cmd_upscale(args) -> int:
+    planned = plan_command(args)
+    upscaler, scale = planned.upscaler, planned.scale
     if args.dry_run:
-        return dry_run(args, upscaler, meta, scale, items, outputs)
-    todo = todo_list(args, items, outputs)
+        return dry_run(args, upscaler, planned.meta, scale, planned.items, planned.outputs)
+    todo = todo_list(args, planned.items, planned.outputs)
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
         return 0
@@ -69,7 +91,8 @@ def cmd_upscale(args) -> int:
     model = load_model(args, upscaler)
     for it, _ in todo:
         check_size(it, upscaler, model)
-    run_all(args, Command(upscaler, model, scale, settings(args, upscaler, model), prompt, negative, todo))
+    run_all(args, Command(upscaler, model, scale, settings(args, upscaler, model), planned.prompt, planned.negative,
+                          todo))
     return 0
 
 
