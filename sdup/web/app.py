@@ -18,6 +18,7 @@ from .handlers import Page, note
 CSS = """
 .sdup-error { color: #b00020; font-weight: 600; }
 #sdup-progress { width: 60%; vertical-align: middle; }
+#sdup-crops img { image-rendering: pixelated; }
 """
 
 
@@ -71,7 +72,7 @@ def results_column():
         cx = gr.Slider(0, 1, 0.5, step=0.01, label="zoom centre x", elem_id="sdup-cx")
         cy = gr.Slider(0, 1, 0.5, step=0.01, label="zoom centre y", elem_id="sdup-cy")
         zoom = gr.Radio(list(ZOOMS), value=ZOOMS[1], label="zoom", elem_id="sdup-zoom")
-    crops = gr.Image(label="zoomed: before | after", format="png", type="pil", interactive=False,
+    crops = gr.Image(label="zoomed: before | after", format="png", type="pil", interactive=False, height=320,
                      elem_id="sdup-crops")
     params = gr.JSON(label="parameters (stored in the PNG)", elem_id="sdup-params")
     download = gr.File(label="download: PNG with its parameters", file_count="multiple", interactive=False,

@@ -19,18 +19,18 @@ POLL_S = 0.25  # how often a waiting or running job's status is sent to the page
 
 
 def note(text: str, state: str = "info") -> str:
-    """A status line the page shows (``state`` becomes its data-state, which the browser tests read)."""
-    return f'<div class="sdup-note" id="sdup-state" data-state="{state}">{html.escape(text)}</div>'
+    """A status line the page shows (``state``: its data-state, what the browser tests read)."""
+    return f'<div class="sdup-note" data-state="{state}">{html.escape(text)}</div>'
 
 
 def error(message: str) -> str:
-    return f'<div class="sdup-error" id="sdup-state" data-state="error">error: {html.escape(message)}</div>'
+    return f'<div class="sdup-error" data-state="error">error: {html.escape(message)}</div>'
 
 
 def progress_html(ticket: Ticket) -> str:
     p = ticket.progress
     text = f"image {p.image + 1} of {p.images} · step {p.step} of {p.steps} · tile {p.tile} of {p.tiles}"
-    return (f'<div id="sdup-state" data-state="running"><progress id="sdup-progress" max="1" '
+    return (f'<div class="sdup-note" data-state="running"><progress id="sdup-progress" max="1" '
             f'value="{p.fraction:.3f}"></progress> {html.escape(text)}</div>')
 
 
