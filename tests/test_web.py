@@ -164,3 +164,16 @@ def test_text_prompt_on_the_tiny_encoder_is_the_cli_line(runner, tmp_path):
     wait(ticket)
     assert ticket.state == FAILED and ticket.message == ("this text encoder (vocabulary 256) has no BPE tokenizer: give "
                                                          "the prompt as token ids")
+
+
+def test_compare_reference_and_zoomed_pair(tmp_path):
+    from sdup.web.compare import crop_box, reference, zoomed_pair
+    a = save(tmp_path / "a.png", 16, 24)
+    near = reference(a, (64, 96), "nearest")
+    assert near.size == (96, 64) and near.getpixel((5, 5)) == Image.open(a).convert("RGB").getpixel((1, 1))
+    assert reference(a, (64, 96), "bicubic").size == (96, 64)
+    with pytest.raises(ValueError, match="reference must be one of"):
+        reference(a, (64, 96), "lanczos")
+    assert crop_box((96, 64), (1.0, 0.0), 4) == (72, 0, 96, 16)  # kept inside the image
+    pair = zoomed_pair(near, near, (0.5, 0.5), 4)
+    assert pair.height == 16 * 14 and pair.width == 2 * 24 * 14 + 4  # 24x16 box, enlarged 14x to >= 320 px wide

@@ -11,6 +11,7 @@ from ..images import read_image, tensor_to_pil
 REFERENCES = ("bicubic", "nearest")
 ZOOMS = (2, 4, 8)
 GAP = 4  # pixels between the two crops
+SHOWN_WIDTH = 320  # each crop is enlarged (by a whole factor, nearest) to at least this wide
 
 
 def shown(path: Path, max_pixels: int | None = None):
@@ -38,11 +39,13 @@ def crop_box(size: tuple[int, int], centre: tuple[float, float], zoom: int) -> t
 
 
 def zoomed_pair(before, after, centre: tuple[float, float], zoom: int):
-    """The same box of ``before`` and ``after`` (PIL images of one size), enlarged ``zoom`` times (nearest: every
-    pixel visible), side by side with a white gap."""
+    """The same box of 1/``zoom`` of ``before`` and ``after`` (PIL images of one size), enlarged by a whole factor
+    (nearest: every pixel visible; at least ``zoom`` and ``SHOWN_WIDTH`` wide), side by side with a white gap."""
     from PIL import Image
     box = crop_box(after.size, centre, zoom)
-    a = before.crop(box).resize(((box[2] - box[0]) * zoom, (box[3] - box[1]) * zoom), Image.NEAREST)
+    w, h = box[2] - box[0], box[3] - box[1]
+    k = max(zoom, -(-SHOWN_WIDTH // w))
+    a = before.crop(box).resize((w * k, h * k), Image.NEAREST)
     b = after.crop(box).resize(a.size, Image.NEAREST)
     out = Image.new("RGB", (a.width * 2 + GAP, a.height), "white")
     out.paste(a, (0, 0))

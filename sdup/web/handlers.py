@@ -65,9 +65,10 @@ class Page:
         return uploads, self.plan(uploads, *values)
 
     def plan(self, uploads, *values) -> str:
-        """The dry run of the form as it stands: output sizes, tiles and the memory estimate."""
+        """The dry run of the form as it stands: output sizes, tiles and the memory estimate (no uploads: the page
+        keeps what the upload event showed, which may still be on its way)."""
         if not uploads:
-            return note("upload one or more images to see the plan")
+            return gr.skip()
         try:
             request = self.request(uploads, values)
             lines = self.runner.plan(request)
