@@ -177,3 +177,45 @@ def test_compare_reference_and_zoomed_pair(tmp_path):
     assert crop_box((96, 64), (1.0, 0.0), 4) == (72, 0, 96, 16)  # kept inside the image
     pair = zoomed_pair(near, near, (0.5, 0.5), 4)
     assert pair.height == 16 * 14 and pair.width == 2 * 24 * 14 + 4  # 24x16 box, enlarged 14x to >= 320 px wide
+
+
+def test_x2_latents_and_images_on_the_page(tmp_path):
+    """The x2 page takes latents files too; each sample is a result, compared against the output taken down and
+    back up (a latents file has no input image)."""
+    from safetensors.torch import save_file
+    from sdup.web.handlers import Page
+    x2 = Runner(ServerOptions(str(FIXTURES / "latent_upscaler" / "diffusers"), vae=str(FIXTURES / "sd1" / "diffusers"
+                                                                                       / "vae"), workdir=tmp_path / "w"))
+    assert x2.upscaler.name == "x2"
+    save_file({"latents": torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "lat.safetensors"), metadata={"scale_factor": "0.18215"})
+    a = save(tmp_path / "a.png", 64, 72)
+    ticket = Ticket("tab", request(x2, tmp_path, [tmp_path / "lat.safetensors", a], ["--steps", "2"]))
+    queue = JobQueue(x2.run)
+    queue.submit(ticket)
+    wait(ticket)
+    assert ticket.state == DONE, ticket.message
+    assert [o.name for o in ticket.outputs] == ["lat.safetensors[0]", "lat.safetensors[1]", "a.png"]
+    page = Page(x2, queue)
+    (before, after), pair, params, files = page.show(ticket.outputs, "2: lat.safetensors[1]", "nearest", 0.5, 0.5, 2)
+    assert before.size == after.size == (192, 128) and params["input_index"] == 1 and len(files) == 3
+    (before, after), _, _, _ = page.show(ticket.outputs, "3: a.png", "bicubic", 0, 1, 8)
+    assert before.size == after.size == (144, 128)
+
+
+def test_serve_checks_before_serving(tmp_path, capsys):
+    """Bad weights or a bad port: the CLI's one line and exit code 2, before Gradio starts; another address than
+    this machine's: a warning line."""
+    from sdup.web.serve import build_parser, check
+    for argv, msg in (([str(tmp_path / "none.ckpt")], "none.ckpt: no such file or folder"),
+                      ([str(X4 / "model.ckpt"), "--config", str(X4 / "config.yaml"), "--port", "0"],
+                       "--port must be in 1..65535")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["serve", "--weights", *argv, "--workdir", str(tmp_path / "w")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    assert not (tmp_path / "w").exists()
+    check(build_parser().parse_args(["--weights", "x"]))
+    assert capsys.readouterr().err == ""
+    check(build_parser().parse_args(["--weights", "x", "--host", "0.0.0.0"]))
+    assert capsys.readouterr().err.startswith("warning: serving on 0.0.0.0:7860: anyone who can reach this machine")

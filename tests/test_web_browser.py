@@ -181,6 +181,8 @@ def test_upload_run_compare_download(server, browser, tmp_path, capsys):
     params = d.find_element(By.ID, "sdup-params").get_attribute("textContent")  # all of it, scrolled or not
     assert '"steps": 2' in params and '"seed": 1' in params and '"pipeline": "x4"' in params
     link = WebDriverWait(d, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sdup-download a[href]"))
+    fetched = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert fetched and not [u for u in fetched if not u.startswith(url)], "the page fetched from outside"
     if os.environ.get("SDUP_WEB_SCREENSHOT"):
         d.save_screenshot(os.environ["SDUP_WEB_SCREENSHOT"])
     link[0].click()

@@ -1,11 +1,13 @@
 """What the page shows of a result: the input scaled up to the output's size (nearest or bicubic, the reference a
-reader compares against), the output, and the same corner of both zoomed in, side by side."""
+reader compares against), the output, and the same corner of both zoomed in, side by side.  A latents file (x2) has
+no input image: its reference is the output taken down to the low-res size and back up the same way."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch.nn.functional as F
 
+from ..cli.inputs import LATENT_EXTENSIONS
 from ..images import read_image, tensor_to_pil
 
 REFERENCES = ("bicubic", "nearest")
@@ -19,11 +21,17 @@ def shown(path: Path, max_pixels: int | None = None):
     return tensor_to_pil(read_image(path, max_pixels).rgb, bits=8)
 
 
-def reference(input_path: Path, size: tuple[int, int], mode: str, max_pixels: int | None = None):
-    """The input scaled up to ``size`` (H, W) by ``mode`` (``REFERENCES``), as an 8-bit RGB PIL image."""
+def reference(input_path: Path, size: tuple[int, int], mode: str, max_pixels: int | None = None,
+              scale: float = 4, output: Path | None = None):
+    """The input scaled up to ``size`` (H, W) by ``mode`` (``REFERENCES``), as an 8-bit RGB PIL image; a latents
+    file's stand-in: ``output`` at 1/``scale`` (area average), scaled up the same way."""
     if mode not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {mode!r}")
-    x = read_image(input_path, max_pixels).rgb[None]
+    if input_path.suffix.lower() in LATENT_EXTENSIONS:
+        out = read_image(output, None).rgb[None]
+        x = F.interpolate(out, size=(round(size[0] / scale), round(size[1] / scale)), mode="area")
+    else:
+        x = read_image(input_path, max_pixels).rgb[None]
     kw = {"align_corners": False, "antialias": False} if mode == "bicubic" else {}
     up = F.interpolate(x, size=size, mode=mode, **kw).clamp(0, 1)
     return tensor_to_pil(up[0], bits=8)

@@ -128,7 +128,11 @@ class Page:
             return None, None, None, None
         k = int(str(which).split(":")[0]) - 1 if which else 0
         out = outputs[min(max(k, 0), len(outputs) - 1)]
-        after = shown(out.path)
-        before = reference(out.input, (after.height, after.width), ref, self.runner.options.max_pixels)
+        try:
+            after = shown(out.path)
+            before = reference(out.input, (after.height, after.width), ref, self.runner.options.max_pixels,
+                               out.parameters.get("scale", self.runner.upscaler.scale), out.path)
+        except (UpscaleIOError, OSError, ValueError):  # the output went missing, a bad choice from a crafted request
+            return None, None, out.parameters, [str(o.path) for o in outputs]
         pair = zoomed_pair(before, after, (float(cx), float(cy)), int(zoom))
         return (before, after), pair, out.parameters, [str(o.path) for o in outputs]

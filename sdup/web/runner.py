@@ -127,7 +127,8 @@ class Runner:
             shutil.rmtree(out, ignore_errors=True)  # cancelled or failed: no output of this job stays
             raise
         names = self.names(request)
-        return [Output(names[str(it.path)], it.path, path, read_parameters(path) or {}) for it, path in todo]
+        return [Output(names[str(it.path)] + ("" if it.index is None else f"[{it.index}]"), it.path, path,
+                       read_parameters(path) or {}) for it, path in todo]
 
 
 @contextmanager

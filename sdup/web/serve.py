@@ -49,13 +49,13 @@ def serve_main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check(args)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sdup-serve-"))
+    options = ServerOptions(args.weights, args.config, args.vae, args.model, args.device, args.max_pixels,
+                            args.max_upload_mb, workdir)
+    runner = Runner(options)  # the weights checked now: the CLI's message, before any page is served
     workdir.mkdir(parents=True, exist_ok=True)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "uploads"))
-    options = ServerOptions(args.weights, args.config, args.vae, args.model, args.device, args.max_pixels,
-                            args.max_upload_mb, workdir)
-    runner = Runner(options)  # the weights checked now: the CLI's message, before any page is served
     from .app import CSS, build, theme  # Gradio only now
     from .handlers import Page
     from .jobs import JobQueue
