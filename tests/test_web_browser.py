@@ -183,7 +183,9 @@ def test_upload_run_compare_download(server, browser, tmp_path, capsys):
     link = WebDriverWait(d, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sdup-download a[href]"))
     fetched = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert fetched and not [u for u in fetched if not u.startswith(url)], "the page fetched from outside"
-    if os.environ.get("SDUP_WEB_SCREENSHOT"):
+    if os.environ.get("SDUP_WEB_SCREENSHOT"):  # the whole page, status line included
+        d.set_window_size(1400, 1800)
+        time.sleep(1)
         d.save_screenshot(os.environ["SDUP_WEB_SCREENSHOT"])
     link[0].click()
     end = time.time() + WAIT_S
