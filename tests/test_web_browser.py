@@ -221,7 +221,7 @@ def test_bad_inputs_show_the_cli_line_and_the_server_keeps_serving(server, brows
 
 def test_queue_across_tabs_progress_and_cancel(server, browser, tmp_path):
     """A long job in tab A shows steps and tiles; tab B's job waits with its position; Cancel in A stops A at its
-    next step with nothing written, and B runs."""
+    next step with nothing written, and B runs; closing a tab with a running job ends that job."""
     url, jobs, _ = server
     d, _ = browser
     big, small = save(tmp_path / "big.png", 64, 64), save(tmp_path / "small.png", 16, 16)
@@ -243,5 +243,9 @@ def test_queue_across_tabs_progress_and_cancel(server, browser, tmp_path):
     written = set(jobs.glob("*/out/*")) - before
     assert [p.name for p in written] == ["image-1_x4.png"], written  # B's output only
     assert not list(jobs.rglob("*.partial"))
+    start_job(d, url, big, ("steps 500",), steps="500", tile="16")  # a tab closed: its job goes too
+    wait_state(d, "running")
     d.close()
     d.switch_to.window(tab_a)
+    start_job(d, url, small, ("steps 2",), steps="2")
+    assert wait_state(d, "done", timeout=30).startswith("done: 1 image")  # not after the 500 steps
