@@ -219,3 +219,25 @@ def test_serve_checks_before_serving(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     check(build_parser().parse_args(["--weights", "x", "--host", "0.0.0.0"]))
     assert capsys.readouterr().err.startswith("warning: serving on 0.0.0.0:7860: anyone who can reach this machine")
+
+
+def test_page_lines_for_bugs_and_progress(runner, tmp_path, monkeypatch, capsys):
+    """A bug in the plan reaches the page as one line (its traceback in the server's log); the progress line says
+    starting, steps and tiles, decoding."""
+    from sdup.web.handlers import Page, progress_html
+    page = Page(runner, JobQueue(runner.run))
+    up = stage_uploads([str(save(tmp_path / "a.png", 16, 16))], tmp_path / "s", allowed_extensions(runner.upscaler), 2**20)
+
+    def broken(request):
+        raise KeyError("deep inside")
+    monkeypatch.setattr(runner, "plan", broken)
+    line = page.plan(up, "", "text", "", "text", *[None] * len(page.fields))
+    assert 'data-state="error">error: internal error (KeyError' in line and "Traceback" not in line
+    assert "Traceback" in capsys.readouterr().err
+    t = Ticket("tab", None)
+    assert "starting" in progress_html(t)
+    t.progress.start_image(0, 2, 10, 4)
+    t.progress.on_step({"i": 2}), t.progress.on_call(), t.progress.on_call()
+    assert "image 1 of 2 · step 3 of 10 · tile 2 of 4" in progress_html(t) and 'value="0.150"' in progress_html(t)
+    t.progress.on_step({"i": 9})
+    assert "decoding" in progress_html(t)

@@ -12,7 +12,7 @@ from ..cli.arguments import UsageError
 from ..images import UpscaleIOError
 from .compare import reference, shown, zoomed_pair
 from .form import allowed_extensions, fields, form_argv, present, stage_uploads
-from .jobs import CANCELLED, DONE, QUEUED, JobQueue, Ticket
+from .jobs import CANCELLED, DONE, QUEUED, JobQueue, Ticket, internal_error
 from .runner import Request, Runner
 
 POLL_S = 0.25  # how often a waiting or running job's status is sent to the page
@@ -28,8 +28,14 @@ def error(message: str) -> str:
 
 
 def progress_html(ticket: Ticket) -> str:
+    """The running job's bar and line: image, step and tile (before the first step: starting; after the last:
+    decoding)."""
     p = ticket.progress
     text = f"image {p.image + 1} of {p.images} · step {p.step} of {p.steps} · tile {p.tile} of {p.tiles}"
+    if not p.steps:
+        text = "starting (the first job loads the weights)"
+    elif p.step == p.steps:
+        text = f"image {p.image + 1} of {p.images} · decoding"
     return (f'<div class="sdup-note" data-state="running"><progress id="sdup-progress" max="1" '
             f'value="{p.fraction:.3f}"></progress> {html.escape(text)}</div>')
 
@@ -74,6 +80,8 @@ class Page:
             lines = self.runner.plan(request)
         except UsageError as e:
             return error(present(e.message, {str(u.path): u.name for u in uploads}))
+        except Exception as e:  # noqa: BLE001 -- a bug: logged, one line on the page
+            return error(internal_error(e))
         items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
         return f'<div id="sdup-plan-lines" data-state="plan"><b>plan</b><ul>{items}</ul></div>'
 
@@ -88,6 +96,9 @@ class Page:
             self.runner.plan(job)  # the checks that need no weights, before waiting in the queue
         except UsageError as e:
             yield error(present(e.message, {str(u.path): u.name for u in uploads or []})), *skip
+            return
+        except Exception as e:  # noqa: BLE001 -- a bug: logged, one line on the page
+            yield error(internal_error(e)), *skip
             return
         ticket = self.queue.submit(Ticket(session, job))
         start = time.time()

@@ -145,6 +145,11 @@ class JobQueue:
         except UsageError as e:
             ticket.state, ticket.message = FAILED, e.message
         except Exception as e:  # noqa: BLE001 -- a bug: the traceback goes to the server log, one line to the page
-            traceback.print_exc(file=sys.stderr)
-            first = str(e).splitlines()[0] if str(e).strip() else ""
-            ticket.state, ticket.message = FAILED, f"internal error ({type(e).__name__}: {first[:200]}); see the server log"
+            ticket.state, ticket.message = FAILED, internal_error(e)
+
+
+def internal_error(e: Exception) -> str:
+    """A failure that is not the user's: its traceback to the server's log, one line for the page."""
+    traceback.print_exception(e, file=sys.stderr)
+    first = str(e).splitlines()[0] if str(e).strip() else ""
+    return f"internal error ({type(e).__name__}: {first[:200]}); see the server log"
