@@ -241,3 +241,14 @@ def test_page_lines_for_bugs_and_progress(runner, tmp_path, monkeypatch, capsys)
     assert "image 1 of 2 · step 3 of 10 · tile 2 of 4" in progress_html(t) and 'value="0.150"' in progress_html(t)
     t.progress.on_step({"i": 9})
     assert "decoding" in progress_html(t)
+
+
+def test_old_job_folders_are_pruned(tmp_path):
+    import os
+    from sdup.web.runner import prune
+    old, new, other = tmp_path / ("a" * 32), tmp_path / ("b" * 32), tmp_path / "uploads"
+    for d in (old, new, other):
+        d.mkdir()
+    os.utime(old, (0, 0))
+    os.utime(other, (0, 0))
+    assert prune(tmp_path, keep_s=3600) == 1 and not old.exists() and new.exists() and other.exists()

@@ -24,7 +24,7 @@ from PIL import Image
 
 from helpers import FIXTURES
 from sdup import cli
-from sdup.images import read_image
+from sdup.images import read_image, read_parameters
 
 X4 = FIXTURES / "x4"
 WEIGHTS = ["--weights", str(X4 / "model.ckpt"), "--config", str(X4 / "config.yaml")]
@@ -197,6 +197,8 @@ def test_upload_run_compare_download(server, browser, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     page, ref = read_image(got[0]), read_image(tmp_path / "cli.png")
     assert torch.equal(page.rgb, ref.rgb) and page.size == (64, 96)
+    recorded = read_parameters(got[0])  # the PNG carries its parameters
+    assert recorded["steps"] == 2 and recorded["seed"] == 1 and recorded["pipeline"] == "x4"
 
 
 def test_bad_inputs_show_the_cli_line_and_the_server_keeps_serving(server, browser, tmp_path):

@@ -14,6 +14,7 @@ import gradio as gr
 from .compare import REFERENCES, ZOOMS
 from .form import DEFAULT, PROMPT_KINDS, Field, shown_default
 from .handlers import Page, note
+from .runner import KEEP_S
 
 CSS = """
 .sdup-error { color: #b00020; font-weight: 600; }
@@ -81,7 +82,7 @@ def results_column():
 
 
 def build(page: Page, title: str) -> gr.Blocks:
-    with gr.Blocks(title="sdup: upscale and compare") as demo:
+    with gr.Blocks(title="sdup: upscale and compare", delete_cache=(3600, KEEP_S)) as demo:
         gr.Markdown(f"## sdup: upscale and compare\n{title}")
         uploads, outputs = gr.State([]), gr.State([])
         session = gr.State(lambda: uuid.uuid4().hex)  # this tab's jobs (what Cancel cancels)

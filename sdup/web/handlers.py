@@ -13,7 +13,7 @@ from ..images import UpscaleIOError
 from .compare import reference, shown, zoomed_pair
 from .form import allowed_extensions, fields, form_argv, present, stage_uploads
 from .jobs import CANCELLED, DONE, QUEUED, JobQueue, Ticket, internal_error
-from .runner import Request, Runner
+from .runner import Request, Runner, prune
 
 POLL_S = 0.25  # how often a waiting or running job's status is sent to the page
 
@@ -45,9 +45,14 @@ class Page:
         self.runner, self.queue = runner, queue
         self.fields = fields(runner.upscaler)
         self.allowed = allowed_extensions(runner.upscaler)
+        self._pruned = 0.0
 
     def folder(self) -> Path:
-        return self.runner.options.workdir / uuid.uuid4().hex  # never a name from the page
+        """A new job folder, named by the server (never by the page); yesterday's ones go (at most once an hour)."""
+        if time.time() - self._pruned > 3600:
+            self._pruned = time.time()
+            prune(self.runner.options.workdir)
+        return self.runner.options.workdir / uuid.uuid4().hex
 
     # -- uploads and the plan ------------------------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ so a downloaded PNG holds the pixels the CLI writes for the same settings.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +27,7 @@ from .jobs import Ticket
 
 WEB_MAX_PIXELS = 16_000_000  # the page's default input limit (the CLI's --max-pixels; serve --max-pixels)
 WEB_MAX_UPLOAD_MB = 50
+KEEP_S = 24 * 3600  # job folders (uploads, outputs) older than this are deleted (``prune``)
 
 
 @dataclass(frozen=True)
@@ -139,3 +142,14 @@ def counting_calls(module, hook):
         yield
     finally:
         handle.remove()
+
+
+def prune(workdir: Path, keep_s: float = KEEP_S, now: float | None = None) -> int:
+    """Delete the job folders (``Page.folder``: 32 hex digits) not touched for ``keep_s`` seconds; returns how many.
+    Gradio's own upload cache is Gradio's to clean (``delete_cache``)."""
+    now = time.time() if now is None else now
+    old = [d for d in workdir.iterdir() if d.is_dir() and re.fullmatch(r"[0-9a-f]{32}", d.name)
+           and now - d.stat().st_mtime > keep_s] if workdir.is_dir() else []
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(old)
