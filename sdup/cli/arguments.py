@@ -40,15 +40,26 @@ DEFAULT_TILES = TileDefaults()  # the help's numbers (each upscaler has its own:
 MIN_SIDE = 8  # the smallest tile and input side
 
 
+class UsageError(SystemExit):
+    """A user mistake: exit code 2 for the command line, and ``message`` (one line) for a caller that shows it
+    elsewhere (the web page, ``sdup.web``)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse would also print the usage)
         fail(message)
 
 
 def fail(msg: str):
-    """``error: MSG`` on stderr as one line (names with newlines or odd bytes escaped: ``one_line``), exit code 2."""
-    print(f"error: {one_line(msg)}", file=sys.stderr)
-    raise SystemExit(2)
+    """``error: MSG`` on stderr as one line (names with newlines or odd bytes escaped: ``one_line``); raises
+    ``UsageError``: exit code 2, and the line for a caller that shows it elsewhere (the web page)."""
+    msg = one_line(msg)
+    print(f"error: {msg}", file=sys.stderr)
+    raise UsageError(msg)
 
 
 def say(line: str) -> None:

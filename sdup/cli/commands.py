@@ -1,4 +1,4 @@
-"""``python -m sdup`` — command-line entry points (inspect, convert, upscale).
+"""``python -m sdup`` — command-line entry points (inspect, convert, upscale, serve).
 
 User mistakes (missing files, unsupported or corrupt checkpoints, bad options) end in one clear
 line on stderr and exit code 2, never a traceback; ``inspect`` also exits 2 when the checkpoint has a problem or
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_upscale_arguments(u)
     u.set_defaults(fn=cmd_upscale)
+    sub.add_parser("serve", help="a local web page to upscale and compare (python -m sdup serve --help)",
+                   add_help=False)
     return p
 
 
@@ -117,6 +119,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["upscale"]:  # the same one-line argument errors as scripts/upscale.py
         return upscale_main(argv[1:], prog="python -m sdup upscale")
+    if argv[:1] == ["serve"]:  # the web page (sdup.web: Gradio is imported there only)
+        from ..web.serve import serve_main
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         with sigterm_as_interrupt():

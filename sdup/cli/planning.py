@@ -186,17 +186,22 @@ def plan_line(item, output: Path, scale, plan: TilePlan | None) -> str:
             f"~{format_bytes(plan.peak_bytes)}; tiling {tiling}")
 
 
-def dry_run(args, upscaler, meta, scale, items, outputs) -> int:
-    """Print output sizes, the tile plan and a memory estimate per input; nothing loaded, nothing written."""
+def dry_run_lines(args, upscaler, meta, scale, items, outputs) -> list[str]:
+    """The dry run's report: a line per input (output size, tiles, memory), then the model and its settings."""
     chosen = settings(args, upscaler, meta)
     lines = []
     for it, out in zip(items, outputs):
         check_size(it, upscaler, meta)
         plan = tile_plan(args, upscaler, meta, it, it.size, scale, chosen)
         lines.append(plan_line(it, out, scale, None if args.skip_existing and is_done(out, it) else plan))
-    for line in lines:
+    lines.append(f"model: {upscaler.name} from {meta.source} (meta device, nothing loaded); sampler "
+                 f"{chosen['sampler']}, steps {chosen['steps']}, guidance {chosen['guidance']}, "
+                 f"{upscaler.describe(chosen)}, dtype {args.dtype}; dry run: nothing written")
+    return lines
+
+
+def dry_run(args, upscaler, meta, scale, items, outputs) -> int:
+    """Print output sizes, the tile plan and a memory estimate per input; nothing loaded, nothing written."""
+    for line in dry_run_lines(args, upscaler, meta, scale, items, outputs):
         say(line)
-    say(f"model: {upscaler.name} from {meta.source} (meta device, nothing loaded); sampler {chosen['sampler']}, "
-          f"steps {chosen['steps']}, guidance {chosen['guidance']}, {upscaler.describe(chosen)}, dtype {args.dtype}; "
-          "dry run: nothing written")
     return 0

@@ -41,6 +41,7 @@ class Command:
     prompt: Any                 # text or token ids
     negative: Any
     todo: list = field(default_factory=list)
+    on_step: Any = None         # called after every sampler step (``Job.callback``): progress, cancel (``sdup.web``)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,5 +215,7 @@ def run_item(args, command: Command, item: Item, img, plan, progress: bool, spli
                                    plan=plan, prompt=command.prompt, negative_prompt=command.negative, seed=args.seed,
                                    color_fix_mode=args.color_fix, vae_dtype=DTYPES[args.vae_dtype],
                                    progress=progress, **command.settings)
+        if command.on_step is not None:
+            job.callback = command.on_step
         # torchrun with one input: each step's tiles and the VAE tiles split over the ranks
         return run(job, split, checkpoint)

@@ -4,6 +4,8 @@ outputs, the upscaler's options; then the weights are loaded once and the inputs
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from .. import distributed
 from ..fileio import Terminated, sigterm_as_interrupt
@@ -42,7 +44,22 @@ def todo_list(args, items, outputs) -> list:
     return todo
 
 
-def cmd_upscale(args) -> int:
+@dataclass
+class Planned:
+    """An upscale command after every check that needs no weights (``plan_command``)."""
+    upscaler: Any
+    meta: Any                   # the model on the meta device (--dry-run), else None
+    scale: float
+    items: list
+    outputs: list
+    prompt: Any                 # text or token ids
+    negative: Any
+    notes: list                 # printed once the run is sure to start (inputs left out, ...)
+
+
+def plan_command(args) -> Planned:
+    """Arguments, inputs, outputs and the upscaler's options, checked before touching the weights (``fail`` on the
+    first mistake); the web page (``sdup.web``) runs the same."""
     check_args(args)
     prompt, negative = prompts(args)
     notes: list[str] = []  # printed once the run is sure to start
@@ -61,22 +78,29 @@ def cmd_upscale(args) -> int:
                                owner(items))
     except UpscaleIOError as e:
         fail(str(e))
+    return Planned(upscaler, meta, scale, items, outputs, prompt, negative, notes)
+
+
+def cmd_upscale(args) -> int:
+    planned = plan_command(args)
+    upscaler, scale = planned.upscaler, planned.scale
     if args.dry_run:
-        code = dry_run(args, upscaler, meta, scale, items, outputs)
-        for line in notes:
+        code = dry_run(args, upscaler, planned.meta, scale, planned.items, planned.outputs)
+        for line in planned.notes:
             note(line)
         return code
-    todo = todo_list(args, items, outputs)
+    todo = todo_list(args, planned.items, planned.outputs)
     if not todo:
         print("nothing to do: every output exists (--skip-existing)")
         return 0
     check_outputs([out for _, out in todo], args.overwrite)  # now, not after the sampling
-    for line in notes:
+    for line in planned.notes:
         note(line)
     model = load_model(args, upscaler)
     for it, _ in todo:
         check_size(it, upscaler, model)
-    run_all(args, Command(upscaler, model, scale, settings(args, upscaler, model), prompt, negative, todo))
+    run_all(args, Command(upscaler, model, scale, settings(args, upscaler, model), planned.prompt, planned.negative,
+                          todo))
     return 0
 
 
