@@ -113,6 +113,15 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--compile", action="store_true", help="wrap the UNet in torch.compile")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse input images above N pixels before decoding them (default {MAX_PIXELS:,}; 0 = no limit)")
+    _output_arguments(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print output sizes, the tile plan and a peak-memory estimate; needs no weights, writes nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """What happens to existing outputs, and to the state of an interrupted run."""
     p.add_argument("--skip-existing", action="store_true",
                    help="skip inputs whose output sdup already made from this very input (recorded in the output: "
                         "its path and sha256); an output another run is writing is always left to it")
@@ -124,10 +133,6 @@ def add_upscale_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "(.OUTPUT.sdup-state)")
     p.add_argument("--checkpoint-every", type=_step_count, default=None, metavar="N",
                    help="save the resume state every N steps (default: about once a minute of sampling; 0 = never)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print output sizes, the tile plan and a peak-memory estimate; needs no weights, writes nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def _step_count(text: str) -> int:
