@@ -190,7 +190,11 @@ class Checkpoint:
                    "threads": torch.get_num_threads(),
                    "x": state.x.detach().cpu(), "history": [h.detach().cpu() for h in state.history],
                    "generators": [g.get_state() for g in _generators(self.job)]}
-        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+        try:
+            atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+        except (OSError, RuntimeError) as e:  # a full disk or a file-size limit: the run goes on, unsaved
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.note(f"could not save the resume state {self.path.name} ({why}); going on without it")
         self.last = monotonic()
 
     # ---- after the output is written
