@@ -142,8 +142,9 @@ def test_each_image_of_a_folder_resumes(photo, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     out = tmp_path / "out"
     done = killed(f"unet:{STEPS + 5}", "upscale", [tmp_path, "-o", out, *args])
+    # the claim of the killed run stays (a lock, taken over by the next run)
     assert done == [*range(1, STEPS + 1), 1, 2, 3, 4] and sorted(p.name for p in out.iterdir()) == \
-        [".b_x4.png.sdup-state", "a_x4.png"]
+        [".b_x4.png.claim", ".b_x4.png.sdup-state", "a_x4.png"]
     code, steps, err = in_process(monkeypatch, capsys, "upscale", [tmp_path, "-o", out, *args])
     assert code == 0 and steps == [*range(1, STEPS + 1), 5, 6], err
     assert f"note: resumed {tmp_path / 'b.png'} at step 4/{STEPS}" in err and "a.png at step" not in err
